@@ -1,0 +1,183 @@
+"""The one typed configuration of the app, loaded from ray_config.yaml.
+
+Every field carries a description: the README's config reference is generated from them, and a test checks that
+ray_config.yaml comments every key.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EventName = Literal["view", "click", "cart", "fav", "purchase"]
+SourceFormat = Literal["taobao", "events", "lightgcn", "sequence"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def is_object_store(path: str) -> bool:
+    return path.startswith("s3://")
+
+
+class SourceConfig(_Section):
+    path: str | None = Field(None, description="path or glob of behaviour logs (local or s3://); null: only raw/")
+    format: SourceFormat = Field("events", description="adapter: taobao | events | lightgcn | sequence")
+    holdout: str | None = Field(None, description="lightgcn only: file whose rows become the evaluation holdout")
+    attributes: str | None = Field(None, description="sequence only: item-attribute JSON {item: [attr, ...]}")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="events only: canonical column -> source column (identity if absent)"
+    )
+    event: EventName = Field("purchase", description="event type for formats without one (lightgcn, sequence)")
+    delimiter: str = Field(",", description="field separator of CSV inputs", min_length=1, max_length=1)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_canonical_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        from datasets.schema import CANONICAL_COLUMNS
+
+        unknown = sorted(set(value) - set(CANONICAL_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown canonical column(s) {unknown}; expected some of {list(CANONICAL_COLUMNS)}")
+        return value
+
+
+class DataConfig(_Section):
+    root: str = Field("var/data", description="storage root: a local folder or s3://bucket/prefix")
+    source: SourceConfig = Field(default_factory=SourceConfig, description="the behaviour logs to ingest")
+    shards: int = Field(8, ge=1, le=4096, description="interaction shards, partitioned by user key")
+    chunk_mb: int = Field(32, ge=1, le=1024, description="bytes of text per read task, in MiB")
+    event_weights: dict[EventName, float] = Field(
+        default_factory=lambda: {"view": 1.0, "click": 2.0, "cart": 4.0, "fav": 3.0, "purchase": 8.0},
+        description="edge weight each event type adds to its user-item edge",
+    )
+    half_life_days: float = Field(14.0, gt=0, description="recency decay of edge weights, in days")
+    max_id_length: int = Field(128, ge=1, description="longest accepted user/item/category/brand id")
+    max_future_s: int = Field(86400, ge=0, description="how far ahead of now a timestamp may lie, in seconds")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; null: AWS default")
+    s3_region: str | None = Field(None, description="S3 region; null: from the environment")
+
+
+class PrivacyConfig(_Section):
+    allow_dev_key: bool = Field(
+        True, description="start with a development pseudonym key (loud warning) when IG_PSEUDONYM_KEY is unset"
+    )
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker and NCCL; CPU and gloo otherwise")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker")
+    epochs: int = Field(20, ge=1, description="full passes over the training pairs")
+    time_budget_s: float | None = Field(None, gt=0, description="stop cleanly and publish after this many seconds")
+    embedding_dim: int = Field(64, ge=1, description="embedding width")
+    num_layers: int = Field(3, ge=0, description="propagation layers")
+    lr: float = Field(0.001, gt=0, description="Adam learning rate")
+    batch_size: int = Field(2048, ge=1, description="BPR triples per step per worker")
+    l2: float = Field(1e-4, ge=0, description="L2 on the batch's ego embeddings (LightGCN paper)")
+    k: int = Field(20, ge=1, description="cut-off of Recall@K / NDCG@K")
+    holdout_days: float = Field(1.0, gt=0, description="event logs: the last N days form the holdout")
+    eval_batch_users: int = Field(1024, ge=1, description="users scored per evaluation batch (bounds memory)")
+    seed: int = Field(0, description="random seed")
+
+
+class UpdateConfig(_Section):
+    every_s: float = Field(300.0, gt=0, description="seconds between update cycles in --every mode")
+    replay_ratio: float = Field(1.0, ge=0, description="old interactions replayed per new one")
+    max_steps: int = Field(200, ge=1, description="optimiser steps per warm-start update")
+    tolerance: float = Field(0.02, ge=0, le=1, description="publish only if Recall@K >= (1 - tolerance) x parent's")
+
+
+class ServeConfig(_Section):
+    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound")
+    max_replicas: int = Field(2, ge=1, description="autoscaling upper bound")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="autoscaling target per replica")
+    upscale_delay_s: float = Field(5.0, ge=0, description="load must persist this long before scaling up")
+    downscale_delay_s: float = Field(30.0, ge=0, description="idle time before scaling down")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica takes at once")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per recommender replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per recommender replica")
+    poll_interval_s: float = Field(1.0, gt=0, description="how often replicas look at checkpoints/LATEST")
+    max_k: int = Field(200, ge=1, description="largest k a request may ask for")
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    high_throughput: bool = Field(
+        True, description="RAY_SERVE_ENABLE_HA_PROXY and RAY_SERVE_THROUGHPUT_OPTIMIZED where supported"
+    )
+    max_events_per_batch: int = Field(1000, ge=1, description="POST /events: most events in one request")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="POST /events: largest request body")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="Ray address to join; null: RAY_ADDRESS or an embedded local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded local Ray; null: all")
+    object_store_mb: int | None = Field(None, ge=64, description="object store of an embedded local Ray, MiB")
+
+
+class AppConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig, description="storage and ingestion")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="pseudonyms and deletion")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="full training")
+    update: UpdateConfig = Field(default_factory=UpdateConfig, description="warm-start updates")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="the Serve app")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="where Ray runs")
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: {key}: unknown key"
+    return f"{source}: {key}: {first['msg']}"
+
+
+def _local_paths_exist(cfg: AppConfig) -> None:
+    src = cfg.data.source
+    for key, value in (("path", src.path), ("holdout", src.holdout), ("attributes", src.attributes)):
+        if value is None or is_object_store(value):
+            continue
+        if not glob.glob(value):
+            raise ConfigError(f"data.source.{key}: no file matches {value!r}")
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> AppConfig:
+    """Validate a config mapping; raises ConfigError with one line naming the key.
+
+    Relative paths are relative to the working directory, as for every command (and `ray job submit
+    --working-dir .`), not to the config file.
+    """
+    try:
+        cfg = AppConfig.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+    _local_paths_exist(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> AppConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_config(raw or {}, source=str(path))

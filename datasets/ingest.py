@@ -1,0 +1,295 @@
+"""`python -m datasets.ingest`: behaviour logs -> validated, pseudonymised, deduplicated, sharded interest graph.
+
+Incremental: files recorded in state/ are skipped, so re-running adds nothing and a new file adds exactly its rows.
+Prints one JSON summary as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from cluster.config import AppConfig, ConfigError, load_config
+from datasets import idmaps
+from datasets import schema as s
+from datasets.adapters import ADAPTERS, Chunk, SourceError, load_attributes, plan_chunks
+from datasets.pseudonym import resolve_key
+from datasets.stage import STAGED_REJECTS, StageBlock, now_ms
+from datasets.state import IngestState, load_tombstones, new_run_id, remove_uncommitted
+from datasets.storage import GRAPH, RAW, REJECTS, TMP, Storage, filesystem_for
+from datasets.validate import Rules
+
+log = logging.getLogger("datasets.ingest")
+GRAPH_META = "meta.json"
+
+
+@dataclass
+class SourceFile:
+    display: str  # absolute local path or s3:// URI: the file's identity in state/ and rejects/
+    fs_path: str
+    fmt: str
+    split: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Request:
+    source: str | None
+    fmt: str
+    holdout: str | None
+    extra: dict = field(default_factory=dict)
+
+
+def _expand(pattern: str, fmt: str, split: str, endpoint: str | None, region: str | None) -> list[SourceFile]:
+    fs, inner = filesystem_for(pattern, endpoint, region)
+    if pattern.startswith("s3://"):
+        base = inner.split("*", 1)[0].rsplit("/", 1)[0] if "*" in inner else inner
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)) \
+            if fs.get_file_info(base).type == pafs.FileType.Directory else [fs.get_file_info(base)]
+        infos = [i for i in infos if i.type == pafs.FileType.File and ("*" not in inner or fnmatch.fnmatch(i.path, inner))]
+        to_display = "s3://{}".format
+    else:
+        matches = sorted(glob.glob(pattern, recursive=True))
+        paths = []
+        for m in matches:
+            if os.path.isdir(m):
+                paths += sorted(os.path.join(d, f) for d, _, fs_ in os.walk(m) for f in fs_)
+            else:
+                paths.append(m)
+        infos = [fs.get_file_info(os.path.abspath(p)) for p in paths]
+        to_display = str
+    return [SourceFile(to_display(i.path), i.path, fmt, split, i.size, i.mtime_ns or 0) for i in infos]
+
+
+def discover(cfg: AppConfig, req: Request, storage: Storage) -> list[SourceFile]:
+    d = cfg.data
+    files: list[SourceFile] = []
+    if req.source:
+        found = _expand(req.source, req.fmt, "train", d.s3_endpoint, d.s3_region)
+        if not found:
+            raise SourceError(f"--source / data.source.path: no file matches {req.source!r}")
+        files += found
+    if req.holdout:
+        found = _expand(req.holdout, req.fmt, "holdout", d.s3_endpoint, d.s3_region)
+        if not found:
+            raise SourceError(f"--holdout: no file matches {req.holdout!r}")
+        files += found
+    # Files under raw/ (dropped there, or flushed by POST /events) are canonical events.
+    raw_root = storage.path(RAW)
+    if storage.exists(RAW):
+        prefix = "s3://" if not storage.is_local else ""
+        files += _expand(prefix + raw_root, "events", "train", d.s3_endpoint, d.s3_region)
+    return files
+
+
+def _chunk_options(cfg: AppConfig, req: Request, f: SourceFile, attributes: tuple) -> dict:
+    src = cfg.data.source
+    return {
+        "split": f.split,
+        "columns": tuple(sorted(src.columns.items())),
+        "delimiter": src.delimiter,
+        "default_event": src.event,
+        "attributes": attributes if f.fmt == "sequence" else (),
+    }
+
+
+def plan(cfg: AppConfig, req: Request, files: list[SourceFile]) -> list[Chunk]:
+    d = cfg.data
+    attributes: tuple = ()
+    if req.fmt == "sequence" and cfg.data.source.attributes:
+        fs, inner = filesystem_for(cfg.data.source.attributes, d.s3_endpoint, d.s3_region)
+        attributes = load_attributes(fs, inner, cfg.data.source.attributes)
+    chunks: list[Chunk] = []
+    for f in files:
+        fs, _ = filesystem_for(f.display, d.s3_endpoint, d.s3_region)
+        chunks += plan_chunks(fs, f.fs_path, f.display, f.fmt, d.chunk_mb << 20,
+                              **_chunk_options(cfg, req, f, attributes))
+    return chunks
+
+
+def _stage(cfg: AppConfig, storage: Storage, run_id: str, chunks: list[Chunk], tombstones: pa.Array) -> dict:
+    import ray
+
+    from datasets.datasource import BehaviourLogDatasource
+
+    key, _ = resolve_key(cfg.privacy.allow_dev_key)
+    rules = Rules(max_id_length=cfg.data.max_id_length, max_future_s=cfg.data.max_future_s)
+    stage = StageBlock(storage, run_id, key, rules, cfg.data.shards, now_ms(), tombstones)
+    ds = ray.data.read_datasource(BehaviourLogDatasource(chunks, cfg.data.s3_endpoint, cfg.data.s3_region))
+    stats = ds.map_batches(stage, batch_size=None, batch_format="pyarrow", zero_copy_batch=True).to_arrow_refs()
+    tables = [t for t in ray.get(stats) if t.num_rows]
+    totals = {"rows": 0, "accepted": 0, "rejected": 0, "by_reason": Counter(), "max_ts": None}
+    for t in tables:
+        for row in t.to_pylist():
+            totals["rows"] += row["rows"]
+            totals["accepted"] += row["accepted"]
+            totals["rejected"] += row["rejected"]
+            totals["by_reason"].update(json.loads(row["by_reason"]))
+            if row["max_ts"] is not None:
+                totals["max_ts"] = max(row["max_ts"], totals["max_ts"] or row["max_ts"])
+    return totals
+
+
+def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int | None) -> dict:
+    import ray
+
+    from datasets.shards import append_shard, shard_edges
+
+    shards = range(cfg.data.shards)
+    append = ray.remote(append_shard)
+    results = ray.get([append.remote(storage, run_id, sh) for sh in shards])
+    before, after = {}, {}
+    maps: dict[str, pa.Table] = {}
+    for node, field_ in (("user", "users"), ("item", "items"), ("category", "categories"), ("brand", "brands")):
+        current = idmaps.load(storage, node)
+        before[node] = current.num_rows
+        candidates = pa.concat_arrays([r[field_] for r in results]) if results else pa.array([], pa.string())
+        maps[node] = idmaps.extend(storage, node, current, candidates, run_id)
+        after[node] = maps[node].num_rows
+    if watermark_ms is not None:
+        refs = {k: ray.put(v) for k, v in maps.items()}
+        edges_fn = ray.remote(shard_edges)
+        edge_results = ray.get([
+            edges_fn.remote(storage, sh, refs["user"], refs["item"], refs["category"], refs["brand"],
+                            dict(cfg.data.event_weights), cfg.data.half_life_days, watermark_ms)
+            for sh in shards
+        ])
+        for name in ("category", "brand"):
+            pairs = pa.concat_tables([r["pairs"][name] for r in edge_results])
+            pairs = pairs.group_by(pairs.column_names).aggregate([]).sort_by(
+                [(n, "ascending") for n in pairs.column_names])
+            storage.write_parquet(storage.path(GRAPH, f"item_{name}.parquet"), pairs)
+        storage.write_json_atomic(storage.path(GRAPH, GRAPH_META), {
+            "watermark_ms": watermark_ms,
+            "num_nodes": after,
+            "user_item_edges": sum(r["edges"] for r in edge_results),
+            "event_weights": dict(cfg.data.event_weights),
+            "half_life_days": cfg.data.half_life_days,
+        })
+    return {
+        "accepted": sum(r["accepted"] for r in results),
+        "duplicates": sum(r["duplicates"] for r in results),
+        "holdout": sum(r["holdout"] for r in results),
+        "by_event": dict(sum((Counter(r["by_event"]) for r in results), Counter())),
+        "before": before,
+        "after": after,
+    }
+
+
+def _commit_rejects(storage: Storage, run_id: str) -> None:
+    staged = storage.list_files(TMP, run_id, STAGED_REJECTS, suffix=".parquet")
+    if staged:
+        table = storage.read_parquet(staged).sort_by([(s.SOURCE, "ascending"), (s.LINE, "ascending")])
+        storage.write_parquet(storage.path(REJECTS, f"part-{run_id}.parquet"), table)
+
+
+def run_ingest(cfg: AppConfig, req: Request) -> dict:
+    """Ingest what is new; returns the summary (DESIGN 3.7)."""
+    started = time.time()
+    d = cfg.data
+    storage = Storage(d.root, d.s3_endpoint, d.s3_region)
+    state = IngestState.load(storage)
+    remove_uncommitted(storage, state)
+    files = discover(cfg, req, storage)
+    new_files, changed = [], []
+    for f in files:
+        seen = state.files.get(f.display)
+        if seen is None:
+            new_files.append(f)
+        elif seen["size"] != f.size or seen["mtime_ns"] != f.mtime_ns:
+            changed.append(f.display)
+    for path in changed:
+        log.warning("%s changed since it was ingested; skipped (append new events as new files)", path)
+    chunks = plan(cfg, req, new_files)
+    run_id = new_run_id()
+    summary: dict = {"run": run_id, "files": len(new_files), "skipped_files": len(files) - len(new_files),
+                     "changed_files": changed}
+    if chunks:
+        from cluster.runtime import ensure_ray
+
+        ensure_ray(cfg)
+        staged = _stage(cfg, storage, run_id, chunks, load_tombstones(storage))
+    else:
+        staged = {"rows": 0, "accepted": 0, "rejected": 0, "by_reason": Counter(), "max_ts": None}
+    watermark = state.watermark_ms
+    if staged["max_ts"] is not None:
+        watermark = max(watermark or staged["max_ts"], staged["max_ts"])
+    if chunks:
+        final = _finalise(cfg, storage, run_id, watermark)
+        _commit_rejects(storage, run_id)
+        for f in new_files:
+            state.files[f.display] = {"size": f.size, "mtime_ns": f.mtime_ns, "run": run_id}
+        state.runs.append(run_id)
+        state.watermark_ms = watermark
+        state.save(storage)
+        storage.delete(storage.path(TMP, run_id))
+    else:
+        counts = {n: idmaps.load(storage, n).num_rows for n in s.NODE_TYPES}
+        final = {"accepted": 0, "duplicates": 0, "holdout": 0, "by_event": {}, "before": counts, "after": counts}
+    summary.update({
+        "input_rows": staged["rows"],
+        "accepted": final["accepted"],
+        "rejected": {"total": staged["rejected"], "by_reason": dict(sorted(staged["by_reason"].items()))},
+        "duplicates": final["duplicates"],
+        "holdout": final["holdout"],
+        "by_event": final["by_event"],
+    })
+    for node, plural in (("user", "users"), ("item", "items"), ("category", "categories"), ("brand", "brands")):
+        summary[f"new_{plural}"] = final["after"][node] - final["before"][node]
+        summary[f"total_{plural}"] = final["after"][node]
+    summary.update({"shards": d.shards, "watermark_ms": watermark, "seconds": round(time.time() - started, 3)})
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m datasets.ingest", description=__doc__)
+    p.add_argument("--config", default="ray_config.yaml", help="the app's configuration")
+    p.add_argument("--source", help="path or glob of logs (overrides data.source.path)")
+    p.add_argument("--format", help=f"adapter, one of {', '.join(ADAPTERS)} (overrides data.source.format)")
+    p.add_argument("--holdout", help="lightgcn: file whose rows become the evaluation holdout")
+    p.add_argument("--root", help="storage root (overrides data.root)")
+    return p
+
+
+def resolve_request(cfg: AppConfig, args: argparse.Namespace) -> Request:
+    fmt = args.format or cfg.data.source.format
+    if fmt not in ADAPTERS:
+        raise SourceError(f"--format: unknown adapter {fmt!r}; expected one of {', '.join(ADAPTERS)}")
+    holdout = args.holdout or cfg.data.source.holdout
+    if holdout and fmt != "lightgcn":
+        raise SourceError(f"--holdout: only the lightgcn adapter takes a holdout file, not {fmt!r}")
+    return Request(source=args.source or cfg.data.source.path, fmt=fmt, holdout=holdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.root:
+            cfg.data.root = args.root
+        req = resolve_request(cfg, args)
+        if req.source is None and not Storage(cfg.data.root).exists(RAW):
+            raise SourceError("no source: give --source or data.source.path (or put files under raw/)")
+        summary = run_ingest(cfg, req)
+    except (ConfigError, SourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

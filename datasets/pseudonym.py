@@ -1,0 +1,51 @@
+"""user_key = HMAC-SHA256(key, utf8(raw user id)), hex, first 32 characters (DESIGN 3.4)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+KEY_ENV = "IG_PSEUDONYM_KEY"
+# Only for development: anyone who reads this file can reverse pseudonyms made with it.
+DEV_KEY = "interest-graph-development-key-do-not-use-in-production"
+KEY_LENGTH = 32
+
+log = logging.getLogger(__name__)
+
+
+class DevKeyError(RuntimeError):
+    pass
+
+
+def resolve_key(allow_dev_key: bool = True) -> tuple[bytes, bool]:
+    """The pseudonym key from the environment, and whether it is the development default."""
+    value = os.environ.get(KEY_ENV)
+    if value:
+        return value.encode(), False
+    if not allow_dev_key:
+        raise DevKeyError(f"{KEY_ENV} is not set and privacy.allow_dev_key is false")
+    log.warning(
+        "%s is not set: using the DEVELOPMENT pseudonym key; user pseudonyms are NOT private. "
+        "Set %s before handling real users.",
+        KEY_ENV,
+        KEY_ENV,
+    )
+    return DEV_KEY.encode(), True
+
+
+def pseudonymise(raw_user_id: str, key: bytes) -> str:
+    return hmac.new(key, raw_user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:KEY_LENGTH]
+
+
+def pseudonymise_array(raw: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Array:
+    """Vectorised over an arrow string array: each distinct id is hashed once; nulls stay null."""
+    encoded = pc.dictionary_encode(raw)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    keys = pa.array([pseudonymise(v, key) for v in encoded.dictionary.to_pylist()], pa.string())
+    return pc.take(keys, encoded.indices)

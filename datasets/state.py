@@ -1,0 +1,66 @@
+"""What has been ingested: files, committed runs and the data watermark, under state/.
+
+A run's files carry its id; the run counts only once its id is in state/ingest.json, which is written last. A run
+that died earlier leaves files that the next run deletes before it starts, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from datasets.storage import HOLDOUT, IDMAPS, INTERACTIONS, REJECTS, STATE, TMP, Storage
+
+STATE_FILE = "ingest.json"
+TOMBSTONES = "tombstones.parquet"
+_RUN_IN_NAME = re.compile(r"(r\d{8}T\d{6}-[0-9a-f]{8})\.parquet$")
+
+
+@dataclass
+class IngestState:
+    files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # path -> size, mtime_ns, rows, run
+    runs: list[str] = field(default_factory=list)
+    watermark_ms: int | None = None  # newest accepted event time
+
+    @classmethod
+    def load(cls, storage: Storage) -> IngestState:
+        raw = storage.read_json(storage.path(STATE, STATE_FILE), default={})
+        return cls(**raw)
+
+    def save(self, storage: Storage) -> None:
+        storage.write_json_atomic(storage.path(STATE, STATE_FILE), asdict(self))
+
+
+def new_run_id() -> str:
+    return time.strftime("r%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def run_of(path: str) -> str | None:
+    """The run id embedded in a data file name (`...-<run>.parquet`)."""
+    match = _RUN_IN_NAME.search(path.rsplit("/", 1)[-1])
+    return match.group(1) if match else None
+
+
+def remove_uncommitted(storage: Storage, state: IngestState) -> int:
+    """Delete files of runs that never committed; returns how many went."""
+    committed = set(state.runs)
+    removed = 0
+    for folder in (INTERACTIONS, HOLDOUT, IDMAPS, REJECTS):
+        for path in storage.list_files(folder, suffix=".parquet"):
+            run = run_of(path)
+            if run is not None and run not in committed:
+                storage.delete(path)
+                removed += 1
+    storage.delete(storage.path(TMP))
+    return removed
+
+
+def load_tombstones(storage: Storage) -> pa.Array:
+    path = storage.path(STATE, TOMBSTONES)
+    if not storage.exists(STATE, TOMBSTONES):
+        return pa.array([], pa.string())
+    return storage.read_parquet([path]).column("user_key").combine_chunks()

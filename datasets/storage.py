@@ -1,0 +1,126 @@
+"""The storage layout under data.root (DESIGN 3.2), on a local folder or an object store, through pyarrow.fs."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+RAW = "raw"
+STATE = "state"
+REJECTS = "rejects"
+INTERACTIONS = "interactions"
+HOLDOUT = "holdout"
+IDMAPS = "idmaps"
+GRAPH = "graph"
+CHECKPOINTS = "checkpoints"
+TMP = "tmp"
+
+
+def filesystem_for(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it for a local path or an s3:// URI."""
+    if uri.startswith("s3://"):
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint or os.environ.get("AWS_ENDPOINT_URL"),
+            region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            allow_bucket_creation=True,
+        )
+        return fs, uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Paths and small atomic reads and writes under one root. Picklable, so Ray tasks can carry it."""
+
+    root: str
+    endpoint: str | None = None
+    region: str | None = None
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return filesystem_for(self.root, self.endpoint, self.region)[0]
+
+    @property
+    def base(self) -> str:
+        return filesystem_for(self.root, self.endpoint, self.region)[1]
+
+    @property
+    def is_local(self) -> bool:
+        return not self.root.startswith("s3://")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    def makedirs(self, *parts: str) -> str:
+        p = self.path(*parts)
+        if self.is_local:
+            os.makedirs(p, exist_ok=True)
+        return p
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def list_files(self, *parts: str, suffix: str = "") -> list[str]:
+        """Files (full paths) under a folder, recursively, sorted; none if it does not exist."""
+        selector = pafs.FileSelector(self.path(*parts), recursive=True, allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Readers see the old content or the new, never a part: rename locally, one PUT on an object store."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def read_json(self, path: str, default: Any = None) -> Any:
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return default
+        return json.loads(self.read_bytes(path))
+
+    def write_json_atomic(self, path: str, value: Any) -> None:
+        self.write_bytes_atomic(path, json.dumps(value, indent=1, sort_keys=True).encode())
+
+    def write_parquet(self, path: str, table: pa.Table) -> None:
+        """Written under a temporary name and renamed, so a reader never sees half a file."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        else:
+            pq.write_table(table, path, filesystem=self.fs)
+
+    def read_parquet(self, paths: list[str], columns: list[str] | None = None, schema: pa.Schema | None = None
+                     ) -> pa.Table:
+        if not paths:
+            if schema is None:
+                raise ValueError("no files to read and no schema given")
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in paths]
+        return pa.concat_tables(tables, promote_options="default")
+
+    def delete(self, path: str) -> None:
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(path)

@@ -1,0 +1,77 @@
+"""LightGCN-style encoder over the homogeneous interest graph (pure torch + PyG, no Ray)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch_geometric.nn.conv import MessagePassing
+
+
+class _SymmetricSpMM(torch.autograd.Function):
+    """``adj @ x`` whose backward reuses ``adj`` because ``adj`` is symmetric (adj^T == adj).
+
+    torch's own backward for CSR @ dense transposes the matrix on every call, which made a
+    full-graph step about twice as slow at Gowalla size. No gradient flows into ``adj``: the
+    normalised adjacency is a constant of the model.
+    """
+
+    @staticmethod
+    def forward(ctx, adj: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.adj = adj
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        return None, torch.sparse.mm(ctx.adj, grad_out)
+
+
+class LightConv(MessagePassing):
+    """Parameter-free LightGCN layer: x' = A_hat x with A_hat a pre-normalised symmetric adjacency.
+
+    PyG 2.8 accepts a ``torch.sparse`` tensor as ``edge_index`` in ``propagate`` and then takes
+    the fused ``message_and_aggregate`` path. Note that on that path PyG also expands the CSR into
+    a COO edge_index on every call (``MessagePassing._collect``), a transient ~24 bytes per
+    nonzero; measured at ~5 ms per layer at Gowalla size, a few % of a step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(aggr="add")
+
+    def forward(self, x: Tensor, adj_t: Tensor) -> Tensor:
+        return self.propagate(adj_t, x=x)
+
+    def message(self, x_j: Tensor) -> Tensor:  # only used if someone passes an edge_index
+        return x_j
+
+    def message_and_aggregate(self, adj_t: Tensor, x: Tensor) -> Tensor:
+        return _SymmetricSpMM.apply(adj_t, x)
+
+
+class InterestGCN(torch.nn.Module):
+    """LightGCN: one embedding table over all node types, K propagation layers, mean readout."""
+
+    def __init__(self, num_nodes: int, embedding_dim: int = 64, num_layers: int = 3) -> None:
+        super().__init__()
+        if num_nodes <= 0 or embedding_dim <= 0 or num_layers < 0:
+            raise ValueError("num_nodes and embedding_dim must be positive, num_layers non-negative")
+        self.num_nodes = num_nodes
+        self.embedding_dim = embedding_dim
+        self.num_layers = num_layers
+        self.embedding = torch.nn.Embedding(num_nodes, embedding_dim)
+        # std 0.1 normal as in LightGCN-PyTorch (the paper's Xavier init is slower to start).
+        torch.nn.init.normal_(self.embedding.weight, std=0.1)
+        self.conv = LightConv()
+
+    def forward(self, adj: Tensor) -> Tensor:
+        """Final embeddings [num_nodes, dim] = mean of layers 0..K (alpha_k = 1/(K+1))."""
+        x = self.embedding.weight
+        out = x
+        for _ in range(self.num_layers):
+            x = self.conv(x, adj)
+            out = out + x
+        return out / (self.num_layers + 1)
+
+    @property
+    def ego(self) -> Tensor:
+        """Layer-0 embeddings, which the L2 regulariser applies to."""
+        return self.embedding.weight
