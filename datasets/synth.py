@@ -77,8 +77,10 @@ WEEKDAY_WEIGHTS = (1.0, 0.98, 0.98, 1.0, 1.06, 1.22, 1.16)  # Monday first
 _STEPS = ("view", "click", "fav", "cart", "purchase")
 _STEP_CODE = np.array([EVENT_CODE[s] for s in _STEPS], dtype=np.int64)
 
+_EVENT_NAMES = pa.array(EVENT_TYPES, pa.string())
 _HEADER = (",".join(CANONICAL_COLUMNS) + "\n").encode()
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+# Two hex characters per byte value, as they lie in memory: one gather writes two characters.
+_HEX_PAIRS = np.frombuffer("".join(f"{v:02x}" for v in range(256)).encode(), dtype=np.uint16)
 _MASK48 = (1 << 48) - 1
 
 
@@ -103,16 +105,18 @@ def _mix48(x: np.ndarray) -> np.ndarray:
 
 
 def _hex_strings(prefix: str, values: np.ndarray, digits: int) -> pa.StringArray:
-    """prefix + fixed-width lower-case hex, built straight into an arrow buffer (no per-value Python)."""
+    """prefix + the low `digits` (even) hex digits of each value, built straight into an arrow buffer."""
     p = np.frombuffer(prefix.encode(), dtype=np.uint8)
     width = len(p) + digits
     n = len(values)
+    pairs = np.empty((n, digits // 2), dtype=np.uint16)
+    v = values.astype(np.uint64, copy=False)
+    for j in range(digits // 2):
+        shift = np.uint64(8 * (digits // 2 - 1 - j))
+        pairs[:, j] = _HEX_PAIRS[((v >> shift) & np.uint64(0xFF)).astype(np.intp)]
     buf = np.empty((n, width), dtype=np.uint8)
     buf[:, : len(p)] = p
-    v = values.astype(np.uint64, copy=False)
-    for j in range(digits):
-        shift = np.uint64(4 * (digits - 1 - j))
-        buf[:, len(p) + j] = _HEX[((v >> shift) & np.uint64(0xF)).astype(np.intp)]
+    buf[:, len(p) :] = pairs.view(np.uint8)
     offsets = np.arange(n + 1, dtype=np.int32) * np.int32(width)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf))
 
@@ -121,10 +125,36 @@ def _numbered(prefix: str, n: int) -> pa.Array:
     return pc.binary_join_element_wise(prefix, pc.cast(pa.array(np.arange(n)), pa.string()), "")
 
 
-def _sample_cdf(rng: np.random.Generator, cdf: np.ndarray, n: int) -> np.ndarray:
-    """Indices drawn with weights given as an unnormalised cumulative sum (one O(log K) search per draw)."""
-    idx = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
-    return np.minimum(idx, len(cdf) - 1)
+class _Cdf:
+    """Weighted draws from a cumulative sum, through a guide table.
+
+    np.searchsorted with a million random needles in a million-entry table is cache-bound (about 0.3 s here);
+    the guide table lands each needle next to its answer, so a draw costs a couple of array passes.
+    Results equal min(searchsorted(cum, q, "right"), len - 1) exactly.
+    """
+
+    def __init__(self, cum: np.ndarray) -> None:
+        self.cum = np.asarray(cum, dtype=np.float64)
+        self.last = len(self.cum) - 1
+        self.total = float(self.cum[-1])
+        self.buckets = 2 * len(self.cum)
+        self.scale = self.buckets / self.total
+        starts = np.arange(self.buckets) / self.scale
+        self.guide = np.minimum(np.searchsorted(self.cum, starts, side="right"), self.last)
+
+    def find(self, q: np.ndarray) -> np.ndarray:
+        # One bucket back, so float rounding can never put the starting point past the answer.
+        bucket = np.clip((q * self.scale).astype(np.int64) - 1, 0, self.buckets - 1)
+        idx = self.guide[bucket]
+        todo = np.flatnonzero((idx < self.last) & (self.cum[idx] <= q))
+        while todo.size:
+            idx[todo] += 1
+            i = idx[todo]
+            todo = todo[(i < self.last) & (self.cum[i] <= q[todo])]
+        return idx
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return self.find(rng.random(n) * self.total)
 
 
 def _zipf_cdf(n: int, exponent: float) -> np.ndarray:
@@ -163,13 +193,13 @@ class _Clock:
 class _World:
     """Everything fixed for a run (catalogue, shoppers) plus the state carried from chunk to chunk."""
 
-    user_cdf: np.ndarray
+    user_cdf: _Cdf
     user_ids: pa.Array
     n_interests: np.ndarray
     interests: np.ndarray  # (users, MAX_INTERESTS) category numbers, -1 where unused
-    cat_cdf: np.ndarray
+    cat_cdf: _Cdf
     sorted_items: np.ndarray  # item numbers grouped by category
-    sorted_cum: np.ndarray  # cumulative popularity along sorted_items
+    sorted_cum: _Cdf  # cumulative popularity along sorted_items
     cat_lo: np.ndarray
     cat_hi: np.ndarray
     cat_base: np.ndarray
@@ -189,7 +219,7 @@ def _skewed_assignment(rng: np.random.Generator, n: int, groups: int, exponent: 
     """Group of each of n members: every group gets one, the rest follow Zipf group sizes, order shuffled."""
     out = np.empty(n, dtype=np.int64)
     out[:groups] = np.arange(groups)
-    out[groups:] = rng.permutation(groups)[_sample_cdf(rng, _zipf_cdf(groups, exponent), n - groups)]
+    out[groups:] = rng.permutation(groups)[_Cdf(_zipf_cdf(groups, exponent)).sample(rng, n - groups)]
     return rng.permutation(out)
 
 
@@ -217,15 +247,15 @@ def _build_world(rng: np.random.Generator, users: int, items: int) -> _World:
     cat_lo = cat_hi - counts
     cat_base = np.where(cat_lo > 0, sorted_cum[np.maximum(cat_lo - 1, 0)], 0.0)
     cat_total = sorted_cum[cat_hi - 1] - cat_base
-    cat_cdf = np.cumsum(cat_total)
+    cat_cdf = _Cdf(np.cumsum(cat_total))
 
-    user_cdf = np.cumsum(rng.lognormal(0.0, USER_ACTIVITY_SIGMA, users))
+    user_cdf = _Cdf(np.cumsum(rng.lognormal(0.0, USER_ACTIVITY_SIGMA, users)))
     key_in, key_out = (int(k) for k in rng.integers(0, 1 << 48, 2))
     user_ids = _hex_strings(
         "shopper-", _mix48(np.arange(users, dtype=np.uint64) ^ np.uint64(key_in)) ^ np.uint64(key_out), 12
     )
     n_interests = rng.integers(1, MAX_INTERESTS + 1, users)
-    interests = _sample_cdf(rng, cat_cdf, users * MAX_INTERESTS).reshape(users, MAX_INTERESTS)
+    interests = cat_cdf.sample(rng, users * MAX_INTERESTS).reshape(users, MAX_INTERESTS)
     interests[np.arange(MAX_INTERESTS)[None, :] >= n_interests[:, None]] = -1
 
     cat_names = _numbered("cat-", n_cat)
@@ -237,7 +267,7 @@ def _build_world(rng: np.random.Generator, users: int, items: int) -> _World:
         interests=interests,
         cat_cdf=cat_cdf,
         sorted_items=sorted_items,
-        sorted_cum=sorted_cum,
+        sorted_cum=_Cdf(sorted_cum),
         cat_lo=cat_lo,
         cat_hi=cat_hi,
         cat_base=cat_base,
@@ -258,13 +288,13 @@ def _drift(rng: np.random.Generator, world: _World, prob: float) -> None:
     """Overnight, some shoppers swap one interest category for another."""
     users = np.flatnonzero(rng.random(len(world.n_interests)) < prob)
     slot = (rng.random(len(users)) * world.n_interests[users]).astype(np.int64)
-    world.interests[users, slot] = _sample_cdf(rng, world.cat_cdf, len(users))
+    world.interests[users, slot] = world.cat_cdf.sample(rng, len(users))
 
 
 def _sample_items(rng: np.random.Generator, world: _World, cats: np.ndarray) -> np.ndarray:
     """A Zipf-popular item within each given category: a search confined to that category's stretch."""
     target = world.cat_base[cats] + rng.random(len(cats)) * world.cat_total[cats]
-    pos = np.searchsorted(world.sorted_cum, target, side="right")
+    pos = world.sorted_cum.find(target)
     pos = np.clip(pos, world.cat_lo[cats], world.cat_hi[cats] - 1)
     return world.sorted_items[pos]
 
@@ -273,7 +303,7 @@ def _sessions(
     rng: np.random.Generator, world: _World, clock: _Clock, n_sessions: int, a_ms: int, b_ms: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Events of n_sessions shopping sessions as (user, item, event code, ts), grouped by session."""
-    user = _sample_cdf(rng, world.user_cdf, n_sessions)
+    user = world.user_cdf.sample(rng, n_sessions)
     start = clock.sample(rng, n_sessions, a_ms, b_ms)
     n_views = rng.geometric(SESSION_END_PROB, n_sessions)
     n_total = int(n_views.sum())
@@ -293,7 +323,7 @@ def _sessions(
     other_user = user[sess[other]]
     cat[other] = world.interests[other_user, (rng.random(len(other)) * k[sess[other]]).astype(np.int64)]
     explore = np.flatnonzero(r >= P_SESSION_CATEGORY + P_OTHER_INTEREST)
-    cat[explore] = _sample_cdf(rng, world.cat_cdf, len(explore))
+    cat[explore] = world.cat_cdf.sample(rng, len(explore))
     item = _sample_items(rng, world, cat)
 
     click = rng.random(n_total) < P_CLICK
@@ -312,11 +342,23 @@ def _sessions(
     return user[sess[row]], item[row], _STEP_CODE[step], ts
 
 
-def _assign_sessions(world: _World, user: np.ndarray, ts: np.ndarray, a_ms: int, b_ms: int) -> np.ndarray:
-    """Session number of each event: a user's new session starts after a gap, carried across chunks."""
+def _sort_order(key: np.ndarray, bits: int) -> np.ndarray:
+    """The order that sorts `key`, ties broken by position: the position rides in the low bits of one int64
+    sort key, because np.sort of a unique key is about twice as fast as argsort here and is deterministic
+    whatever sorting algorithm numpy picks."""
+    n = len(key)
+    low = max(1, (n - 1).bit_length())
+    if bits + low > 63:
+        raise ValueError("sort key does not fit 63 bits; use smaller chunks")
+    packed = np.sort((key << low) | np.arange(n, dtype=np.int64))
+    return packed & ((1 << low) - 1)
+
+
+def _assign_sessions(world: _World, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Session number of each event (given in time order): a user's new session starts after a gap, and the
+    per-user state carries sessions across chunks."""
     n = len(user)
-    bits = int(b_ms - a_ms).bit_length()
-    order = np.argsort((user << bits) | (ts - a_ms), kind="stable")
+    order = _sort_order(user, len(world.sessions).bit_length())
     u = user[order]
     t = ts[order]
     head = np.empty(n, dtype=bool)
@@ -353,20 +395,19 @@ def _chunk(rng: np.random.Generator, world: _World, clock: _Clock, n: int, a_ms:
     user, item, code, ts = (np.concatenate(cols)[:n] for cols in zip(*parts, strict=True))
     # Funnel steps after a window's end are pulled back into it: rows stay inside their file's day and order.
     ts = np.minimum(ts, b_ms - 1)
-    number = _assign_sessions(world, user, ts, a_ms, b_ms)
+    order = _sort_order(ts - a_ms, int(b_ms - a_ms).bit_length())
+    user, item, code, ts = user[order], item[order], code[order], ts[order]
+    number = _assign_sessions(world, user, ts)
     session = _mix64(
         ((user.astype(np.uint64) << np.uint64(24)) | (number.astype(np.uint64) & np.uint64(0xFFFFFF)))
         ^ world.session_key
     )
-
-    order = np.argsort(ts, kind="stable")
-    user, item, code, ts, session = user[order], item[order], code[order], ts[order], session[order]
     items = pa.array(item)
     return pa.Table.from_arrays(
         [
             world.user_ids.take(pa.array(user)),
             world.item_ids.take(items),
-            pa.array(EVENT_TYPES).take(pa.array(code)),
+            _EVENT_NAMES.take(pa.array(code)),
             pa.array(ts, type=pa.int64()),
             world.item_cat.take(items),
             world.item_brand.take(items),

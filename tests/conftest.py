@@ -1,0 +1,45 @@
+"""One Ray runtime per test session, small; real-data tests only when IG_REAL_DATA names ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REAL_DATA_ENV = "IG_REAL_DATA"
+# Tests see one fixed key, set before Ray starts so its workers inherit it.
+os.environ.setdefault("IG_PSEUDONYM_KEY", "test-pseudonym-key")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    named = os.environ.get(REAL_DATA_ENV)
+    if named:
+        if not Path(named, "README.md").is_file():
+            raise pytest.UsageError(f"{REAL_DATA_ENV}={named!r} does not name the shared data folder")
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("realdata") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    return Path(os.environ[REAL_DATA_ENV])
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=400 << 20, include_dashboard=False,
+                 runtime_env={"env_vars": {"IG_PSEUDONYM_KEY": os.environ["IG_PSEUDONYM_KEY"]}})
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
