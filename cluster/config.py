@@ -86,9 +86,16 @@ class TrainConfig(_Section):
     batch_size: int = Field(2048, ge=1, description="BPR triples per step per worker")
     l2: float = Field(1e-4, ge=0, description="L2 on the batch's ego embeddings (LightGCN paper)")
     k: int = Field(20, ge=1, description="cut-off of Recall@K / NDCG@K")
+    holdout: Literal["auto", "official", "leave_one_out", "last_days"] = Field(
+        "auto", description="evaluation holdout: auto picks official (lightgcn test file), leave_one_out (sequences) "
+        "or last_days (event logs)"
+    )
     holdout_days: float = Field(1.0, gt=0, description="event logs: the last N days form the holdout")
     eval_batch_users: int = Field(1024, ge=1, description="users scored per evaluation batch (bounds memory)")
     seed: int = Field(0, description="random seed")
+    eval_every: int = Field(1, ge=1, description="evaluate (and checkpoint) every N epochs")
+    max_failures: int = Field(2, ge=0, description="worker losses a run survives, resuming from its last checkpoint")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker; null: cpus_per_worker")
 
 
 class UpdateConfig(_Section):

@@ -27,7 +27,7 @@ from datasets.adapters import ADAPTERS, Chunk, SourceError, load_attributes, pla
 from datasets.pseudonym import resolve_key
 from datasets.stage import STAGED_REJECTS, StageBlock, now_ms
 from datasets.state import IngestState, load_tombstones, new_run_id, remove_uncommitted
-from datasets.storage import GRAPH, RAW, REJECTS, TMP, Storage, filesystem_for
+from datasets.storage import GRAPH, HOLDOUT, RAW, REJECTS, TMP, Storage, filesystem_for
 from datasets.validate import Rules
 
 log = logging.getLogger("datasets.ingest")
@@ -56,9 +56,12 @@ def _expand(pattern: str, fmt: str, split: str, endpoint: str | None, region: st
     fs, inner = filesystem_for(pattern, endpoint, region)
     if pattern.startswith("s3://"):
         base = inner.split("*", 1)[0].rsplit("/", 1)[0] if "*" in inner else inner
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)) \
-            if fs.get_file_info(base).type == pafs.FileType.Directory else [fs.get_file_info(base)]
-        infos = [i for i in infos if i.type == pafs.FileType.File and ("*" not in inner or fnmatch.fnmatch(i.path, inner))]
+        if fs.get_file_info(base).type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        else:
+            infos = [fs.get_file_info(base)]
+        wanted = (lambda p: fnmatch.fnmatch(p, inner)) if "*" in inner else (lambda p: True)
+        infos = [i for i in infos if i.type == pafs.FileType.File and wanted(i.path)]
         to_display = "s3://{}".format
     else:
         matches = sorted(glob.glob(pattern, recursive=True))
@@ -127,7 +130,9 @@ def _stage(cfg: AppConfig, storage: Storage, run_id: str, chunks: list[Chunk], t
     key, _ = resolve_key(cfg.privacy.allow_dev_key)
     rules = Rules(max_id_length=cfg.data.max_id_length, max_future_s=cfg.data.max_future_s)
     stage = StageBlock(storage, run_id, key, rules, cfg.data.shards, now_ms(), tombstones)
-    ds = ray.data.read_datasource(BehaviourLogDatasource(chunks, cfg.data.s3_endpoint, cfg.data.s3_region))
+    # One block per chunk: splitting them further only multiplies small staged files.
+    ds = ray.data.read_datasource(BehaviourLogDatasource(chunks, cfg.data.s3_endpoint, cfg.data.s3_region),
+                                  override_num_blocks=len(chunks))
     stats = ds.map_batches(stage, batch_size=None, batch_format="pyarrow", zero_copy_batch=True).to_arrow_refs()
     tables = [t for t in ray.get(stats) if t.num_rows]
     totals = {"rows": 0, "accepted": 0, "rejected": 0, "by_reason": Counter(), "max_ts": None}
@@ -142,14 +147,18 @@ def _stage(cfg: AppConfig, storage: Storage, run_id: str, chunks: list[Chunk], t
     return totals
 
 
-def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int | None) -> dict:
+def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int | None, formats: list[str],
+              timings: dict[str, float]) -> dict:
     import ray
 
     from datasets.shards import append_shard, shard_edges
 
     shards = range(cfg.data.shards)
     append = ray.remote(append_shard)
+    mark = time.time()
     results = ray.get([append.remote(storage, run_id, sh) for sh in shards])
+    timings["dedupe_append"] = time.time() - mark
+    mark = time.time()
     before, after = {}, {}
     maps: dict[str, pa.Table] = {}
     for node, field_ in (("user", "users"), ("item", "items"), ("category", "categories"), ("brand", "brands")):
@@ -158,6 +167,8 @@ def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int |
         candidates = pa.concat_arrays([r[field_] for r in results]) if results else pa.array([], pa.string())
         maps[node] = idmaps.extend(storage, node, current, candidates, run_id)
         after[node] = maps[node].num_rows
+    timings["idmaps"] = time.time() - mark
+    mark = time.time()
     if watermark_ms is not None:
         refs = {k: ray.put(v) for k, v in maps.items()}
         edges_fn = ray.remote(shard_edges)
@@ -173,11 +184,14 @@ def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int |
             storage.write_parquet(storage.path(GRAPH, f"item_{name}.parquet"), pairs)
         storage.write_json_atomic(storage.path(GRAPH, GRAPH_META), {
             "watermark_ms": watermark_ms,
+            "formats": formats,
+            "has_holdout": storage.exists(HOLDOUT),
             "num_nodes": after,
             "user_item_edges": sum(r["edges"] for r in edge_results),
             "event_weights": dict(cfg.data.event_weights),
             "half_life_days": cfg.data.half_life_days,
         })
+    timings["graph"] = time.time() - mark
     return {
         "accepted": sum(r["accepted"] for r in results),
         "duplicates": sum(r["duplicates"] for r in results),
@@ -212,27 +226,38 @@ def run_ingest(cfg: AppConfig, req: Request) -> dict:
             changed.append(f.display)
     for path in changed:
         log.warning("%s changed since it was ingested; skipped (append new events as new files)", path)
+    timings: dict[str, float] = {}
+    mark = time.time()
     chunks = plan(cfg, req, new_files)
+    timings["plan"] = time.time() - mark
     run_id = new_run_id()
     summary: dict = {"run": run_id, "files": len(new_files), "skipped_files": len(files) - len(new_files),
                      "changed_files": changed}
     if chunks:
         from cluster.runtime import ensure_ray
 
+        mark = time.time()
         ensure_ray(cfg)
+        timings["ray_init"] = time.time() - mark
+        mark = time.time()
         staged = _stage(cfg, storage, run_id, chunks, load_tombstones(storage))
+        timings["stage"] = time.time() - mark
     else:
         staged = {"rows": 0, "accepted": 0, "rejected": 0, "by_reason": Counter(), "max_ts": None}
     watermark = state.watermark_ms
     if staged["max_ts"] is not None:
         watermark = max(watermark or staged["max_ts"], staged["max_ts"])
     if chunks:
-        final = _finalise(cfg, storage, run_id, watermark)
+        mark = time.time()
+        formats = sorted(set(state.formats) | {f.fmt for f in new_files})
+        final = _finalise(cfg, storage, run_id, watermark, formats, timings)
         _commit_rejects(storage, run_id)
+        timings["commit"] = time.time() - mark
         for f in new_files:
             state.files[f.display] = {"size": f.size, "mtime_ns": f.mtime_ns, "run": run_id}
         state.runs.append(run_id)
         state.watermark_ms = watermark
+        state.formats = formats
         state.save(storage)
         storage.delete(storage.path(TMP, run_id))
     else:
@@ -249,7 +274,8 @@ def run_ingest(cfg: AppConfig, req: Request) -> dict:
     for node, plural in (("user", "users"), ("item", "items"), ("category", "categories"), ("brand", "brands")):
         summary[f"new_{plural}"] = final["after"][node] - final["before"][node]
         summary[f"total_{plural}"] = final["after"][node]
-    summary.update({"shards": d.shards, "watermark_ms": watermark, "seconds": round(time.time() - started, 3)})
+    summary.update({"shards": d.shards, "watermark_ms": watermark, "seconds": round(time.time() - started, 3),
+                    "timings": {k: round(v, 3) for k, v in timings.items()}})
     return summary
 
 

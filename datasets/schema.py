@@ -107,6 +107,7 @@ CATEGORY_IDX = "category_idx"
 BRAND_IDX = "brand_idx"
 WEIGHT = "weight"
 COUNT = "count"
+FIRST_TS = "first_ts"
 LAST_TS = "last_ts"
 USER_ITEM_EDGE_SCHEMA = pa.schema(
     [
@@ -114,6 +115,7 @@ USER_ITEM_EDGE_SCHEMA = pa.schema(
         (ITEM_IDX, pa.int64()),
         (WEIGHT, pa.float32()),
         (COUNT, pa.int32()),
+        (FIRST_TS, pa.timestamp("ms", tz="UTC")),
         (LAST_TS, pa.timestamp("ms", tz="UTC")),
     ]
 )

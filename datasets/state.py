@@ -25,6 +25,7 @@ class IngestState:
     files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # path -> size, mtime_ns, rows, run
     runs: list[str] = field(default_factory=list)
     watermark_ms: int | None = None  # newest accepted event time
+    formats: list[str] = field(default_factory=list)  # adapters ever ingested (the trainer picks its split by them)
 
     @classmethod
     def load(cls, storage: Storage) -> IngestState:

@@ -7,7 +7,12 @@ The log is meant to exercise the whole pipeline at any scale (1M users, 1M items
 Zipf item popularity, items grouped into categories and brands with fixed prices, shoppers whose 1-3 interest
 categories drift from day to day, sessions of views with a view -> click -> (fav, cart -> purchase) funnel behind
 them, and a daily and weekly rhythm. It is generated in time-ordered chunks with numpy and streamed to disk, so
-memory stays bounded by the number of users and items, not events. Same arguments give byte-identical files.
+memory stays bounded by the number of users and items, not events.
+
+Same arguments give byte-identical files. Without --start the log covers the D days before today's UTC midnight,
+so it is the same all day and moves on at midnight. Event times never pass now minus a minute: a window that
+would is cut there. Files are written under a hidden temporary name and renamed when complete, and a folder
+holding events-*.csv files this run would not replace is refused rather than mixed with them.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -77,7 +84,6 @@ WEEKDAY_WEIGHTS = (1.0, 0.98, 0.98, 1.0, 1.06, 1.22, 1.16)  # Monday first
 _STEPS = ("view", "click", "fav", "cart", "purchase")
 _STEP_CODE = np.array([EVENT_CODE[s] for s in _STEPS], dtype=np.int64)
 
-_EVENT_NAMES = pa.array(EVENT_TYPES, pa.string())
 _HEADER = (",".join(CANONICAL_COLUMNS) + "\n").encode()
 # Two hex characters per byte value, as they lie in memory: one gather writes two characters.
 _HEX_PAIRS = np.frombuffer("".join(f"{v:02x}" for v in range(256)).encode(), dtype=np.uint16)
@@ -109,20 +115,36 @@ def _hex_strings(prefix: str, values: np.ndarray, digits: int) -> pa.StringArray
     p = np.frombuffer(prefix.encode(), dtype=np.uint8)
     width = len(p) + digits
     n = len(values)
-    pairs = np.empty((n, digits // 2), dtype=np.uint16)
-    v = values.astype(np.uint64, copy=False)
-    for j in range(digits // 2):
-        shift = np.uint64(8 * (digits // 2 - 1 - j))
-        pairs[:, j] = _HEX_PAIRS[((v >> shift) & np.uint64(0xFF)).astype(np.intp)]
+    # Big-endian bytes of each value, most significant first, each looked up as its two hex characters.
+    be = values.astype(">u8").view(np.uint8).reshape(n, 8)[:, 8 - digits // 2 :]
     buf = np.empty((n, width), dtype=np.uint8)
     buf[:, : len(p)] = p
-    buf[:, len(p) :] = pairs.view(np.uint8)
+    buf[:, len(p) :] = _HEX_PAIRS[be].view(np.uint8)
     offsets = np.arange(n + 1, dtype=np.int32) * np.int32(width)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf))
 
 
-def _numbered(prefix: str, n: int) -> pa.Array:
-    return pc.binary_join_element_wise(prefix, pc.cast(pa.array(np.arange(n)), pa.string()), "")
+def _int64s(values: np.ndarray) -> pa.Array:
+    """numpy -> arrow without pa.array, whose first call imports pandas (0.4 s) just to rule out a DataFrame."""
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def _strings(values: list[str]) -> pa.StringArray:
+    data = [v.encode() for v in values]
+    offsets = np.cumsum([0] + [len(d) for d in data], dtype=np.int32)
+    return pa.StringArray.from_buffers(len(data), pa.py_buffer(offsets), pa.py_buffer(b"".join(data)))
+
+
+def _join(*parts: pa.Array | str) -> pa.Array:
+    """Element-wise concatenation; Python strings become arrow scalars first (pyarrow's own conversion of them
+    is what would import pandas)."""
+    arrow = [_strings([p])[0] if isinstance(p, str) else p for p in parts]
+    return pc.binary_join_element_wise(*arrow, _strings([""])[0])
+
+
+def _numbered(prefix: str, numbers: np.ndarray) -> pa.Array:
+    return _join(prefix, pc.cast(_int64s(numbers), pa.string()))
 
 
 class _Cdf:
@@ -189,28 +211,40 @@ class _Clock:
         return np.clip(t, a_ms, b_ms - 1)
 
 
+# (user, item, event code, ts) as parallel arrays.
+_Events = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _no_events() -> _Events:
+    empty = np.empty(0, dtype=np.int64)
+    return empty, empty, empty, empty
+
+
 @dataclass
 class _World:
     """Everything fixed for a run (catalogue, shoppers) plus the state carried from chunk to chunk."""
 
     user_cdf: _Cdf
-    user_ids: pa.Array
+    user_ids: pa.Array  # indexed by user index (activity rank)
     n_interests: np.ndarray
     interests: np.ndarray  # (users, MAX_INTERESTS) category numbers, -1 where unused
     cat_cdf: _Cdf
-    sorted_items: np.ndarray  # item numbers grouped by category
+    sorted_items: np.ndarray  # item indices grouped by category, most popular first within each
     sorted_cum: _Cdf  # cumulative popularity along sorted_items
     cat_lo: np.ndarray
     cat_hi: np.ndarray
     cat_base: np.ndarray
     cat_total: np.ndarray
-    item_ids: pa.Array
+    item_ids: pa.Array  # this and the next three: indexed by item index (popularity rank)
     item_cat: pa.Array
     item_brand: pa.Array
     item_price: pa.Array
     session_key: np.uint64
     last_ts: np.ndarray  # per user: newest event written so far, for sessions that span chunks
     sessions: np.ndarray  # per user: sessions started so far
+    # Session tails that ran past their chunk's window, waiting for the window they fall in (across files and
+    # days).
+    pending: _Events
     n_categories: int
     n_brands: int
 
@@ -229,16 +263,19 @@ def _build_world(rng: np.random.Generator, users: int, items: int) -> _World:
     n_brand = min(items, max(3, round(items / 20)))
     cat_of_item = _skewed_assignment(rng, items, n_cat, CATEGORY_SIZE_EXPONENT)
     brand_of_item = _skewed_assignment(rng, items, n_brand, BRAND_SIZE_EXPONENT)
-    # Popularity by a shuffled rank, so item-0 is not automatically the best seller.
-    weight = (rng.permutation(items) + 1.0) ** -ITEM_ZIPF_EXPONENT
+    # Items (and users) are indexed internally by popularity (activity) rank, so the hot rows of every lookup
+    # table sit together in cache (a random-order string gather from 1M items was the slowest step); the names
+    # shown outside are shuffled, so item-0 is not automatically the best seller.
+    weight = (np.arange(items) + 1.0) ** -ITEM_ZIPF_EXPONENT
+    item_numbers = rng.permutation(items)
 
     # Prices cluster by category (phone cases vs. phones), then spread per item.
     cat_log_price = rng.normal(3.2, 0.8, n_cat)
     price = np.exp(cat_log_price[cat_of_item] + rng.normal(0.0, 0.5, items))
     cents = np.maximum(1, np.rint(price * 100)).astype(np.int64)
-    whole = pc.cast(pa.array(cents // 100), pa.string())
-    frac = pc.utf8_lpad(pc.cast(pa.array(cents % 100), pa.string()), 2, "0")
-    item_price = pc.binary_join_element_wise(whole, frac, ".")
+    whole = pc.cast(_int64s(cents // 100), pa.string())
+    frac = pc.utf8_lpad(pc.cast(_int64s(cents % 100), pa.string()), 2, "0")
+    item_price = _join(whole, ".", frac)
 
     sorted_items = np.argsort(cat_of_item, kind="stable")
     sorted_cum = np.cumsum(weight[sorted_items])
@@ -249,7 +286,7 @@ def _build_world(rng: np.random.Generator, users: int, items: int) -> _World:
     cat_total = sorted_cum[cat_hi - 1] - cat_base
     cat_cdf = _Cdf(np.cumsum(cat_total))
 
-    user_cdf = _Cdf(np.cumsum(rng.lognormal(0.0, USER_ACTIVITY_SIGMA, users)))
+    user_cdf = _Cdf(np.cumsum(np.sort(rng.lognormal(0.0, USER_ACTIVITY_SIGMA, users))[::-1]))
     key_in, key_out = (int(k) for k in rng.integers(0, 1 << 48, 2))
     user_ids = _hex_strings(
         "shopper-", _mix48(np.arange(users, dtype=np.uint64) ^ np.uint64(key_in)) ^ np.uint64(key_out), 12
@@ -258,8 +295,8 @@ def _build_world(rng: np.random.Generator, users: int, items: int) -> _World:
     interests = cat_cdf.sample(rng, users * MAX_INTERESTS).reshape(users, MAX_INTERESTS)
     interests[np.arange(MAX_INTERESTS)[None, :] >= n_interests[:, None]] = -1
 
-    cat_names = _numbered("cat-", n_cat)
-    brand_names = _numbered("brand-", n_brand)
+    cat_names = _numbered("cat-", np.arange(n_cat))
+    brand_names = _numbered("brand-", np.arange(n_brand))
     return _World(
         user_cdf=user_cdf,
         user_ids=user_ids,
@@ -272,13 +309,14 @@ def _build_world(rng: np.random.Generator, users: int, items: int) -> _World:
         cat_hi=cat_hi,
         cat_base=cat_base,
         cat_total=cat_total,
-        item_ids=_numbered("item-", items),
-        item_cat=cat_names.take(pa.array(cat_of_item)),
-        item_brand=brand_names.take(pa.array(brand_of_item)),
+        item_ids=_numbered("item-", item_numbers),
+        item_cat=cat_names.take(_int64s(cat_of_item)),
+        item_brand=brand_names.take(_int64s(brand_of_item)),
         item_price=item_price,
         session_key=np.uint64(int(rng.integers(0, 1 << 63))),
         last_ts=np.full(users, np.iinfo(np.int64).min // 2, dtype=np.int64),
         sessions=np.zeros(users, dtype=np.int64),
+        pending=_no_events(),
         n_categories=n_cat,
         n_brands=n_brand,
     )
@@ -299,9 +337,7 @@ def _sample_items(rng: np.random.Generator, world: _World, cats: np.ndarray) -> 
     return world.sorted_items[pos]
 
 
-def _sessions(
-    rng: np.random.Generator, world: _World, clock: _Clock, n_sessions: int, a_ms: int, b_ms: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _sessions(rng: np.random.Generator, world: _World, clock: _Clock, n_sessions: int, a_ms: int, b_ms: int) -> _Events:
     """Events of n_sessions shopping sessions as (user, item, event code, ts), grouped by session."""
     user = world.user_cdf.sample(rng, n_sessions)
     start = clock.sample(rng, n_sessions, a_ms, b_ms)
@@ -380,21 +416,27 @@ def _assign_sessions(world: _World, user: np.ndarray, ts: np.ndarray) -> np.ndar
     return number
 
 
-def _chunk(rng: np.random.Generator, world: _World, clock: _Clock, n: int, a_ms: int, b_ms: int) -> pa.Table | None:
-    """Exactly n events in [a_ms, b_ms), in time order, as a table in the canonical columns."""
-    if n == 0:
-        return None
-    parts = []
+def _events(rng: np.random.Generator, world: _World, clock: _Clock, n: int, a_ms: int, b_ms: int) -> _Events:
+    """Exactly n events of sessions starting in [a_ms, b_ms), in no particular order; the tails of sessions that
+    start near b_ms lie past it."""
+    parts = [_no_events()]
     have = 0
     while have < n:
         # A little over the expected need, so one batch almost always suffices.
         n_sessions = max(8, math.ceil((n - have) / _MEAN_EVENTS_PER_SESSION * 1.08))
-        part = _sessions(rng, world, clock, n_sessions, a_ms, b_ms)
-        parts.append(part)
-        have += len(part[0])
+        parts.append(_sessions(rng, world, clock, n_sessions, a_ms, b_ms))
+        have += len(parts[-1][0])
+    # Batches hold whole view funnels one after the other, so a cut keeps funnel prefixes (no purchase
+    # without its view).
     user, item, code, ts = (np.concatenate(cols)[:n] for cols in zip(*parts, strict=True))
-    # Funnel steps after a window's end are pulled back into it: rows stay inside their file's day and order.
-    ts = np.minimum(ts, b_ms - 1)
+    return user, item, code, ts
+
+
+def _table(world: _World, events: _Events, a_ms: int, b_ms: int) -> pa.Table | None:
+    """Events that all lie in [a_ms, b_ms), in time order and with session ids, in the canonical columns."""
+    user, item, code, ts = events
+    if len(user) == 0:
+        return None
     order = _sort_order(ts - a_ms, int(b_ms - a_ms).bit_length())
     user, item, code, ts = user[order], item[order], code[order], ts[order]
     number = _assign_sessions(world, user, ts)
@@ -402,13 +444,13 @@ def _chunk(rng: np.random.Generator, world: _World, clock: _Clock, n: int, a_ms:
         ((user.astype(np.uint64) << np.uint64(24)) | (number.astype(np.uint64) & np.uint64(0xFFFFFF)))
         ^ world.session_key
     )
-    items = pa.array(item)
+    items = _int64s(item)
     return pa.Table.from_arrays(
         [
-            world.user_ids.take(pa.array(user)),
+            world.user_ids.take(_int64s(user)),
             world.item_ids.take(items),
-            _EVENT_NAMES.take(pa.array(code)),
-            pa.array(ts, type=pa.int64()),
+            _strings(list(EVENT_TYPES)).take(_int64s(code)),
+            _int64s(ts),
             world.item_cat.take(items),
             world.item_brand.take(items),
             world.item_price.take(items),
@@ -416,6 +458,63 @@ def _chunk(rng: np.random.Generator, world: _World, clock: _Clock, n: int, a_ms:
         ],
         names=list(CANONICAL_COLUMNS),
     )
+
+
+def _file_tables(
+    rng: np.random.Generator, world: _World, clock: _Clock, counts: np.ndarray, bounds: list[int], last: bool
+) -> Iterator[pa.Table]:
+    """One file's chunks: counts[i] fresh events for [bounds[i], bounds[i + 1]), plus what spilled into it."""
+    for i, n in enumerate(counts):
+        a_ms, b_ms = bounds[i], bounds[i + 1]
+        fresh = _events(rng, world, clock, int(n), a_ms, b_ms)
+        user, item, code, ts = (np.concatenate(c) for c in zip(world.pending, fresh, strict=True))
+        if last and i == len(counts) - 1:
+            # The log ends here (at most at now minus a minute): events that would spill past it are replaced
+            # by fresh ones rather than piled onto its last millisecond.
+            for _ in range(100):
+                late = ts >= b_ms
+                if not late.any():
+                    break
+                extra = _events(rng, world, clock, int(late.sum()), a_ms, b_ms)
+                user, item, code, ts = (
+                    np.concatenate([c[~late], e]) for c, e in zip((user, item, code, ts), extra, strict=True)
+                )
+            ts = np.minimum(ts, b_ms - 1)  # a last resort, never needed in practice
+        due = ts < b_ms
+        world.pending = (user[~due], item[~due], code[~due], ts[~due])
+        table = _table(world, (user[due], item[due], code[due], ts[due]), a_ms, b_ms)
+        if table is not None:
+            yield table
+
+
+def _write_atomically(path: Path, tables: Iterable[pa.Table]) -> tuple[int, int | None, int | None]:
+    """Stream the tables into one CSV file; returns rows, first ts, last ts.
+
+    Written under a name no reader globs, then renamed: a folder watcher never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows = 0
+    first: int | None = None
+    last: int | None = None
+    options = pacsv.WriteOptions(include_header=False, quoting_style="none", batch_size=65_536)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink:
+            sink.write(_HEADER)  # the writer's own header would quote the names
+            writer = None
+            for table in tables:
+                if writer is None:
+                    writer = pacsv.CSVWriter(sink, table.schema, write_options=options)
+                writer.write_table(table)
+                rows += table.num_rows
+                ts = table.column("ts")
+                first = ts[0].as_py() if first is None else first
+                last = ts[-1].as_py()
+            if writer is not None:
+                writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows, first, last
 
 
 def _to_ms(moment: datetime) -> int:
@@ -454,7 +553,8 @@ def _plan(
             b = min(day_a + (k + 1) * DAY_MS // files_per_day, day_b)
             if a >= b:
                 break
-            suffix = f"-{k}" if files_per_day > 1 else ""
+            # Zero-padded so that name order is time order.
+            suffix = f"-{k:0{len(str(files_per_day - 1))}d}" if files_per_day > 1 else ""
             files.append((f"events-{date:%Y%m%d}{suffix}.csv", a, b))
         weight = clock.mass(day_a, day_b) * WEEKDAY_WEIGHTS[date.weekday()]
         windows.append((d, weight, files))
@@ -532,10 +632,10 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     world = _build_world(rng, users, items)
 
-    options = pacsv.WriteOptions(include_header=False, quoting_style="none", batch_size=65_536)
     written = 0
     first_ts: int | None = None
     last_ts: int | None = None
+    final_file = plan[-1][1][-1][0]
     for d, files in plan:
         if d > 0:
             _drift(rng, world, drift)
@@ -545,26 +645,14 @@ def generate(
             counts = rng.multinomial(
                 n_file, _normalised([clock.mass(x, y) for x, y in zip(bounds, bounds[1:], strict=False)])
             )
-            # Written under a name no reader globs, then renamed: a watcher never sees half a file.
-            tmp = out / f".{name}.tmp"
-            with pa.OSFile(str(tmp), "wb") as sink:
-                sink.write(_HEADER)
-                writer = None
-                for i, n in enumerate(counts):
-                    table = _chunk(rng, world, clock, int(n), bounds[i], bounds[i + 1])
-                    if table is None:
-                        continue
-                    if writer is None:
-                        writer = pacsv.CSVWriter(sink, table.schema, write_options=options)
-                    writer.write_table(table)
-                    written += table.num_rows
-                    ts_col = table.column("ts")
-                    first_ts = ts_col[0].as_py() if first_ts is None else first_ts
-                    last_ts = ts_col[-1].as_py()
-                if writer is not None:
-                    writer.close()
-            os.replace(tmp, out / name)
+            tables = _file_tables(rng, world, clock, counts, bounds, last=name == final_file)
+            n, lo, hi = _write_atomically(out / name, tables)
+            written += n
+            first_ts = lo if first_ts is None else first_ts
+            last_ts = hi if hi is not None else last_ts
 
+    if written != events:  # the exact count is a promise; never hand back a log that breaks it silently
+        raise RuntimeError(f"wrote {written} events instead of {events}")
     seconds = time.perf_counter() - began
     return {
         "events": written,
@@ -587,7 +675,7 @@ def generate(
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         # One line on stderr (argparse's default adds the whole usage block).
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -601,14 +689,16 @@ def _date(text: str) -> datetime:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m datasets.synth", description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, required=True)
-    parser.add_argument("--items", type=int, required=True)
-    parser.add_argument("--events", type=int, required=True)
-    parser.add_argument("--days", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--start", type=_date, default=None, help="UTC date of the first day (default: D days ago)")
-    parser.add_argument("--files-per-day", type=int, default=1)
+    parser.add_argument("--users", type=int, required=True, help="shoppers in the population")
+    parser.add_argument("--items", type=int, required=True, help="catalogue size")
+    parser.add_argument("--events", type=int, required=True, help="events to write, exactly")
+    parser.add_argument("--days", type=int, required=True, help="days the log spans")
+    parser.add_argument("--seed", type=int, required=True, help="same arguments and seed, same bytes")
+    parser.add_argument("--out", type=Path, required=True, help="folder for events-YYYYMMDD[-k].csv")
+    parser.add_argument(
+        "--start", type=_date, default=None, help="UTC date of the first day (default: today minus D days)"
+    )
+    parser.add_argument("--files-per-day", type=int, default=1, help="files per day, each a slice of the day")
     args = parser.parse_args(argv)
     try:
         summary = generate(

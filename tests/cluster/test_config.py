@@ -90,3 +90,9 @@ def test_cli_refuses_a_missing_or_broken_config_with_one_line(tmp_path: Path) ->
     bad.write_text("train:\n  lr: -1  # negative\n")
     res = _run("datasets.ingest", "--config", str(bad))
     assert res.returncode == 2 and "train.lr" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_readme_config_reference_is_generated_from_the_model() -> None:
+    from cluster.config_doc import render
+
+    assert render() in (ROOT / "README.md").read_text(), "run: python -m cluster.config_doc and paste into README"

@@ -1,0 +1,131 @@
+"""What the trainer reads from ingestion's output (graph/, idmaps/, holdout/) and how it splits it for evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from datasets import idmaps
+from datasets import schema as s
+from datasets.shards import UI_EDGES
+from datasets.storage import GRAPH, HOLDOUT, Storage
+
+GRAPH_META = "meta.json"
+HOLDOUT_MODES = ("auto", "official", "leave_one_out", "last_days")
+
+
+class GraphMissingError(RuntimeError):
+    pass
+
+
+@dataclass
+class InterestGraph:
+    num_users: int
+    num_items: int
+    num_categories: int
+    num_brands: int
+    ui_user: np.ndarray  # int64, one entry per (user, item) pair
+    ui_item: np.ndarray
+    ui_weight: np.ndarray  # float32
+    ui_count: np.ndarray  # int32 events behind the pair
+    ui_first_ts: np.ndarray  # int64 ms
+    ui_last_ts: np.ndarray
+    ic_item: np.ndarray
+    ic_cat: np.ndarray
+    ib_item: np.ndarray
+    ib_brand: np.ndarray
+    watermark_ms: int
+    formats: list[str]
+    official_user: np.ndarray  # holdout/ pairs (lightgcn test file); empty when none
+    official_item: np.ndarray
+
+
+@dataclass
+class Split:
+    train_user: np.ndarray
+    train_item: np.ndarray
+    train_weight: np.ndarray
+    test_user: np.ndarray
+    test_item: np.ndarray
+    mode: str
+
+
+def _ints(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy().astype(np.int64)
+
+
+def load_graph(storage: Storage) -> InterestGraph:
+    meta = storage.read_json(storage.path(GRAPH, GRAPH_META))
+    if meta is None:
+        raise GraphMissingError(f"no graph under {storage.path(GRAPH)}: run `python -m datasets.ingest` first")
+    edges = storage.read_parquet(storage.list_files(GRAPH, UI_EDGES, suffix=".parquet"),
+                                 schema=s.USER_ITEM_EDGE_SCHEMA)
+    ic = storage.read_parquet([storage.path(GRAPH, "item_category.parquet")])
+    ib = storage.read_parquet([storage.path(GRAPH, "item_brand.parquet")])
+    counts = meta["num_nodes"]
+    official_user = official_item = np.zeros(0, dtype=np.int64)
+    holdout_files = storage.list_files(HOLDOUT, suffix=".parquet")
+    if holdout_files:
+        rows = storage.read_parquet(holdout_files, columns=[s.USER_KEY, s.ITEM_ID])
+        users, items = idmaps.load(storage, "user"), idmaps.load(storage, "item")
+        official_user = idmaps.lookup(users, rows.column(s.USER_KEY)).to_numpy(zero_copy_only=False)
+        official_item = idmaps.lookup(items, rows.column(s.ITEM_ID)).to_numpy(zero_copy_only=False)
+        official_user, official_item = official_user.astype(np.int64), official_item.astype(np.int64)
+    return InterestGraph(
+        num_users=counts["user"], num_items=counts["item"], num_categories=counts["category"],
+        num_brands=counts["brand"],
+        ui_user=_ints(edges, s.USER_IDX), ui_item=_ints(edges, s.ITEM_IDX),
+        ui_weight=edges.column(s.WEIGHT).to_numpy().astype(np.float32),
+        ui_count=edges.column(s.COUNT).to_numpy().astype(np.int32),
+        ui_first_ts=pc.cast(edges.column(s.FIRST_TS), pa.int64()).to_numpy(),
+        ui_last_ts=pc.cast(edges.column(s.LAST_TS), pa.int64()).to_numpy(),
+        ic_item=_ints(ic, s.ITEM_IDX), ic_cat=_ints(ic, s.CATEGORY_IDX),
+        ib_item=_ints(ib, s.ITEM_IDX), ib_brand=_ints(ib, s.BRAND_IDX),
+        watermark_ms=int(meta["watermark_ms"]), formats=list(meta.get("formats", [])),
+        official_user=official_user, official_item=official_item,
+    )
+
+
+def resolve_mode(graph: InterestGraph, mode: str) -> str:
+    if mode != "auto":
+        return mode
+    if len(graph.official_user):
+        return "official"
+    if "sequence" in graph.formats:
+        return "leave_one_out"
+    return "last_days"
+
+
+def split(graph: InterestGraph, mode: str = "auto", holdout_days: float = 1.0) -> Split:
+    """Train pairs and held-out pairs.
+
+    official: the lightgcn test file; leave_one_out: each user's newest pair (users with at least two);
+    last_days: pairs first seen in the last `holdout_days` before the watermark, for users with older pairs.
+    A pair first seen earlier and repeated in the window stays in train: the holdout asks for new items.
+    """
+    mode = resolve_mode(graph, mode)
+    u, i, w = graph.ui_user, graph.ui_item, graph.ui_weight
+    if mode == "official":
+        if not len(graph.official_user):
+            raise GraphMissingError("holdout mode 'official' needs a holdout file (ingest with --holdout)")
+        return Split(u, i, w, graph.official_user, graph.official_item, mode)
+    test = np.zeros(len(u), dtype=bool)
+    if mode == "leave_one_out":
+        order = np.lexsort((graph.ui_last_ts, u))  # by user, newest last
+        last_of_user = np.ones(len(u), dtype=bool)
+        last_of_user[:-1] = u[order][1:] != u[order][:-1]
+        counts = np.bincount(u, minlength=graph.num_users)
+        chosen = order[last_of_user]
+        test[chosen[counts[u[chosen]] >= 2]] = True
+    elif mode == "last_days":
+        cutoff = graph.watermark_ms - int(holdout_days * 86_400_000)
+        recent = graph.ui_first_ts >= cutoff
+        has_old = np.bincount(u[~recent], minlength=graph.num_users) > 0
+        test = recent & has_old[u]
+        # Pairs of users who are entirely new in the window still train (they are not evaluable).
+    else:
+        raise ValueError(f"unknown holdout mode {mode!r}; expected one of {HOLDOUT_MODES}")
+    return Split(u[~test], i[~test], w[~test], u[test], i[test], mode)

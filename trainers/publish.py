@@ -1,0 +1,80 @@
+"""Turn a finished training's last checkpoint into a published version (DESIGN 3.3)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cluster.config import AppConfig
+from datasets import idmaps
+from datasets.storage import Storage
+from trainers import checkpoint_format as cf
+from trainers.baselines import popularity_metrics
+from trainers.curve import curve_png
+from trainers.data import InterestGraph, load_graph, split
+from trainers.loop import EMBEDDINGS_FILE, STATE_FILE
+from trainers.sampling import csr_from_pairs
+
+
+def popularity(graph: InterestGraph) -> pa.Table:
+    """Recency-weighted popularity per item, with the item's category (-1 when it has none)."""
+    score = np.bincount(graph.ui_item, weights=graph.ui_weight, minlength=graph.num_items).astype(np.float32)
+    category = np.full(graph.num_items, -1, dtype=np.int32)
+    if len(graph.ic_item):
+        # An item in several categories is listed under its first (lowest index).
+        order = np.lexsort((-graph.ic_cat, graph.ic_item))
+        category[graph.ic_item[order]] = graph.ic_cat[order]
+    return pa.table({
+        "item_idx": pa.array(np.arange(graph.num_items, dtype=np.int32)),
+        "score": pa.array(score),
+        "category_idx": pa.array(category),
+    })
+
+
+def seen_csr(graph: InterestGraph) -> tuple[np.ndarray, np.ndarray]:
+    """Every item each user interacted with, holdout included: serving must not recommend them again."""
+    users = np.concatenate([graph.ui_user, graph.official_user])
+    items = np.concatenate([graph.ui_item, graph.official_item])
+    csr = csr_from_pairs(users, items, graph.num_users, graph.num_items)
+    return csr.indptr.astype(np.int64), csr.indices.astype(np.int32)
+
+
+def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: str, parent: str | None,
+                            num_workers: int, graph: InterestGraph | None = None) -> tuple[str, dict]:
+    state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    emb = np.load(os.path.join(checkpoint_dir, EMBEDDINGS_FILE))
+    graph = graph or load_graph(storage)
+    history = state["history"]
+    k = cfg.train.k
+    final = next(h for h in reversed(history) if f"recall@{k}" in h)
+    indptr, indices = seen_csr(graph)
+    baseline = popularity_metrics(graph, split(graph, cfg.train.holdout, cfg.train.holdout_days), k,
+                                  cfg.train.eval_batch_users)
+    artifacts = cf.ModelArtifacts(
+        user_keys=idmaps.load(storage, "user").column("key"),
+        user_vectors=emb["users"],
+        item_ids=idmaps.load(storage, "item").column("key"),
+        item_vectors=emb["items"],
+        seen_indptr=indptr,
+        seen_indices=indices,
+        popularity=popularity(graph),
+        state_dict=state["model"],
+        hparams={**state["hparams"], "num_users": graph.num_users, "num_items": graph.num_items,
+                 "num_categories": graph.num_categories, "num_brands": graph.num_brands},
+        config_hash=cf.config_hash(cfg.model_dump(mode="json")),
+        metrics={f"recall@{k}": final[f"recall@{k}"], f"ndcg@{k}": final[f"ndcg@{k}"]},
+        k=k,
+        node_counts={"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
+                     "brand": graph.num_brands},
+        parent=parent,
+        watermark_ms=graph.watermark_ms,
+        extra={"epochs": history[-1]["epoch"] + 1, "train_seconds": history[-1]["seconds"],
+               "split": state["split"], "num_workers": num_workers, "history": history,
+               "popularity_metrics": baseline, "eval_users": final.get("eval_users")},
+        curve_png=curve_png(history, k),
+    )
+    version = cf.publish(storage, artifacts)
+    return version, cf.read_manifest(storage, version)

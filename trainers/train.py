@@ -1,0 +1,151 @@
+"""`python -m trainers.train`: train the GNN on Ray Train across N workers and publish a checkpoint version.
+
+DDP across workers (gloo on CPU, NCCL with --use-gpu); each worker trains on its own shard of the training pairs,
+checkpoints every evaluation through Ray Train, and a lost worker is replaced and resumes from the last checkpoint
+(train.max_failures). The last line printed is one JSON object: version, parent, epochs, seconds, metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.config import AppConfig, ConfigError, load_config
+from datasets.storage import Storage
+from trainers.data import GraphMissingError
+
+log = logging.getLogger("trainers.train")
+TRAIN_RUNS = "train_runs"
+
+
+@dataclass
+class TrainOptions:
+    num_workers: int | None = None
+    use_gpu: bool | None = None
+    epochs: int | None = None
+    time_budget_s: float | None = None
+
+
+def worker_config(cfg: AppConfig, opts: TrainOptions, started: float, **extra: Any) -> dict:
+    t = cfg.train
+    epochs = opts.epochs or t.epochs
+    budget = opts.time_budget_s if opts.time_budget_s is not None else t.time_budget_s
+    hparams = t.model_dump(include={"embedding_dim", "num_layers", "lr", "batch_size", "l2", "k", "holdout",
+                                    "holdout_days", "eval_batch_users", "seed", "eval_every"})
+    hparams["epochs"] = epochs
+    return {
+        "root": os.path.abspath(cfg.data.root) if not cfg.data.root.startswith("s3://") else cfg.data.root,
+        "endpoint": cfg.data.s3_endpoint,
+        "region": cfg.data.s3_region,
+        "hparams": hparams,
+        "threads": t.threads_per_worker or max(1, int(t.cpus_per_worker)),
+        "deadline": started + budget if budget else None,
+        **extra,
+    }
+
+
+def fit(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> tuple[str, dict]:
+    """Run the TorchTrainer; returns a local directory holding the final checkpoint and the last metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.loop import train_loop_per_worker
+
+    num_workers = opts.num_workers or cfg.train.num_workers
+    use_gpu = cfg.train.use_gpu if opts.use_gpu is None else opts.use_gpu
+    storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+    storage_path = storage.root.rstrip("/") + "/" + TRAIN_RUNS if not storage.is_local else storage.path(TRAIN_RUNS)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    local = tempfile.mkdtemp(prefix="ig-final-")
+    return result.checkpoint.to_directory(local), dict(result.metrics or {})
+
+
+def run_train(cfg: AppConfig, opts: TrainOptions | None = None, **extra: Any) -> dict:
+    """Train and publish; returns the JSON summary. `extra` goes to the workers (init_state, fault, max_steps)."""
+    from cluster.runtime import ensure_ray
+    from trainers.publish import publish_from_checkpoint
+
+    opts = opts or TrainOptions()
+    started = time.time()
+    storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+    from trainers.data import load_graph
+
+    load_graph(storage)  # fail here, with a clear message, rather than inside every worker
+    ensure_ray(cfg)
+    parent = extra.pop("parent", None)
+    config = worker_config(cfg, opts, started, **extra)
+    name = time.strftime("train-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    checkpoint_dir, last = fit(cfg, opts, config, name)
+    version, manifest = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
+                                                num_workers=opts.num_workers or cfg.train.num_workers)
+    return {
+        "version": version,
+        "parent": parent,
+        "epochs": manifest["extra"]["epochs"],
+        "seconds": round(time.time() - started, 3),
+        "train_seconds": manifest["extra"]["train_seconds"],
+        "metrics": manifest["metrics"],
+        "k": manifest["k"],
+        "split": manifest["extra"]["split"],
+        "popularity_metrics": manifest["extra"]["popularity_metrics"],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainers.train", description=__doc__)
+    p.add_argument("--config", default="ray_config.yaml", help="the app's configuration")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (overrides train.num_workers)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, NCCL")
+    p.add_argument("--epochs", type=int, help="passes over the training pairs (overrides train.epochs)")
+    p.add_argument("--time-budget-s", type=float, help="stop cleanly and publish after this many seconds")
+    p.add_argument("--root", help="storage root (overrides data.root)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.root:
+            cfg.data.root = args.root
+        for name, value in (("--num-workers", args.num_workers), ("--epochs", args.epochs),
+                            ("--time-budget-s", args.time_budget_s)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be positive, got {value}")
+        summary = run_train(cfg, TrainOptions(args.num_workers, args.use_gpu, args.epochs, args.time_budget_s))
+    except (ConfigError, GraphMissingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
