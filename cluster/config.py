@@ -82,9 +82,16 @@ class TrainConfig(_Section):
     time_budget_s: float | None = Field(None, gt=0, description="stop cleanly and publish after this many seconds")
     embedding_dim: int = Field(64, ge=1, description="embedding width")
     num_layers: int = Field(3, ge=0, description="propagation layers")
-    lr: float = Field(0.001, gt=0, description="Adam learning rate")
-    batch_size: int = Field(2048, ge=1, description="BPR triples per step per worker")
+    lr: float = Field(0.02, gt=0, description="Adam learning rate")
+    init: Literal["normal", "spectral"] = Field(
+        "spectral", description="embedding start: normal noise (LightGCN paper) or the graph's top singular vectors")
+    batch_size: int = Field(16384, ge=1, description="BPR triples per step per worker")
+    negatives: int = Field(
+        32, ge=1, description="negative candidates per positive; the best-scoring one is used (1: uniform sampling)")
     l2: float = Field(1e-4, ge=0, description="L2 on the batch's ego embeddings (LightGCN paper)")
+    loss: Literal["bpr", "softmax"] = Field(
+        "bpr", description="ranking loss: bpr (LightGCN paper) or softmax (sampled softmax over cosine, in-batch)")
+    temperature: float = Field(0.1, gt=0, description="softmax loss: temperature of the cosine scores")
     k: int = Field(20, ge=1, description="cut-off of Recall@K / NDCG@K")
     holdout: Literal["auto", "official", "leave_one_out", "last_days"] = Field(
         "auto", description="evaluation holdout: auto picks official (lightgcn test file), leave_one_out (sequences) "

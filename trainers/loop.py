@@ -21,10 +21,11 @@ import torch.distributed as dist
 from datasets.storage import Storage
 from trainers.data import InterestGraph, Split, load_graph, split
 from trainers.graph import build_norm_adjacency, node_offsets
-from trainers.losses import bpr_loss, l2_reg
+from trainers.losses import bpr_loss, l2_reg, softmax_loss
 from trainers.metrics import recall_ndcg_at_k
 from trainers.model import InterestGCN
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs
+from trainers.spectral import spectral_embeddings
 
 STATE_FILE = "state.pt"
 EMBEDDINGS_FILE = "embeddings.npz"
@@ -131,11 +132,16 @@ def build_adjacency(graph: InterestGraph, sp: Split) -> torch.Tensor:
 
 
 def evaluate(model: InterestGCN, adj: torch.Tensor, graph: InterestGraph, train_csr: Csr, test_csr: Csr, k: int,
-             batch_users: int, world: int) -> tuple[dict[str, float], torch.Tensor]:
-    """Recall/NDCG@K over this rank's test users, summed across ranks; also the final embeddings."""
+             batch_users: int, world: int, normalise: bool = False) -> tuple[dict[str, float], torch.Tensor]:
+    """Recall/NDCG@K over this rank's test users, summed across ranks; also the final embeddings.
+
+    A model trained on cosine scores is exported with unit vectors, so that a plain dot product ranks as it did.
+    """
     model.eval()
     with torch.no_grad():
         emb = model(adj)
+        if normalise:
+            emb = torch.nn.functional.normalize(emb, dim=-1)
     model.train()
     users, items = emb[: graph.num_users], emb[graph.num_users : graph.num_users + graph.num_items]
     k_eff = min(k, graph.num_items)
@@ -144,6 +150,21 @@ def evaluate(model: InterestGCN, adj: torch.Tensor, graph: InterestGraph, train_
     r_sum, n_sum, count = _all_reduce([local[f"recall@{k_eff}"] * n, local[f"ndcg@{k_eff}"] * n, n], world)
     metrics = {f"recall@{k}": r_sum / max(count, 1), f"ndcg@{k}": n_sum / max(count, 1), "eval_users": int(count)}
     return metrics, emb
+
+
+def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.Generator, candidates: int,
+                    emb: torch.Tensor, u_t: torch.Tensor, item_base: int, device: torch.device) -> torch.Tensor:
+    """One negative per user: the best-scoring of `candidates` uniform non-positives (dynamic negative sampling).
+
+    Uniform negatives are soon too easy for BPR to learn from; the hardest of a few keeps the gradient useful.
+    """
+    neg = sampler.sample(np.repeat(users, candidates), rng).reshape(len(users), candidates) + item_base
+    n_t = torch.from_numpy(neg).to(device)
+    if candidates > 1:
+        with torch.no_grad():
+            scores = (emb[n_t] * emb[u_t].unsqueeze(1)).sum(-1)
+            n_t = n_t.gather(1, scores.argmax(dim=1, keepdim=True))
+    return n_t[:, 0]
 
 
 def _maybe_fail(config: dict, rank: int, epoch: int) -> None:
@@ -174,6 +195,11 @@ def run_worker(config: dict, session: Session) -> None:
     init_state = config.get("init_state")
     if init_state is not None:
         model.load_state_dict(torch.load(init_state, map_location="cpu", weights_only=True))
+    elif hp["init"] == "spectral":
+        with torch.no_grad():
+            model.embedding.weight.copy_(spectral_embeddings(
+                graph.num_users, graph.num_items, sp.train_user, sp.train_item, graph.ic_item, graph.ic_cat,
+                graph.ib_item, graph.ib_brand, offsets, hp["embedding_dim"], seed=hp["seed"]))
     model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=hp["lr"])
     start_epoch, history, spent_before = 0, [], 0.0
@@ -210,13 +236,16 @@ def run_worker(config: dict, session: Session) -> None:
             idx = order[step * batch : (step + 1) * batch]
             users = pairs_user[idx]
             pos = pairs_item[idx]
-            neg = sampler.sample(users, rng)
             u_t = torch.from_numpy(users).to(device)
             p_t = torch.from_numpy(pos + item_base).to(device)
-            n_t = torch.from_numpy(neg + item_base).to(device)
             emb = wrapped(adj)
+            n_t = _hard_negatives(sampler, users, rng, hp["negatives"], emb, u_t, item_base, device)
             ego = model.ego
-            loss = bpr_loss(emb[u_t], emb[p_t], emb[n_t]) + hp["l2"] * l2_reg(ego[u_t], ego[p_t], ego[n_t], len(idx))
+            if hp["loss"] == "softmax":
+                rank_loss = softmax_loss(emb[u_t], emb[p_t], emb[n_t], hp["temperature"])
+            else:
+                rank_loss = bpr_loss(emb[u_t], emb[p_t], emb[n_t])
+            loss = rank_loss + hp["l2"] * l2_reg(ego[u_t], ego[p_t], ego[n_t], len(idx))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -234,7 +263,8 @@ def run_worker(config: dict, session: Session) -> None:
         entry: dict[str, Any] = {"epoch": epoch, "seconds": round(time.time() - started, 3), "loss": loss_mean,
                                  "steps": step + 1}
         if final or (epoch + 1) % hp["eval_every"] == 0:
-            metrics, emb = evaluate(model, adj, graph, train_csr, test_csr, hp["k"], hp["eval_batch_users"], world)
+            metrics, emb = evaluate(model, adj, graph, train_csr, test_csr, hp["k"], hp["eval_batch_users"], world,
+                                    normalise=hp["loss"] == "softmax")
             entry.update(metrics)
         history.append(entry)
         with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
