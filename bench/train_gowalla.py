@@ -65,12 +65,14 @@ def ingest_once(cfg: AppConfig, data: Path) -> None:
 def ials(cfg: AppConfig, threads: int) -> dict:
     import scipy.sparse as sp
     from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
 
     graph = load_graph(Storage(cfg.data.root))
     s = split(graph, "official")
     user_items = sp.csr_matrix((np.ones(len(s.train_user), np.float32), (s.train_user, s.train_item)),
                                shape=(graph.num_users, graph.num_items))
-    with PeakMemory() as mem:
+    # implicit parallelises over users itself; a multi-threaded BLAS inside that loop only fights it.
+    with PeakMemory() as mem, threadpool_limits(1, "blas"):
         started = time.perf_counter()
         model = AlternatingLeastSquares(factors=256, regularization=1.0, alpha=10.0, iterations=15,
                                         num_threads=threads, random_state=0)

@@ -83,6 +83,7 @@ class TrainConfig(_Section):
     embedding_dim: int = Field(64, ge=1, description="embedding width")
     num_layers: int = Field(3, ge=0, description="propagation layers")
     lr: float = Field(0.02, gt=0, description="Adam learning rate")
+    lr_decay: float = Field(0.85, gt=0, le=1, description="learning rate factor per epoch")
     init: Literal["normal", "spectral"] = Field(
         "spectral", description="embedding start: normal noise (LightGCN paper) or the graph's top singular vectors")
     batch_size: int = Field(16384, ge=1, description="BPR triples per step per worker")
@@ -121,6 +122,7 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica takes at once")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per recommender replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per recommender replica")
+    ingress_cpus: float = Field(0.25, ge=0, description="CPUs of the HTTP ingress replica")
     poll_interval_s: float = Field(1.0, gt=0, description="how often replicas look at checkpoints/LATEST")
     max_k: int = Field(200, ge=1, description="largest k a request may ask for")
     host: str = Field("127.0.0.1", description="HTTP bind address")

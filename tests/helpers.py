@@ -22,3 +22,13 @@ def read_dir(path: Path):
     import pyarrow as pa
 
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+
+def write_config(path: Path, root: str, **sections: dict) -> Path:
+    """A ray_config.yaml for a test: data.root plus the given sections."""
+    import yaml
+
+    raw: dict = {"data": {"root": root, "shards": 4}}
+    raw.update(sections)
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -48,6 +48,7 @@ class Split:
     train_user: np.ndarray
     train_item: np.ndarray
     train_weight: np.ndarray
+    train_last_ts: np.ndarray  # newest event behind each training pair (warm starts train on the recent ones)
     test_user: np.ndarray
     test_item: np.ndarray
     mode: str
@@ -99,6 +100,39 @@ def resolve_mode(graph: InterestGraph, mode: str) -> str:
     return "last_days"
 
 
+def _test_mask(graph: InterestGraph, mode: str, holdout_days: float, watermark_ms: int,
+               present: np.ndarray) -> np.ndarray:
+    """Which of the `present` edges a split at `watermark_ms` holds out (leave_one_out and last_days)."""
+    u = graph.ui_user
+    test = np.zeros(len(u), dtype=bool)
+    idx = np.flatnonzero(present)
+    if mode == "leave_one_out":
+        sub_u, sub_ts = u[idx], graph.ui_last_ts[idx]
+        order = np.lexsort((sub_ts, sub_u))  # by user, newest last
+        last_of_user = np.ones(len(idx), dtype=bool)
+        last_of_user[:-1] = sub_u[order][1:] != sub_u[order][:-1]
+        counts = np.bincount(sub_u, minlength=graph.num_users)
+        chosen = order[last_of_user]
+        test[idx[chosen[counts[sub_u[chosen]] >= 2]]] = True
+    elif mode == "last_days":
+        cutoff = watermark_ms - int(holdout_days * 86_400_000)
+        recent = present & (graph.ui_first_ts >= cutoff)
+        has_old = np.bincount(u[present & ~recent], minlength=graph.num_users) > 0
+        # Pairs of users who are entirely new in the window still train (they are not evaluable).
+        test = recent & has_old[u]
+    else:
+        raise ValueError(f"unknown holdout mode {mode!r}; expected one of {HOLDOUT_MODES}")
+    return test
+
+
+def parent_holdout(graph: InterestGraph, mode: str, holdout_days: float, parent_watermark_ms: int) -> np.ndarray:
+    """Edges the parent version held out of its training: a warm start must learn them, as a retrain would."""
+    mode = resolve_mode(graph, mode)
+    if mode == "official":
+        return np.zeros(len(graph.ui_user), dtype=bool)
+    return _test_mask(graph, mode, holdout_days, parent_watermark_ms, graph.ui_first_ts <= parent_watermark_ms)
+
+
 def split(graph: InterestGraph, mode: str = "auto", holdout_days: float = 1.0) -> Split:
     """Train pairs and held-out pairs.
 
@@ -111,21 +145,6 @@ def split(graph: InterestGraph, mode: str = "auto", holdout_days: float = 1.0) -
     if mode == "official":
         if not len(graph.official_user):
             raise GraphMissingError("holdout mode 'official' needs a holdout file (ingest with --holdout)")
-        return Split(u, i, w, graph.official_user, graph.official_item, mode)
-    test = np.zeros(len(u), dtype=bool)
-    if mode == "leave_one_out":
-        order = np.lexsort((graph.ui_last_ts, u))  # by user, newest last
-        last_of_user = np.ones(len(u), dtype=bool)
-        last_of_user[:-1] = u[order][1:] != u[order][:-1]
-        counts = np.bincount(u, minlength=graph.num_users)
-        chosen = order[last_of_user]
-        test[chosen[counts[u[chosen]] >= 2]] = True
-    elif mode == "last_days":
-        cutoff = graph.watermark_ms - int(holdout_days * 86_400_000)
-        recent = graph.ui_first_ts >= cutoff
-        has_old = np.bincount(u[~recent], minlength=graph.num_users) > 0
-        test = recent & has_old[u]
-        # Pairs of users who are entirely new in the window still train (they are not evaluable).
-    else:
-        raise ValueError(f"unknown holdout mode {mode!r}; expected one of {HOLDOUT_MODES}")
-    return Split(u[~test], i[~test], w[~test], u[test], i[test], mode)
+        return Split(u, i, w, graph.ui_last_ts, graph.official_user, graph.official_item, mode)
+    test = _test_mask(graph, mode, holdout_days, graph.watermark_ms, np.ones(len(u), dtype=bool))
+    return Split(u[~test], i[~test], w[~test], graph.ui_last_ts[~test], u[test], i[test], mode)

@@ -194,7 +194,7 @@ def run_worker(config: dict, session: Session) -> None:
     model = InterestGCN(offsets.num_nodes, hp["embedding_dim"], hp["num_layers"])
     init_state = config.get("init_state")
     if init_state is not None:
-        model.load_state_dict(torch.load(init_state, map_location="cpu", weights_only=True))
+        model.load_state_dict(_resolve(init_state))
     elif hp["init"] == "spectral":
         with torch.no_grad():
             model.embedding.weight.copy_(spectral_embeddings(
@@ -202,19 +202,22 @@ def run_worker(config: dict, session: Session) -> None:
                 graph.ib_item, graph.ib_brand, offsets, hp["embedding_dim"], seed=hp["seed"]))
     model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=hp["lr"])
+    # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=hp["lr_decay"])
     start_epoch, history, spent_before = 0, [], 0.0
     restored = session.restored_dir()
     if restored is not None:
         state = torch.load(os.path.join(restored, STATE_FILE), map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, spent_before = state["epoch"] + 1, state["history"], state["seconds"]
     wrapped = session.wrap(model)
 
     train_csr = csr_from_pairs(sp.train_user, sp.train_item, graph.num_users, graph.num_items)
     sampler = NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items)
     test_csr = _rank_test_csr(sp, graph.num_users, graph.num_items, rank, world)
-    pairs_user, pairs_item = train_csr_pairs(train_csr)
+    pairs_user, pairs_item = update_pairs(sp, config) if "pair_index" in config else train_csr_pairs(train_csr)
     mine = np.arange(rank, len(pairs_user), world)
     batch = hp["batch_size"]
     # Every rank takes the same number of steps, or DDP's all-reduce would wait for a rank that stopped.
@@ -225,6 +228,13 @@ def run_worker(config: dict, session: Session) -> None:
     max_steps = config.get("max_steps")
     total_steps = 0
     stop = False
+    parent_metrics = None
+    if config.get("eval_parent") and restored is None:
+        # The starting point scored on the same holdout: what a warm start must not fall below.
+        parent_metrics, _ = evaluate(model, adj, graph, train_csr, test_csr, hp["k"], hp["eval_batch_users"], world,
+                                     normalise=hp["loss"] == "softmax")
+    elif restored is not None:
+        parent_metrics = state.get("parent_metrics")
     for epoch in range(start_epoch, hp["epochs"]):
         _maybe_fail(config, rank, epoch)
         rng = np.random.default_rng(hp["seed"] * 1_000_003 + epoch * 1_009 + rank)
@@ -258,6 +268,7 @@ def run_worker(config: dict, session: Session) -> None:
             if out_of_time or out_of_steps:
                 stop = True
                 break
+        scheduler.step()
         final = stop or epoch == hp["epochs"] - 1
         loss_mean = _all_reduce([loss_sum / max(step + 1, 1)], world)[0] / world
         entry: dict[str, Any] = {"epoch": epoch, "seconds": round(time.time() - started, 3), "loss": loss_mean,
@@ -270,12 +281,14 @@ def run_worker(config: dict, session: Session) -> None:
         with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
             checkpoint_dir = None
             if rank == 0:
-                torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch,
+                torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch,
                             "history": history, "seconds": time.time() - started,
                             "hparams": {"num_nodes": offsets.num_nodes, "embedding_dim": hp["embedding_dim"],
                                         "num_layers": hp["num_layers"]},
                             "split": {"mode": sp.mode, "train_pairs": int(len(pairs_user)),
-                                      "test_pairs": int(len(sp.test_user))}},
+                                      "test_pairs": int(len(sp.test_user))},
+                            "parent_metrics": parent_metrics, "steps": total_steps},
                            os.path.join(tmp, STATE_FILE))
                 if final:
                     e = emb.detach().cpu().numpy().astype(np.float32)
@@ -285,6 +298,19 @@ def run_worker(config: dict, session: Session) -> None:
             session.report({**entry, "final": final}, checkpoint_dir)
         if final:
             break
+
+
+def _resolve(value: Any) -> Any:
+    """Large inputs travel through Ray's object store as references."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def update_pairs(sp: Split, config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A warm start's training pairs, chosen by the driver (indices into the split's training pairs)."""
+    idx = np.asarray(_resolve(config["pair_index"]), dtype=np.int64)
+    return sp.train_user[idx].astype(np.int64), sp.train_item[idx].astype(np.int64)
 
 
 def train_csr_pairs(csr: Csr) -> tuple[np.ndarray, np.ndarray]:

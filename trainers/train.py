@@ -38,9 +38,9 @@ def worker_config(cfg: AppConfig, opts: TrainOptions, started: float, **extra: A
     t = cfg.train
     epochs = opts.epochs or t.epochs
     budget = opts.time_budget_s if opts.time_budget_s is not None else t.time_budget_s
-    hparams = t.model_dump(include={
-        "embedding_dim", "num_layers", "lr", "init", "batch_size", "negatives", "l2", "loss", "temperature", "k",
-        "holdout", "holdout_days", "eval_batch_users", "seed", "eval_every"})
+    # Everything the loop needs; scaling options (workers, GPUs) stay with the driver.
+    hparams = t.model_dump(exclude={"num_workers", "use_gpu", "cpus_per_worker", "time_budget_s", "max_failures",
+                                    "threads_per_worker"})
     hparams["epochs"] = epochs
     return {
         "root": os.path.abspath(cfg.data.root) if not cfg.data.root.startswith("s3://") else cfg.data.root,

@@ -1,0 +1,136 @@
+"""What a replica serves from: one verified checkpoint version, swapped as a whole when a newer one is published.
+
+A `ServingModel` is immutable once built; a request takes the current reference once and finishes on it, so a
+swap never mixes two versions in one answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from datasets import idmaps
+from datasets.storage import Storage
+from trainers import checkpoint_format as cf
+
+log = logging.getLogger("serve_app.model_store")
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    version: str
+    user_row: dict[str, int]  # user_key -> row of users
+    users: torch.Tensor  # [U, d]
+    items: torch.Tensor  # [I, d]
+    item_ids: list[str]
+    item_row: dict[str, int]
+    seen_indptr: np.ndarray
+    seen_indices: np.ndarray
+    popular: np.ndarray  # item rows by popularity, most popular first
+    popular_by_category: dict[str, np.ndarray]  # category id -> its item rows by popularity
+    item_category: np.ndarray  # category index per item row, -1 when none
+    category_index: dict[str, int]
+    loaded_s: float
+
+    def seen(self, row: int) -> np.ndarray:
+        return self.seen_indices[self.seen_indptr[row] : self.seen_indptr[row + 1]]
+
+
+def build_serving_model(storage: Storage, loaded: cf.LoadedVersion) -> ServingModel:
+    started = time.time()
+    categories = idmaps.load(storage, "category")
+    cat_keys = categories.column("key").to_pylist()
+    pop = loaded.popularity
+    scores = pop.column("score").to_numpy()
+    cat_of = pop.column("category_idx").to_numpy()
+    rows = pop.column("item_idx").to_numpy()
+    order = rows[np.argsort(-scores, kind="stable")]
+    item_category = np.full(len(loaded.item_ids), -1, dtype=np.int64)
+    item_category[rows] = cat_of
+    by_category: dict[str, np.ndarray] = {}
+    ordered_cats = item_category[order]
+    for c in np.unique(cat_of[cat_of >= 0]):
+        if c < len(cat_keys):
+            by_category[cat_keys[c]] = order[ordered_cats == c]
+    model = ServingModel(
+        version=loaded.version,
+        user_row={k: i for i, k in enumerate(loaded.user_keys)},
+        users=torch.from_numpy(loaded.user_vectors),
+        items=torch.from_numpy(loaded.item_vectors),
+        item_ids=loaded.item_ids,
+        item_row={k: i for i, k in enumerate(loaded.item_ids)},
+        seen_indptr=loaded.seen_indptr,
+        seen_indices=loaded.seen_indices,
+        popular=order,
+        popular_by_category=by_category,
+        item_category=item_category,
+        category_index={k: i for i, k in enumerate(cat_keys)},
+        loaded_s=0.0,
+    )
+    object.__setattr__(model, "loaded_s", time.time() - started)
+    return model
+
+
+class ModelWatcher:
+    """Polls checkpoints/LATEST and swaps in each newer, verified version; refuses damaged ones and keeps serving.
+
+    Loading happens on a background thread: requests keep being answered from the current model meanwhile, so the
+    replica never leaves rotation (unlike Serve's `reconfigure`, which blocks the replica while it runs).
+    """
+
+    def __init__(self, storage: Storage, poll_interval_s: float, warm: Callable[[ServingModel], None],
+                 on_swap: Callable[[ServingModel], None] | None = None,
+                 on_refuse: Callable[[str, str], None] | None = None) -> None:
+        self.storage = storage
+        self.poll_interval_s = poll_interval_s
+        self._warm, self._on_swap, self._on_refuse = warm, on_swap, on_refuse
+        self.current: ServingModel | None = None
+        self.refused: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> bool:
+        """Load LATEST if it is newer than what is served; True when a swap happened."""
+        latest = cf.latest_version(self.storage)
+        if latest is None or latest in self.refused:
+            return False
+        if self.current is not None and cf.version_number(latest) <= cf.version_number(self.current.version):
+            return False
+        started = time.time()
+        try:
+            loaded = cf.load_version(self.storage, latest)
+            model = build_serving_model(self.storage, loaded)
+            self._warm(model)
+        except (cf.CheckpointError, OSError, ValueError, KeyError) as err:
+            self.refused.add(latest)
+            log.error("refused checkpoint %s: %s (still serving %s)", latest, err,
+                      self.current.version if self.current else "nothing")
+            if self._on_refuse:
+                self._on_refuse(latest, str(err))
+            return False
+        object.__setattr__(model, "loaded_s", time.time() - started)
+        self.current = model  # one reference swap: in-flight requests keep the model they took
+        log.info("serving checkpoint %s (loaded, verified and warmed in %.2f s)", latest, model.loaded_s)
+        if self._on_swap:
+            self._on_swap(model)
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="checkpoint-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the watcher must outlive a flaky read of LATEST
+                log.exception("checking for a new checkpoint failed")
+
+    def stop(self) -> None:
+        self._stop.set()

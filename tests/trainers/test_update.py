@@ -1,0 +1,128 @@
+"""Warm-start updates: a child version with new users and items, refusals, and the long-lived --every loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pytest
+
+from cluster.config import AppConfig
+from datasets.ingest import Request, run_ingest
+from datasets.pseudonym import pseudonymise
+from datasets.storage import Storage
+from datasets.synth import generate
+from tests.helpers import make_config
+from trainers import checkpoint_format as cf
+from trainers.train import TrainOptions, run_train
+from trainers.update import run_every, run_update
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = "user_id,item_id,event,ts,category_id,brand_id,price,session_id\n"
+TRAIN = {"epochs": 4, "batch_size": 512, "lr": 0.01, "embedding_dim": 32, "num_layers": 2, "holdout_days": 1.0,
+         "num_workers": 1}
+KEY = os.environ["IG_PSEUDONYM_KEY"].encode()
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("update")
+    logs = base / "logs"
+    generate(logs, users=300, items=400, events=30_000, days=6, seed=5)
+    cfg = make_config(base / "root", data={"source": {"path": str(logs / "*.csv"), "format": "events"}},
+                      train=TRAIN, update={"max_steps": 30, "replay_ratio": 1.0, "tolerance": 0.05})
+    run_ingest(cfg, Request(source=str(logs / "*.csv"), fmt="events", holdout=None))
+    first = run_train(cfg, TrainOptions())
+    return {"cfg": cfg, "logs": logs, "first": first, "base": base}
+
+
+def _catalogue(logs: Path) -> dict[str, str]:
+    table = pacsv.read_csv(sorted(logs.glob("events-*.csv"))[0])
+    return dict(zip(table.column("item_id").to_pylist(), table.column("category_id").to_pylist(), strict=False))
+
+
+def test_update_publishes_a_child_with_new_users_and_items(trained: dict) -> None:
+    cfg: AppConfig = trained["cfg"]
+    storage = Storage(cfg.data.root)
+    parent = cf.load_latest(storage)
+    catalogue = _catalogue(trained["logs"])
+    by_cat: dict[str, list[str]] = {}
+    for item, cat in catalogue.items():
+        by_cat.setdefault(cat, []).append(item)
+    # The smallest category that can still fill a top-10, so a hit rate far above its share means something.
+    target = min((c for c in by_cat if len(by_cat[c]) >= 15), key=lambda c: len(by_cat[c]))
+    touched = by_cat[target][:4]
+    now_s = int(time.time()) - 120
+    rows = [f"shopper-brandnew{u},{item},view,{now_s + 3 * j + u},{target},,," for u in range(3)
+            for j, item in enumerate(touched)]
+    rows += [f"shopper-brandnew0,item-fresh-{n},view,{now_s + 50 + n},cat-fresh,brand-fresh,1.0," for n in range(3)]
+    (trained["logs"] / "events-new.csv").write_text(HEADER + "\n".join(rows) + "\n")
+
+    summary = run_update(cfg)
+
+    assert summary["version"] is not None, summary
+    assert summary["parent"] == parent.version and summary["ingested"]["new_users"] == 3
+    child = cf.load_version(storage, summary["version"])
+    assert child.parent == parent.version and cf.latest_version(storage) == child.version
+    assert child.user_keys[: len(parent.user_keys)] == parent.user_keys
+    assert child.item_ids[: len(parent.item_ids)] == parent.item_ids
+    assert {f"item-fresh-{n}" for n in range(3)} <= set(child.item_ids)
+    user = child.user_keys.index(pseudonymise("shopper-brandnew1", KEY))
+    scores = child.user_vectors[user] @ child.item_vectors.T
+    scores[child.seen_items(user)] = -np.inf
+    top = [child.item_ids[i] for i in np.argsort(-scores)[:10]]
+    in_target = sum(catalogue.get(i) == target for i in top)
+    share = len(by_cat[target]) / len(catalogue)
+    assert in_target >= 5 and in_target / 10 > 2 * share, (in_target, share, top)
+
+
+def test_degraded_update_is_refused_and_latest_stays(trained: dict) -> None:
+    cfg: AppConfig = trained["cfg"].model_copy(deep=True)
+    storage = Storage(cfg.data.root)
+    before = cf.latest_version(storage)
+    now_s = int(time.time()) - 60
+    (trained["logs"] / "events-more.csv").write_text(
+        HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
+    cfg.train.lr = 50.0  # forces the model off a cliff
+    cfg.update.max_steps = 60
+    summary = run_update(cfg)
+    assert summary["version"] is None and "below" in summary["reason"], summary
+    assert cf.latest_version(storage) == before
+
+
+def test_every_mode_survives_a_crashed_cycle(trained: dict) -> None:
+    cfg: AppConfig = trained["cfg"]
+    raw = Path(cfg.data.root) / "raw"
+    raw.mkdir(exist_ok=True)
+    broken = raw / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    lines: list[dict] = []
+
+    def emit(line: str) -> None:
+        lines.append(json.loads(line))
+        broken.unlink(missing_ok=True)  # the operator fixes the input after the first failure
+
+    failures = run_every(cfg, 0.1, threading.Event(), max_cycles=2, emit=emit)
+    assert failures == 1
+    assert "error" in lines[0] and "broken.parquet" in lines[0]["error"]
+    assert "error" not in lines[1] and lines[1]["cycle"] == 2
+
+
+def test_every_mode_stops_cleanly_on_sigterm(trained: dict, tmp_path: Path) -> None:
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(f"data:\n  root: {trained['cfg'].data.root}\n  shards: 4\n")
+    proc = subprocess.Popen([sys.executable, "-m", "trainers.update", "--config", str(cfg_file), "--every", "1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = proc.stdout.readline()
+    assert json.loads(first)["cycle"] == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0

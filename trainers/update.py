@@ -1,0 +1,187 @@
+"""`python -m trainers.update (--once | --every SECONDS)`: warm-start updates from the latest published version.
+
+A cycle ingests what arrived since the last watermark (files under raw/, flushed by the live API, included),
+grows the parent's embedding table to the new users and items, trains from the parent's parameters on the new
+interactions plus a replay sample of older ones for `update.max_steps` steps on Ray Train, and publishes a child
+version only if Recall@K on the newest holdout holds at least (1 - update.tolerance) of the parent's on the same
+holdout. Without a published version the first cycle is a full training. Each cycle prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from cluster.config import AppConfig, ConfigError, load_config
+from datasets.adapters import SourceError
+from datasets.ingest import Request, run_ingest
+from datasets.storage import Storage
+from trainers import checkpoint_format as cf
+from trainers.data import GraphMissingError
+
+log = logging.getLogger("trainers.update")
+
+
+def _ingest(cfg: AppConfig) -> dict:
+    src = cfg.data.source
+    return run_ingest(cfg, Request(source=src.path, fmt=src.format, holdout=src.holdout))
+
+
+def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
+    """One cycle; returns its JSON summary (`version` null when nothing was published, with `reason`)."""
+    import os
+
+    import ray
+    import torch
+
+    from cluster.runtime import ensure_ray
+    from trainers.data import load_graph, split
+    from trainers.loop import STATE_FILE
+    from trainers.publish import publish_from_checkpoint
+    from trainers.train import TrainOptions, fit, run_train, worker_config
+    from trainers.warm_start import extended_state
+
+    started = time.time()
+    opts = opts or TrainOptions()
+    storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+    ingested = _ingest(cfg)
+    base = {"mode": "warm", "ingested": {k: ingested[k] for k in ("input_rows", "accepted", "new_users",
+                                                                   "new_items", "watermark_ms")}}
+    parent = cf.latest_version(storage)
+    if parent is None:
+        summary = run_train(cfg, opts)
+        return {**base, **summary, "mode": "full", "seconds": round(time.time() - started, 3)}
+    loaded = cf.load_version(storage, parent)
+    graph = load_graph(storage)
+    counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
+              "brand": graph.num_brands}
+    if graph.watermark_ms <= (loaded.watermark_ms or -1) and counts == loaded.node_counts:
+        return {**base, "version": None, "parent": parent, "reason": "no new events since the parent",
+                "seconds": round(time.time() - started, 3), "metrics": loaded.metrics}
+    sp = split(graph, cfg.train.holdout, cfg.train.holdout_days)
+    parent_state = loaded.load_state()
+    grown = extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user, sp.train_item)
+    pair_index = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0)
+    ensure_ray(cfg)
+    config = worker_config(cfg, opts, started, init_state=ray.put(grown), pair_index=ray.put(pair_index),
+                           max_steps=cfg.update.max_steps, eval_parent=True, **extra)
+    # The architecture is the parent's (a full retrain is how a config change of it takes effect); evaluated once,
+    # at the end: the loop stops after max_steps.
+    config["hparams"].update({"embedding_dim": parent_state["hparams"]["embedding_dim"],
+                              "num_layers": parent_state["hparams"]["num_layers"],
+                              "epochs": 1_000_000, "eval_every": 1_000_000})
+    name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    checkpoint_dir, _ = fit(cfg, opts, config, name)
+    state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    k = cfg.train.k
+    final = state["history"][-1]
+    metrics = {f"recall@{k}": final[f"recall@{k}"], f"ndcg@{k}": final[f"ndcg@{k}"]}
+    parent_metrics = {f"recall@{k}": state["parent_metrics"][f"recall@{k}"],
+                      f"ndcg@{k}": state["parent_metrics"][f"ndcg@{k}"]}
+    floor = (1.0 - cfg.update.tolerance) * parent_metrics[f"recall@{k}"]
+    out = {**base, "parent": parent, "metrics": metrics, "parent_metrics": parent_metrics,
+           "steps": state["steps"], "train_pairs": state["split"]["train_pairs"]}
+    if metrics[f"recall@{k}"] < floor:
+        reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "
+                  f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")
+        log.warning("update refused: %s", reason)
+        return {**out, "version": None, "reason": reason, "seconds": round(time.time() - started, 3)}
+    version, _ = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
+                                         num_workers=opts.num_workers or cfg.train.num_workers, graph=graph)
+    log.info("published %s (parent %s): %s", version, parent, metrics)
+    return {**out, "version": version, "seconds": round(time.time() - started, 3)}
+
+
+def update_pair_index(graph: Any, sp: Any, cfg: AppConfig, parent_watermark_ms: int) -> np.ndarray:
+    """Training pairs of a warm start, as indices into the split's training pairs: every pair the parent did not
+    learn from (touched after its watermark, or held out by its split) plus `update.replay_ratio` older pairs per
+    new one, so the model does not forget the rest of the graph."""
+    from trainers.data import parent_holdout
+
+    held = parent_holdout(graph, cfg.train.holdout, cfg.train.holdout_days, parent_watermark_ms)
+    in_train = np.ones(len(graph.ui_user), dtype=bool)
+    in_train[_test_edges(graph, sp)] = False
+    fresh_edges = (graph.ui_last_ts > parent_watermark_ms) | held
+    fresh = fresh_edges[in_train]
+    new_idx, old_idx = np.flatnonzero(fresh), np.flatnonzero(~fresh)
+    n_replay = min(len(old_idx), int(round(cfg.update.replay_ratio * max(len(new_idx), 1))))
+    rng = np.random.default_rng(cfg.train.seed)
+    replay = rng.choice(old_idx, size=n_replay, replace=False) if n_replay else old_idx[:0]
+    return np.concatenate([new_idx, replay])
+
+
+def _test_edges(graph: Any, sp: Any) -> np.ndarray:
+    """Positions in the graph's edge arrays of the split's held-out pairs."""
+    if sp.mode == "official":
+        return np.zeros(0, dtype=np.int64)
+    key = graph.ui_user * graph.num_items + graph.ui_item
+    test_key = sp.test_user * graph.num_items + sp.test_item
+    return np.flatnonzero(np.isin(key, test_key))
+
+
+def run_every(cfg: AppConfig, every_s: float, stop: threading.Event, max_cycles: int | None = None,
+              emit: Any = print) -> int:
+    """Cycles until `stop` is set (checked between cycles); a failed cycle is logged and the next one runs."""
+    cycles = failures = 0
+    while not stop.is_set():
+        cycles += 1
+        try:
+            emit(json.dumps({"cycle": cycles, **run_update(cfg)}))
+        except Exception as err:  # noqa: BLE001 - a long-lived job must outlive one bad cycle
+            failures += 1
+            log.exception("update cycle %d failed", cycles)
+            emit(json.dumps({"cycle": cycles, "version": None, "error": f"{type(err).__name__}: {err}"}))
+        if max_cycles is not None and cycles >= max_cycles:
+            break
+        stop.wait(every_s)
+    return failures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainers.update", description=__doc__)
+    p.add_argument("--config", default="ray_config.yaml", help="the app's configuration")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--once", action="store_true", help="run one cycle and exit")
+    mode.add_argument("--every", type=float, metavar="SECONDS", help="run a cycle every SECONDS until SIGTERM")
+    p.add_argument("--root", help="storage root (overrides data.root)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.root:
+            cfg.data.root = args.root
+        if args.every is not None and args.every <= 0:
+            raise ConfigError(f"--every: must be positive, got {args.every}")
+        if args.once:
+            print(json.dumps(run_update(cfg)))
+            return 0
+    except (ConfigError, SourceError, GraphMissingError, cf.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from cluster.runtime import ensure_ray
+
+    # Ray installs its own SIGTERM handler (which aborts) when it starts: start it first, then take the signal.
+    ensure_ray(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_every(cfg, args.every, stop)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Grow a published model's embedding table to a graph that gained users, items, categories and brands.
+
+Id maps are append-only, so an old node keeps its index within its type; only the offsets of the types in the
+homogeneous table move. Old nodes keep their learned vectors. New nodes start where the graph says they belong:
+a new category or brand at the mean of its known items, a new item at the mean of its categories and brands (the
+item mean when it has none), a new user at the mean of the items they touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainers.data import InterestGraph
+from trainers.graph import NodeOffsets, node_offsets
+
+TYPES = ("user", "item", "category", "brand")
+
+
+def _offsets(counts: dict[str, int]) -> NodeOffsets:
+    return node_offsets(counts["user"], counts["item"], counts["category"], counts["brand"])
+
+
+def _group_mean(values: np.ndarray, groups: np.ndarray, members: np.ndarray, n_groups: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of values[members] per group, and which groups had any member."""
+    sums = np.zeros((n_groups, values.shape[1]), dtype=np.float64)
+    np.add.at(sums, groups, values[members])
+    n = np.bincount(groups, minlength=n_groups)
+    has = n > 0
+    sums[has] /= n[has, None]
+    return sums.astype(np.float32), has
+
+
+def extend_embeddings(old: np.ndarray, old_counts: dict[str, int], graph: InterestGraph,
+                      train_user: np.ndarray, train_item: np.ndarray) -> np.ndarray:
+    """The ego embedding table for `graph`, keeping every old node's row."""
+    new_counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
+                  "brand": graph.num_brands}
+    for t in TYPES:
+        if new_counts[t] < old_counts[t]:
+            raise ValueError(f"the graph has fewer {t} nodes ({new_counts[t]}) than the parent ({old_counts[t]})")
+    o_off, n_off = _offsets(old_counts), _offsets(new_counts)
+    dim = old.shape[1]
+    blocks: dict[str, np.ndarray] = {}
+    for t in TYPES:
+        block = np.zeros((new_counts[t], dim), dtype=np.float32)
+        start = getattr(o_off, t)
+        block[: old_counts[t]] = old[start : start + old_counts[t]]
+        blocks[t] = block
+    n_old_items = old_counts["item"]
+    item_mean = blocks["item"][:n_old_items].mean(axis=0) if n_old_items else np.zeros(dim, np.float32)
+
+    # New categories and brands: the mean of their items that already have vectors.
+    for t, items, groups in (("category", graph.ic_item, graph.ic_cat), ("brand", graph.ib_item, graph.ib_brand)):
+        fresh = np.arange(old_counts[t], new_counts[t])
+        if len(fresh):
+            known = items < n_old_items
+            means, has = _group_mean(blocks["item"], groups[known], items[known], new_counts[t])
+            blocks[t][fresh] = np.where(has[fresh, None], means[fresh], item_mean)
+
+    # New items: the mean of their category and brand vectors.
+    fresh_items = np.arange(n_old_items, new_counts["item"])
+    if len(fresh_items):
+        attr_items = np.concatenate([graph.ic_item, graph.ib_item])
+        attr_vecs = np.concatenate([blocks["category"][graph.ic_cat], blocks["brand"][graph.ib_brand]])
+        sums = np.zeros((new_counts["item"], dim), dtype=np.float64)
+        np.add.at(sums, attr_items, attr_vecs)
+        n = np.bincount(attr_items, minlength=new_counts["item"])
+        has = n[fresh_items] > 0
+        blocks["item"][fresh_items] = np.where(
+            has[:, None], sums[fresh_items] / np.maximum(n[fresh_items], 1)[:, None], item_mean)
+
+    # New users: the mean of the items they touched.
+    fresh_users = np.arange(old_counts["user"], new_counts["user"])
+    if len(fresh_users):
+        means, has = _group_mean(blocks["item"], train_user, train_item, new_counts["user"])
+        blocks["user"][fresh_users] = np.where(has[fresh_users, None], means[fresh_users], item_mean)
+
+    out = np.zeros((n_off.num_nodes, dim), dtype=np.float32)
+    for t in TYPES:
+        start = getattr(n_off, t)
+        out[start : start + new_counts[t]] = blocks[t]
+    return out
+
+
+def extended_state(parent_state: dict, old_counts: dict[str, int], graph: InterestGraph, train_user: np.ndarray,
+                   train_item: np.ndarray) -> dict[str, torch.Tensor]:
+    """A state dict for InterestGCN over `graph`, grown from the parent's."""
+    old = parent_state["embedding.weight"].detach().cpu().numpy()
+    grown = extend_embeddings(old, old_counts, graph, train_user, train_item)
+    return {**parent_state, "embedding.weight": torch.from_numpy(grown)}
