@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench-ingest clean
+.PHONY: install run test lint bench-ingest bench-train-gowalla bench-warm-start bench-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,15 @@ lint: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(BIN)/python -m bench.ingest $(ARGS)
+
+bench-train-gowalla: $(STAMP)
+	$(BIN)/python -m bench.train_gowalla $(ARGS)
+
+bench-warm-start: $(STAMP)
+	$(BIN)/python -m bench.warm_start $(ARGS)
+
+bench-serve: $(STAMP)
+	$(BIN)/python -m bench.serve $(ARGS)
 
 clean:
 	rm -rf var .pytest_cache

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 
-from cluster.config import ConfigError, load_config
+from cluster.cli import run_command
+from cluster.config import AppConfig
 from datasets.adapters import SourceError
 from datasets.ingest import resolve_request, run_ingest
 
@@ -31,29 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        if args.root:
-            cfg.data.root = args.root
-        if args.source is None:
-            from datasets.synth import generate
+def _main_job(args: argparse.Namespace, cfg: AppConfig) -> None:
+    if args.source is None:
+        from datasets.synth import generate
 
-            logs = Path(cfg.data.root).parent / "demo-logs"
-            if not any(logs.glob("events-*.csv")):
-                info = generate(logs, users=args.users, items=args.items, events=args.events, days=args.days,
-                                seed=args.seed)
-                print(json.dumps({"stage": "synth", **info}), flush=True)
-            args.source, args.format = str(logs / "events-*.csv"), "events"
-        req = resolve_request(cfg, args)
-        summary = run_ingest(cfg, req)
-        print(json.dumps({"stage": "ingest", **summary}), flush=True)
-    except (ConfigError, SourceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        logs = Path(cfg.data.root).parent / "demo-logs"
+        if not any(logs.glob("events-*.csv")):
+            info = generate(logs, users=args.users, items=args.items, events=args.events, days=args.days,
+                            seed=args.seed)
+            print(json.dumps({"stage": "synth", **info}), flush=True)
+        args.source, args.format = str(logs / "events-*.csv"), "events"
+    summary = run_ingest(cfg, resolve_request(cfg, args))
+    print(json.dumps({"stage": "ingest", **summary}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv, _main_job, errors=(SourceError,))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import glob
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.config import AppConfig, ConfigError, load_config
+from cluster.cli import run_command
+from cluster.config import AppConfig
 from datasets import idmaps
 from datasets import schema as s
 from datasets.adapters import ADAPTERS, Chunk, SourceError, load_attributes, plan_chunks
@@ -299,22 +299,15 @@ def resolve_request(cfg: AppConfig, args: argparse.Namespace) -> Request:
     return Request(source=args.source or cfg.data.source.path, fmt=fmt, holdout=holdout)
 
 
+def _ingest_command(args: argparse.Namespace, cfg: AppConfig) -> dict:
+    req = resolve_request(cfg, args)
+    if req.source is None and not Storage(cfg.data.root).exists(RAW):
+        raise SourceError("no source: give --source or data.source.path (or put files under raw/)")
+    return run_ingest(cfg, req)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        if args.root:
-            cfg.data.root = args.root
-        req = resolve_request(cfg, args)
-        if req.source is None and not Storage(cfg.data.root).exists(RAW):
-            raise SourceError("no source: give --source or data.source.path (or put files under raw/)")
-        summary = run_ingest(cfg, req)
-    except (ConfigError, SourceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return run_command(build_parser(), argv, _ingest_command, errors=(SourceError,))
 
 
 if __name__ == "__main__":

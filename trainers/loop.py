@@ -145,7 +145,9 @@ def evaluate(model: InterestGCN, adj: torch.Tensor, graph: InterestGraph, train_
     model.train()
     users, items = emb[: graph.num_users], emb[graph.num_users : graph.num_users + graph.num_items]
     k_eff = min(k, graph.num_items)
-    local = recall_ndcg_at_k(lambda b: users[b] @ items.T, train_csr, test_csr, k_eff, batch_users)
+    # Scores come back to the CPU, where the masks and test sets live (a no-op without a GPU).
+    local = recall_ndcg_at_k(lambda b: (users[b.to(users.device)] @ items.T).cpu(), train_csr, test_csr, k_eff,
+                             batch_users)
     n = local["users"]
     r_sum, n_sum, count = _all_reduce([local[f"recall@{k_eff}"] * n, local[f"ndcg@{k_eff}"] * n, n], world)
     metrics = {f"recall@{k}": r_sum / max(count, 1), f"ndcg@{k}": n_sum / max(count, 1), "eval_users": int(count)}
@@ -222,6 +224,9 @@ def run_worker(config: dict, session: Session) -> None:
     batch = hp["batch_size"]
     # Every rank takes the same number of steps, or DDP's all-reduce would wait for a rank that stopped.
     steps = max(1, math.ceil(math.ceil(len(pairs_user) / world) / batch))
+    if config.get("steps_per_epoch"):
+        # A warm start is one "epoch" of max_steps steps (wrapping over its few pairs): one checkpoint, no decay.
+        steps = int(config["steps_per_epoch"])
     item_base = offsets.item
     deadline = config.get("deadline")
     started = time.time() - spent_before

@@ -8,17 +8,16 @@ checkpoints every evaluation through Ray Train, and a lost worker is replaced an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.config import AppConfig, ConfigError, load_config
+from cluster.cli import positive, run_command
+from cluster.config import AppConfig
 from datasets.storage import Storage
 from trainers.data import GraphMissingError
 
@@ -53,24 +52,42 @@ def worker_config(cfg: AppConfig, opts: TrainOptions, started: float, **extra: A
     }
 
 
+def _use_gpu(cfg: AppConfig, opts: TrainOptions) -> bool:
+    return cfg.train.use_gpu if opts.use_gpu is None else opts.use_gpu
+
+
+def scaling_config(cfg: AppConfig, opts: TrainOptions):  # -> ray.train.ScalingConfig
+    from ray.train import ScalingConfig
+
+    use_gpu = _use_gpu(cfg, opts)
+    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=opts.num_workers or cfg.train.num_workers, use_gpu=use_gpu,
+                         resources_per_worker=resources)
+
+
+def torch_config(cfg: AppConfig, opts: TrainOptions):  # -> ray.train.torch.TorchConfig
+    """NCCL between GPUs, gloo on CPU."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if _use_gpu(cfg, opts) else "gloo")
+
+
 def fit(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> tuple[str, dict]:
     """Run the TorchTrainer; returns a local directory holding the final checkpoint and the last metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from trainers.loop import train_loop_per_worker
 
-    num_workers = opts.num_workers or cfg.train.num_workers
-    use_gpu = cfg.train.use_gpu if opts.use_gpu is None else opts.use_gpu
     storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
     storage_path = storage.root.rstrip("/") + "/" + TRAIN_RUNS if not storage.is_local else storage.path(TRAIN_RUNS)
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=torch_config(cfg, opts),
+        scaling_config=scaling_config(cfg, opts),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -129,23 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_command(args: argparse.Namespace, cfg: AppConfig) -> dict:
+    for name, value in (("--num-workers", args.num_workers), ("--epochs", args.epochs),
+                        ("--time-budget-s", args.time_budget_s)):
+        positive(name, value)
+    return run_train(cfg, TrainOptions(args.num_workers, args.use_gpu, args.epochs, args.time_budget_s))
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        if args.root:
-            cfg.data.root = args.root
-        for name, value in (("--num-workers", args.num_workers), ("--epochs", args.epochs),
-                            ("--time-budget-s", args.time_budget_s)):
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name}: must be positive, got {value}")
-        summary = run_train(cfg, TrainOptions(args.num_workers, args.use_gpu, args.epochs, args.time_budget_s))
-    except (ConfigError, GraphMissingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return run_command(build_parser(), argv, _train_command, errors=(GraphMissingError,))
 
 
 if __name__ == "__main__":

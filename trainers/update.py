@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -21,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import AppConfig, ConfigError, load_config
+from cluster.cli import positive, run_command
+from cluster.config import AppConfig
 from datasets.adapters import SourceError
 from datasets.ingest import Request, run_ingest
 from datasets.storage import Storage
@@ -73,12 +73,12 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
     pair_index = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0)
     ensure_ray(cfg)
     config = worker_config(cfg, opts, started, init_state=ray.put(grown), pair_index=ray.put(pair_index),
-                           max_steps=cfg.update.max_steps, eval_parent=True, **extra)
-    # The architecture is the parent's (a full retrain is how a config change of it takes effect); evaluated once,
-    # at the end: the loop stops after max_steps.
+                           steps_per_epoch=cfg.update.max_steps, eval_parent=True, **extra)
+    # The architecture is the parent's (a full retrain is how a config change of it takes effect); one epoch of
+    # update.max_steps steps, evaluated once at its end.
     config["hparams"].update({"embedding_dim": parent_state["hparams"]["embedding_dim"],
                               "num_layers": parent_state["hparams"]["num_layers"],
-                              "epochs": 1_000_000, "eval_every": 1_000_000})
+                              "epochs": 1, "eval_every": 1, "lr": cfg.update.lr})
     name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     checkpoint_dir, _ = fit(cfg, opts, config, name)
     state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
@@ -156,21 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        if args.root:
-            cfg.data.root = args.root
-        if args.every is not None and args.every <= 0:
-            raise ConfigError(f"--every: must be positive, got {args.every}")
-        if args.once:
-            print(json.dumps(run_update(cfg)))
-            return 0
-    except (ConfigError, SourceError, GraphMissingError, cf.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _update_command(args: argparse.Namespace, cfg: AppConfig) -> dict | None:
+    positive("--every", args.every)
+    if args.once:
+        return run_update(cfg)
     from cluster.runtime import ensure_ray
 
     # Ray installs its own SIGTERM handler (which aborts) when it starts: start it first, then take the signal.
@@ -180,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     run_every(cfg, args.every, stop)
     log.info("stopped")
-    return 0
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv, _update_command,
+                       errors=(SourceError, GraphMissingError, cf.CheckpointError))
 
 
 if __name__ == "__main__":

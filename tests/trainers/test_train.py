@@ -76,3 +76,27 @@ def test_killed_worker_is_replaced_and_the_run_publishes(small_graph: AppConfig,
     history = cf.load_version(storage, summary["version"]).manifest["extra"]["history"]
     # Resumed from the checkpoint of epoch 1: every epoch appears once, in order.
     assert [h["epoch"] for h in history] == list(range(TRAIN["epochs"]))
+
+
+def test_gpu_path_asks_for_one_gpu_per_worker_and_nccl(small_graph: AppConfig) -> None:
+    from trainers.train import scaling_config, torch_config
+
+    gpu = scaling_config(small_graph, TrainOptions(num_workers=3, use_gpu=True))
+    assert gpu.use_gpu and gpu.num_workers == 3 and gpu.resources_per_worker["GPU"] == 1
+    assert torch_config(small_graph, TrainOptions(use_gpu=True)).backend == "nccl"
+    cpu = scaling_config(small_graph, TrainOptions())
+    assert not cpu.use_gpu and "GPU" not in cpu.resources_per_worker
+    assert torch_config(small_graph, TrainOptions()).backend == "gloo"
+
+
+def test_loop_runs_on_the_device_the_session_gives(small_graph: AppConfig, tmp_path: Path) -> None:
+    """The GPU path moves the adjacency, model and batches to `session.device()`; on CPU the same code runs."""
+    import torch
+
+    class DeviceSession(LocalSession):
+        def device(self) -> torch.device:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    session = DeviceSession(out_dir=str(tmp_path))
+    run_worker(worker_config(small_graph, TrainOptions(epochs=1), time.time()), session)
+    assert session.reports[-1]["final"] and np.load(Path(session.last_checkpoint) / "embeddings.npz")["items"].ndim == 2

@@ -92,7 +92,7 @@ def test_degraded_update_is_refused_and_latest_stays(trained: dict) -> None:
     now_s = int(time.time()) - 60
     (trained["logs"] / "events-more.csv").write_text(
         HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
-    cfg.train.lr = 50.0  # forces the model off a cliff
+    cfg.update.lr = 50.0  # forces the model off a cliff
     cfg.update.max_steps = 60
     summary = run_update(cfg)
     assert summary["version"] is None and "below" in summary["reason"], summary
