@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -330,7 +329,3 @@ def load_attributes(fs: pafs.FileSystem, fs_path: str, display: str) -> tuple[tu
     if not isinstance(raw, dict):
         raise SourceError(f"{display}: item-attribute JSON must map item ids to lists")
     return tuple((str(k), tuple(str(a) for a in v)) for k, v in raw.items() if isinstance(v, list))
-
-
-def display_path(uri_or_path: str) -> str:
-    return uri_or_path if uri_or_path.startswith("s3://") else os.path.abspath(uri_or_path)

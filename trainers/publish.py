@@ -76,5 +76,6 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: st
                "popularity_metrics": baseline, "eval_users": final.get("eval_users")},
         curve_png=curve_png(history, k),
     )
+    cf.remove_stale_staging(storage)  # folders of publishers that died mid-write, a day old or more
     version = cf.publish(storage, artifacts)
     return version, cf.read_manifest(storage, version)
