@@ -52,6 +52,7 @@ class Split:
     test_user: np.ndarray
     test_item: np.ndarray
     mode: str
+    test_mask: np.ndarray  # over the graph's edges: which are held out (all False for the official file)
 
 
 def _ints(table: pa.Table, name: str) -> np.ndarray:
@@ -145,6 +146,7 @@ def split(graph: InterestGraph, mode: str = "auto", holdout_days: float = 1.0) -
     if mode == "official":
         if not len(graph.official_user):
             raise GraphMissingError("holdout mode 'official' needs a holdout file (ingest with --holdout)")
-        return Split(u, i, w, graph.ui_last_ts, graph.official_user, graph.official_item, mode)
+        return Split(u, i, w, graph.ui_last_ts, graph.official_user, graph.official_item, mode,
+                     np.zeros(len(u), dtype=bool))
     test = _test_mask(graph, mode, holdout_days, graph.watermark_ms, np.ones(len(u), dtype=bool))
-    return Split(u[~test], i[~test], w[~test], graph.ui_last_ts[~test], u[test], i[test], mode)
+    return Split(u[~test], i[~test], w[~test], graph.ui_last_ts[~test], u[test], i[test], mode, test)

@@ -108,8 +108,7 @@ def update_pair_index(graph: Any, sp: Any, cfg: AppConfig, parent_watermark_ms: 
     from trainers.data import parent_holdout
 
     held = parent_holdout(graph, cfg.train.holdout, cfg.train.holdout_days, parent_watermark_ms)
-    in_train = np.ones(len(graph.ui_user), dtype=bool)
-    in_train[_test_edges(graph, sp)] = False
+    in_train = ~sp.test_mask
     fresh_edges = (graph.ui_last_ts > parent_watermark_ms) | held
     fresh = fresh_edges[in_train]
     new_idx, old_idx = np.flatnonzero(fresh), np.flatnonzero(~fresh)
@@ -117,15 +116,6 @@ def update_pair_index(graph: Any, sp: Any, cfg: AppConfig, parent_watermark_ms: 
     rng = np.random.default_rng(cfg.train.seed)
     replay = rng.choice(old_idx, size=n_replay, replace=False) if n_replay else old_idx[:0]
     return np.concatenate([new_idx, replay])
-
-
-def _test_edges(graph: Any, sp: Any) -> np.ndarray:
-    """Positions in the graph's edge arrays of the split's held-out pairs."""
-    if sp.mode == "official":
-        return np.zeros(0, dtype=np.int64)
-    key = graph.ui_user * graph.num_items + graph.ui_item
-    test_key = sp.test_user * graph.num_items + sp.test_item
-    return np.flatnonzero(np.isin(key, test_key))
 
 
 def run_every(cfg: AppConfig, every_s: float, stop: threading.Event, max_cycles: int | None = None,
