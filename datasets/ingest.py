@@ -24,6 +24,7 @@ from cluster.config import AppConfig
 from datasets import idmaps
 from datasets import schema as s
 from datasets.adapters import ADAPTERS, Chunk, SourceError, load_attributes, plan_chunks
+from datasets.deletion import purge_users
 from datasets.pseudonym import resolve_key
 from datasets.stage import STAGED_REJECTS, StageBlock, now_ms
 from datasets.state import IngestState, load_tombstones, new_run_id, remove_uncommitted
@@ -93,7 +94,8 @@ def discover(cfg: AppConfig, req: Request, storage: Storage) -> list[SourceFile]
     raw_root = storage.path(RAW)
     if storage.exists(RAW):
         prefix = "s3://" if not storage.is_local else ""
-        files += _expand(prefix + raw_root, "events", "train", d.s3_endpoint, d.s3_region)
+        found = _expand(prefix + raw_root, "events", "train", d.s3_endpoint, d.s3_region)
+        files += [f for f in found if ".tmp-" not in f.display.rsplit("/", 1)[-1]]  # a write still in progress
     return files
 
 
@@ -216,6 +218,8 @@ def run_ingest(cfg: AppConfig, req: Request) -> dict:
     storage = Storage(d.root, d.s3_endpoint, d.s3_region)
     state = IngestState.load(storage)
     remove_uncommitted(storage, state)
+    tombstones = load_tombstones(storage)
+    pending = sorted(set(tombstones.to_pylist()) - set(state.purged))
     files = discover(cfg, req, storage)
     new_files, changed = [], []
     for f in files:
@@ -233,21 +237,27 @@ def run_ingest(cfg: AppConfig, req: Request) -> dict:
     run_id = new_run_id()
     summary: dict = {"run": run_id, "files": len(new_files), "skipped_files": len(files) - len(new_files),
                      "changed_files": changed}
-    if chunks:
+    if pending:
+        mark = time.time()
+        summary["purged_rows"] = purge_users(storage, pending, d.shards)
+        summary["purged_users"] = len(pending)
+        timings["purge"] = time.time() - mark
+    if chunks or pending:
         from cluster.runtime import ensure_ray
 
         mark = time.time()
         ensure_ray(cfg)
         timings["ray_init"] = time.time() - mark
+    if chunks:
         mark = time.time()
-        staged = _stage(cfg, storage, run_id, chunks, load_tombstones(storage))
+        staged = _stage(cfg, storage, run_id, chunks, tombstones)
         timings["stage"] = time.time() - mark
     else:
         staged = {"rows": 0, "accepted": 0, "rejected": 0, "by_reason": Counter(), "max_ts": None}
     watermark = state.watermark_ms
     if staged["max_ts"] is not None:
         watermark = max(watermark or staged["max_ts"], staged["max_ts"])
-    if chunks:
+    if chunks or pending:  # a purge rebuilds the graph too, so no edge of a deleted user survives it
         mark = time.time()
         formats = sorted(set(state.formats) | {f.fmt for f in new_files})
         final = _finalise(cfg, storage, run_id, watermark, formats, timings)
@@ -258,6 +268,7 @@ def run_ingest(cfg: AppConfig, req: Request) -> dict:
         state.runs.append(run_id)
         state.watermark_ms = watermark
         state.formats = formats
+        state.purged = sorted(set(state.purged) | set(pending))
         state.save(storage)
         storage.delete(storage.path(TMP, run_id))
     else:

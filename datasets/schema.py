@@ -58,10 +58,13 @@ ALL_REASONS = tuple(v for k, v in vars(Reason).items() if not k.startswith("_"))
 
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 
-# Raw rows as adapters produce them: every field still a string (or null), before validation.
+# Raw rows as adapters produce them: every field still a string (or null), before validation. `user_key` is set
+# only for rows whose user was pseudonymised before they were written (files that POST /events flushes to raw/live/),
+# so no raw user id from the live API is ever stored.
 RAW_SCHEMA = pa.schema(
     [(c, pa.string()) for c in CANONICAL_COLUMNS]
-    + [(SOURCE, pa.string()), (LINE, pa.int64()), (SPLIT, pa.string()), (REASON, pa.string())]
+    + [(USER_KEY, pa.string()), (SOURCE, pa.string()), (LINE, pa.int64()), (SPLIT, pa.string()),
+       (REASON, pa.string())]
 )
 
 # Accepted rows under interactions/ (and holdout/).

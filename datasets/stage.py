@@ -40,6 +40,18 @@ def pseudonymise_column(raw: pa.Array | pa.ChunkedArray, key: bytes, shards: int
     return pc.take(pa.array(keys, pa.string()), encoded.indices), pc.take(pa.array(shard), encoded.indices)
 
 
+def user_keys_of(rows: pa.Table, key: bytes, shards: int) -> tuple[pa.Array, pa.Array]:
+    """(user_key, shard) per row: the row's own `user_key` where it came pseudonymised, else its `user_id`'s."""
+    derived, shard = pseudonymise_column(rows.column(s.USER_ID), key, shards)
+    given = rows.column(s.USER_KEY).combine_chunks()
+    if given.null_count == len(given):
+        return derived, shard
+    keys = pc.coalesce(given, derived)
+    encoded = pc.dictionary_encode(keys)
+    by_key = shard_of_keys([k or "0" for k in encoded.dictionary.to_pylist()], shards)
+    return keys, pc.take(pa.array(by_key), encoded.indices)
+
+
 class StageBlock:
     """Callable for `Dataset.map_batches`: one block of raw rows in, one row of counts out."""
 
@@ -50,10 +62,10 @@ class StageBlock:
 
     def __call__(self, raw: pa.Table) -> pa.Table:
         accepted, rejected = validate(raw, self.rules, self.now_ms)
-        user_key, shard = pseudonymise_column(accepted.column(s.USER_ID), self.key, self.shards)
-        accepted = accepted.drop_columns([s.USER_ID]).add_column(0, s.USER_KEY, user_key)
-        rejected_key, _ = pseudonymise_column(rejected.column(s.USER_ID), self.key, self.shards)
-        rejected = rejected.drop_columns([s.USER_ID]).add_column(4, s.USER_KEY, rejected_key)
+        user_key, shard = user_keys_of(accepted, self.key, self.shards)
+        accepted = accepted.drop_columns([s.USER_ID, s.USER_KEY]).add_column(0, s.USER_KEY, user_key)
+        rejected_key, _ = user_keys_of(rejected, self.key, self.shards)
+        rejected = rejected.drop_columns([s.USER_ID, s.USER_KEY]).add_column(4, s.USER_KEY, rejected_key)
         if len(self.tombstones):
             deleted = pc.is_in(accepted.column(s.USER_KEY), value_set=self.tombstones)
             gone = accepted.filter(deleted)

@@ -99,12 +99,19 @@ class Storage:
     def write_json_atomic(self, path: str, value: Any) -> None:
         self.write_bytes_atomic(path, json.dumps(value, indent=1, sort_keys=True).encode())
 
-    def write_parquet(self, path: str, table: pa.Table) -> None:
-        """Written under a temporary name and renamed, so a reader never sees half a file."""
+    def write_parquet(self, path: str, table: pa.Table, durable: bool = False) -> None:
+        """Written under a temporary name and renamed, so a reader never sees half a file; `durable` also syncs it
+        to disk before the rename (what is acknowledged to a caller must survive a crash)."""
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             pq.write_table(table, tmp)
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(tmp, path)
         else:
             pq.write_table(table, path, filesystem=self.fs)

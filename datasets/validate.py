@@ -100,7 +100,8 @@ def validate(raw: pa.Table, rules: Rules, now_ms: int | None = None) -> tuple[pa
     n = raw.num_rows
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     cols = {c: raw.column(c).combine_chunks() for c in raw.column_names}
-    for c in s.CANONICAL_COLUMNS:
+    cols.setdefault(s.USER_KEY, pa.nulls(n, pa.string()))
+    for c in (*s.CANONICAL_COLUMNS, s.USER_KEY):
         cols[c] = _blank_to_null(cols[c])
     code = np.full(n, len(_PRECEDENCE), dtype=np.int8)  # len(_PRECEDENCE) = accepted
     detail = np.full(n, None, dtype=object)
@@ -115,7 +116,7 @@ def validate(raw: pa.Table, rules: Rules, now_ms: int | None = None) -> tuple[pa
     pre = cols[s.REASON]
     for reason in (Reason.BAD_LINE, Reason.INVALID_UTF8):
         flag(reason, _np_mask(pc.equal(pre, reason)))
-    flag(Reason.MISSING_USER, _np_mask(pc.is_null(cols[s.USER_ID])))
+    flag(Reason.MISSING_USER, _np_mask(pc.is_null(cols[s.USER_ID])) & _np_mask(pc.is_null(cols[s.USER_KEY])))
     flag(Reason.MISSING_ITEM, _np_mask(pc.is_null(cols[s.ITEM_ID])))
     flag(Reason.MISSING_EVENT, _np_mask(pc.is_null(cols[s.EVENT])))
     for c in (s.USER_ID, s.ITEM_ID, s.CATEGORY_ID, s.BRAND_ID, s.SESSION_ID):
@@ -143,6 +144,7 @@ def validate(raw: pa.Table, rules: Rules, now_ms: int | None = None) -> tuple[pa
     accepted = pa.table(
         {
             s.USER_ID: cols[s.USER_ID].filter(ok_mask),
+            s.USER_KEY: cols[s.USER_KEY].filter(ok_mask),
             s.ITEM_ID: cols[s.ITEM_ID].filter(ok_mask),
             s.EVENT: events.filter(ok_mask),
             s.TS: pa.array(ts_ms[ok], pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
@@ -165,6 +167,7 @@ def validate(raw: pa.Table, rules: Rules, now_ms: int | None = None) -> tuple[pa
             s.SOURCE: cols[s.SOURCE].filter(bad_mask),
             s.LINE: cols[s.LINE].filter(bad_mask),
             s.USER_ID: cols[s.USER_ID].filter(bad_mask),
+            s.USER_KEY: cols[s.USER_KEY].filter(bad_mask),
             s.ITEM_ID: cols[s.ITEM_ID].filter(bad_mask),
             s.EVENT: cols[s.EVENT].filter(bad_mask),
             s.TS: cols[s.TS].filter(bad_mask),

@@ -1,23 +1,37 @@
-"""The Serve app: a FastAPI ingress in front of autoscaling recommender replicas.
+"""The Serve app: autoscaling recommender replicas that are their own FastAPI ingress.
 
 `serve run serve_app.app:build_app config_path=ray_config.yaml`, or `serve deploy cluster/serve_config.yaml`.
-Callers use their own user ids; the ingress pseudonymises them exactly as ingestion did (DESIGN 3.4).
+Callers use their own user ids; a replica pseudonymises them exactly as ingestion did (DESIGN 3.4). A separate
+ingress deployment in front cost half the throughput on 2 cores (one more actor hop per request), so the
+recommender replicas take HTTP themselves and autoscale as one deployment.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see real types (a string `Request` becomes a query
+# parameter under serve.ingress).
+import asyncio
+import hmac
 import logging
+import os
+import uuid
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query
+import pyarrow as pa
+from fastapi import FastAPI, Header, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig, load_config
-from datasets.pseudonym import pseudonymise, resolve_key
-from serve_app.recommender import Recommender
+from datasets.pseudonym import KEY_ENV, pseudonymise, resolve_key
+from datasets.state import add_tombstone, load_tombstones
+from datasets.storage import Storage
+from datasets.validate import Rules
+from serve_app.events import BatchError, by_user, check, parse_batch, write_live
+from serve_app.live_state import LiveEvent, LiveView, shard_handles
+from serve_app.model_store import ServingModel
+from serve_app.scorer import Scorer
+
+ADMIN_TOKEN_ENV = "IG_ADMIN_TOKEN"
 
 log = logging.getLogger("serve_app")
 api = FastAPI(title="interest-graph recommendations")
@@ -44,15 +58,45 @@ def _answer(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _check_admin(authorization: str | None) -> None:
+    """Bearer token from IG_ADMIN_TOKEN, compared in constant time; admin endpoints are off without it."""
+    expected = os.environ.get(ADMIN_TOKEN_ENV, "")
+    if not expected:
+        raise HTTPException(403, f"admin endpoints are disabled: {ADMIN_TOKEN_ENV} is not set on the server")
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise HTTPException(401, "an admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+    given = authorization[7:].strip().encode()
+    if not hmac.compare_digest(given, expected.encode()):
+        raise HTTPException(403, "the admin token is not valid")
+
+
 @serve.deployment
 @serve.ingress(api)
-class Ingress:
-    def __init__(self, recommender: DeploymentHandle, config_path: str, root: str | None = None) -> None:
+class Recommender:
+    """One replica: HTTP, pseudonymisation and scoring in one process, so a request crosses no extra actor hop."""
+
+    # Module-level helpers it calls must be defined above it: serve.ingress captures the class when it is decorated.
+    def __init__(self, config_path: str, root: str | None = None) -> None:
         cfg = load_config(config_path)
-        self.recommender = recommender
-        self.max_k = cfg.serve.max_k
-        self.max_id = cfg.data.max_id_length
+        if root:
+            cfg.data.root = root
+        s = cfg.serve
+        self.max_k, self.max_id = s.max_k, cfg.data.max_id_length
+        self.max_events, self.max_body, self.live_wait_s = s.max_events_per_batch, s.max_body_bytes, s.live_wait_s
+        self.rules = Rules(max_id_length=cfg.data.max_id_length, max_future_s=cfg.data.max_future_s)
         self.key, self.dev_key = resolve_key(cfg.privacy.allow_dev_key)
+        if self.dev_key:
+            log.warning("DEVELOPMENT pseudonym key in use: set %s; /healthz says so too", KEY_ENV)
+        self.storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+        self.shards = shard_handles(cfg.data.root, s.live_shards, s.live_max_events_per_user)
+        self.live = LiveView(self.shards, s.live_max_events_per_user)
+        self.live.deleted.update(load_tombstones(self.storage).to_pylist())  # deletions outlive the shard actors
+        self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", uuid.uuid4().hex[:8]).replace("#", "-")[-24:]
+        self.scorer = Scorer(cfg, on_swap=self._forget_covered)
+
+    def _forget_covered(self, model: ServingModel) -> None:
+        for shard in self.shards:  # fire and forget: the fold already ignores events the model covers
+            shard.forget_until.remote(model.watermark_ms)
 
     def _k(self, k: int) -> int:
         if k < 1 or k > self.max_k:
@@ -65,24 +109,79 @@ class Ingress:
         _check_id("user_id", user_id, self.max_id)
         if category is not None:
             _check_id("category", category, self.max_id)
-        result = await self.recommender.recommend.remote(pseudonymise(user_id, self.key), self._k(k), exclude_seen,
-                                                         category)
-        return _answer(result)
+        user_key = pseudonymise(user_id, self.key)
+        return _answer(await self.scorer.recommend(user_key, self._k(k), exclude_seen, category,
+                                                   live=self.live.events(user_key),
+                                                   deleted=self.live.is_deleted(user_key)))
 
     @api.get("/similar/{item_id}")
     async def similar(self, item_id: str, k: int = Query(20)) -> dict[str, Any]:
         _check_id("item_id", item_id, self.max_id)
-        return _answer(await self.recommender.similar.remote(item_id, self._k(k)))
+        return _answer(await self.scorer.similar(item_id, self._k(k)))
+
+    @api.post("/events")
+    async def events(self, request: Request) -> dict[str, Any]:
+        """Validate, write durably, then fold in on every replica before answering."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise HTTPException(413, f"body is {declared} bytes; at most {self.max_body}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                raise HTTPException(413, f"body is over {self.max_body} bytes")
+        try:
+            batch = parse_batch(bytes(body), self.max_events)
+        except BatchError as err:
+            raise HTTPException(err.status, str(err)) from None
+        checked = check(batch, self.rules, self.key, self.live.is_deleted)
+        if not checked.accepted.num_rows:
+            raise HTTPException(422, {"message": "no event in the batch is valid; nothing was stored",
+                                      "accepted": 0, "refused": checked.refused})
+        path = await self._persist(checked.accepted)
+        grouped: dict[int, dict[str, list[LiveEvent]]] = {}
+        for user_key, rows in by_user(checked.accepted).items():
+            grouped.setdefault(self.live.shard_of(user_key), {})[user_key] = [LiveEvent(*r) for r in rows]
+        seqs = await asyncio.gather(*[self.shards[i].add.remote(users) for i, users in grouped.items()])
+        applied = await asyncio.gather(*[self.shards[i].wait_applied.remote(seq, self.live_wait_s)
+                                         for i, seq in zip(grouped, seqs, strict=True)])
+        return {"accepted": checked.accepted.num_rows, "refused": checked.refused, "stored": path,
+                "applied_everywhere": all(applied)}
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _persist(self, tables: list[pa.Table]) -> list[str]:
+        """Concurrent batches share one durable file (group commit); each answer waits for its file."""
+        path = await asyncio.to_thread(write_live, self.storage, tables, self.replica)
+        return [path] * len(tables)
+
+    @api.delete("/users/{user_id}")
+    async def delete_user(self, user_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
+        _check_admin(authorization)
+        _check_id("user_id", user_id, self.max_id)
+        user_key = pseudonymise(user_id, self.key)
+        await asyncio.to_thread(add_tombstone, self.storage, user_key)
+        self.live.apply_delete(user_key)
+        shard = self.shards[self.live.shard_of(user_key)]
+        seq = await shard.delete.remote(user_key)
+        applied = await shard.wait_applied.remote(seq, self.live_wait_s)
+        return {"deleted": True, "applied_everywhere": applied,
+                "note": "personalisation stopped; the next ingestion and update drop the user's data"}
 
     @api.get("/version")
     async def version(self) -> dict[str, Any]:
-        return await self.recommender.version.remote()
+        return self.scorer.version()
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        served = await self.recommender.version.remote()
+        served = self.scorer.version()
         return {"status": "ok" if served["version"] else "no model", "version": served["version"],
-                "pseudonym_key": "development (NOT private)" if self.dev_key else "from IG_PSEUDONYM_KEY"}
+                "pseudonym_key": "development (NOT private)" if self.dev_key else f"from {KEY_ENV}"}
+
+    def __del__(self) -> None:
+        for part in ("scorer", "live"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.close()
 
 
 def deployment_options(cfg: AppConfig) -> dict[str, Any]:
@@ -103,6 +202,4 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
 
 def build_app(args: AppArgs) -> Application:
     cfg = load_config(args.config_path)
-    recommender = serve.deployment(Recommender).options(**deployment_options(cfg)).bind(args.config_path, args.root)
-    return Ingress.options(ray_actor_options={"num_cpus": cfg.serve.ingress_cpus}).bind(
-        recommender, args.config_path, args.root)
+    return Recommender.options(**deployment_options(cfg)).bind(args.config_path, args.root)

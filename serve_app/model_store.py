@@ -36,6 +36,7 @@ class ServingModel:
     popular_by_category: dict[str, np.ndarray]  # category id -> its item rows by popularity
     item_category: np.ndarray  # category index per item row, -1 when none
     category_index: dict[str, int]
+    watermark_ms: int  # newest event time the model learned from; live events after it are folded in
     loaded_s: float
 
     def seen(self, row: int) -> np.ndarray:
@@ -60,7 +61,7 @@ def build_serving_model(storage: Storage, loaded: cf.LoadedVersion) -> ServingMo
             by_category[cat_keys[c]] = order[ordered_cats == c]
     model = ServingModel(
         version=loaded.version,
-        user_row={k: i for i, k in enumerate(loaded.user_keys)},
+        user_row={k: i for i, k in enumerate(loaded.user_keys) if k is not None},
         users=torch.from_numpy(loaded.user_vectors),
         items=torch.from_numpy(loaded.item_vectors),
         item_ids=loaded.item_ids,
@@ -71,6 +72,7 @@ def build_serving_model(storage: Storage, loaded: cf.LoadedVersion) -> ServingMo
         popular_by_category=by_category,
         item_category=item_category,
         category_index={k: i for i, k in enumerate(cat_keys)},
+        watermark_ms=int(loaded.watermark_ms or 0),
         loaded_s=0.0,
     )
     object.__setattr__(model, "loaded_s", time.time() - started)

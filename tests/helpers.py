@@ -32,3 +32,82 @@ def write_config(path: Path, root: str, **sections: dict) -> Path:
     raw.update(sections)
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# A toy model with known geometry for serving tests: item i is in category i % 3, user u likes category u % 3 and
+# has seen items (u % 3) + 3j for j < 3.
+TEST_KEY = b"test-pseudonym-key"
+N_USERS, N_ITEMS, N_CATS, DIM = 20, 60, 3, 8
+
+
+def toy_seen(u: int) -> list[int]:
+    return [(u % N_CATS) + N_CATS * j for j in range(3)]
+
+
+def publish_toy_version(storage, seed: int, parent: str | None = None, watermark_ms: int | None = None) -> str:
+    """A real, verified version with known vectors (see above)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from datasets.pseudonym import pseudonymise
+    from trainers import checkpoint_format as cf
+
+    rng = np.random.default_rng(seed)
+    cat_dirs = np.eye(DIM, dtype=np.float32)[:N_CATS] * 3
+    item_cat = np.arange(N_ITEMS) % N_CATS
+    items = cat_dirs[item_cat] + rng.normal(0, 0.3, (N_ITEMS, DIM)).astype(np.float32)
+    users = cat_dirs[np.arange(N_USERS) % N_CATS] + rng.normal(0, 0.3, (N_USERS, DIM)).astype(np.float32)
+    seen_lists = [toy_seen(u) for u in range(N_USERS)]
+    indptr = np.cumsum([0] + [len(s) for s in seen_lists]).astype(np.int64)
+    pop = pa.table({"item_idx": pa.array(np.arange(N_ITEMS, dtype=np.int32)),
+                    "score": pa.array(np.linspace(1, 0, N_ITEMS).astype(np.float32)),
+                    "category_idx": pa.array(item_cat.astype(np.int32))})
+    return cf.publish(storage, cf.ModelArtifacts(
+        user_keys=[pseudonymise(f"user-{u}", TEST_KEY) for u in range(N_USERS)], user_vectors=users,
+        item_ids=[f"item-{i}" for i in range(N_ITEMS)], item_vectors=items,
+        seen_indptr=indptr, seen_indices=np.concatenate(seen_lists).astype(np.int32), popularity=pop,
+        state_dict={}, hparams={}, config_hash="test", metrics={"recall@20": 0.5}, k=20,
+        node_counts={"user": N_USERS, "item": N_ITEMS, "category": N_CATS, "brand": 0}, parent=parent,
+        watermark_ms=watermark_ms))
+
+
+def start_app(config: Path, name: str, version: str, port: int | None = None) -> str:
+    """serve.run the app on loopback and wait until it serves `version`; returns its base URL."""
+    import time
+
+    import requests
+    from ray import serve
+
+    from serve_app.app import AppArgs, build_app
+
+    port = port or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(config_path=str(config))), name=name, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).json().get("version") == version:
+                return url
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the app did not serve {version} within 60 s")
+
+
+def stop_app(name: str, root: str, shards: int = 2) -> None:
+    from ray import serve
+
+    from serve_app.live_state import kill_shards
+
+    serve.delete(name)
+    serve.shutdown()
+    kill_shards(root, shards)

@@ -107,7 +107,9 @@ def config_hash(model_dump: Mapping[str, Any]) -> str:
 class ModelArtifacts:
     """Everything one published version holds, as the trainer has it in memory."""
 
-    user_keys: Sequence[str] | pa.Array  # pseudonymised, row i = user index i
+    # Pseudonymised, row i = user index i; None for a deleted user, whose row also has a zero vector and no seen
+    # items (rows stay in place so indices never shift).
+    user_keys: Sequence[str | None] | pa.Array
     user_vectors: np.ndarray  # float32 [users, d]
     item_ids: Sequence[str] | pa.Array  # row i = item index i
     item_vectors: np.ndarray  # float32 [items, d]
@@ -132,7 +134,7 @@ class LoadedVersion:
 
     version: str
     manifest: dict[str, Any]
-    user_keys: list[str]
+    user_keys: list[str | None]  # None: a deleted user
     user_vectors: np.ndarray  # float32 [users, d]
     item_ids: list[str]
     item_vectors: np.ndarray  # float32 [items, d]
@@ -405,7 +407,8 @@ def _parse_embeddings(data: bytes, key_column: str, label: str, rel: str) -> tup
         raise CheckpointError(f"{label}: {rel}: {key_column} is {keys_col.type}, expected string")
     if not pa.types.is_list(vec_col.type) or vec_col.type.value_type != pa.float32():
         raise CheckpointError(f"{label}: {rel}: {VECTOR} is {vec_col.type}, expected list<float32>")
-    if keys_col.null_count or vec_col.null_count:
+    # A null user_key is a deleted user's blanked row (see ModelArtifacts.user_keys); item ids are never null.
+    if (keys_col.null_count and key_column != USER_KEY) or vec_col.null_count:
         raise CheckpointError(f"{label}: {rel} has null keys or vectors")
     n = table.num_rows
     vectors = vec_col.combine_chunks() if vec_col.num_chunks else pa.array([], vec_col.type)
@@ -418,7 +421,7 @@ def _parse_embeddings(data: bytes, key_column: str, label: str, rel: str) -> tup
         raise CheckpointError(f"{label}: {rel} has null vector components")
     # A writable copy: callers hand these to torch.from_numpy, which warns on Arrow's read-only buffers.
     matrix = flat.to_numpy(zero_copy_only=False, writable=True).reshape(n, width)
-    if pc.count_distinct(keys_col).as_py() != n:
+    if pc.count_distinct(keys_col).as_py() != n - keys_col.null_count:
         raise CheckpointError(f"{label}: {rel}: {key_column} values are not unique")
     return keys_col.to_pylist(), matrix
 
@@ -498,7 +501,7 @@ def _encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
     n_users, n_items = user_vectors.shape[0], item_vectors.shape[0]
     if user_vectors.shape[1] != item_vectors.shape[1]:
         raise ValueError(f"user vectors have width {user_vectors.shape[1]}, item vectors {item_vectors.shape[1]}")
-    user_keys = _as_keys(a.user_keys, n_users, "user_keys")
+    user_keys = _as_keys(a.user_keys, n_users, "user_keys", nullable=True)
     item_ids = _as_keys(a.item_ids, n_items, "item_ids")
     counts = {}
     for node in NODE_TYPES:
@@ -568,13 +571,13 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
     return m
 
 
-def _as_keys(keys: Sequence[str] | pa.Array, n: int, name: str) -> pa.Array:
+def _as_keys(keys: Sequence[str | None] | pa.Array, n: int, name: str, nullable: bool = False) -> pa.Array:
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks()
     arr = keys.cast(pa.string()) if isinstance(keys, pa.Array) else pa.array(list(keys), pa.string())
     if len(arr) != n:
         raise ValueError(f"{name} has {len(arr)} entries for {n} vectors")
-    if arr.null_count or pc.count_distinct(arr).as_py() != n:
+    if (arr.null_count and not nullable) or pc.count_distinct(arr).as_py() != n - arr.null_count:
         raise ValueError(f"{name} has nulls or repeats")
     return arr
 

@@ -6,10 +6,12 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from cluster.config import AppConfig
 from datasets import idmaps
+from datasets.state import load_tombstones
 from datasets.storage import Storage
 from trainers import checkpoint_format as cf
 from trainers.baselines import popularity_metrics
@@ -42,6 +44,29 @@ def seen_csr(graph: InterestGraph) -> tuple[np.ndarray, np.ndarray]:
     return csr.indptr.astype(np.int64), csr.indices.astype(np.int32)
 
 
+def forget(deleted: np.ndarray, user_keys: pa.Array, user_vectors: np.ndarray, indptr: np.ndarray,
+           indices: np.ndarray, model_state: dict) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Blank tombstoned users' rows: null key, zero vectors, no seen items, zero parameters.
+
+    Rows stay in place because row i is user index i for warm starts (indices are append-only); nothing in the
+    version names the user or keeps what was learned from them.
+    """
+    keys = np.array(user_keys.to_pylist(), dtype=object)
+    keys[deleted] = None
+    user_vectors = user_vectors.copy()
+    user_vectors[deleted] = 0.0
+    lengths = np.diff(indptr)
+    keep = np.repeat(~np.isin(np.arange(len(lengths)), deleted), lengths)
+    lengths[deleted] = 0
+    model_state = dict(model_state)
+    name = next(k for k in model_state if k.endswith("embedding.weight"))
+    table = model_state[name].clone()
+    table[torch.from_numpy(deleted)] = 0.0  # users are the first rows of the node table
+    model_state[name] = table
+    new_indptr = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    return pa.array(keys, pa.string()), user_vectors, new_indptr, indices[keep], model_state
+
+
 def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: str, parent: str | None,
                             num_workers: int, graph: InterestGraph | None = None) -> tuple[str, dict]:
     state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
@@ -51,17 +76,24 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: st
     k = cfg.train.k
     final = next(h for h in reversed(history) if f"recall@{k}" in h)
     indptr, indices = seen_csr(graph)
+    user_keys = idmaps.load(storage, "user").column("key").combine_chunks()
+    user_vectors, model_state = emb["users"], state["model"]
+    deleted = np.flatnonzero(pc.fill_null(pc.is_in(user_keys, value_set=load_tombstones(storage)), False)
+                             .to_numpy(zero_copy_only=False))
+    if len(deleted):
+        user_keys, user_vectors, indptr, indices, model_state = forget(
+            deleted, user_keys, user_vectors, indptr, indices, model_state)
     baseline = popularity_metrics(graph, split(graph, cfg.train.holdout, cfg.train.holdout_days), k,
                                   cfg.train.eval_batch_users)
     artifacts = cf.ModelArtifacts(
-        user_keys=idmaps.load(storage, "user").column("key"),
-        user_vectors=emb["users"],
+        user_keys=user_keys,
+        user_vectors=user_vectors,
         item_ids=idmaps.load(storage, "item").column("key"),
         item_vectors=emb["items"],
         seen_indptr=indptr,
         seen_indices=indices,
         popularity=popularity(graph),
-        state_dict=state["model"],
+        state_dict=model_state,
         hparams={**state["hparams"], "num_users": graph.num_users, "num_items": graph.num_items,
                  "num_categories": graph.num_categories, "num_brands": graph.num_brands},
         config_hash=cf.config_hash(cfg.model_dump(mode="json")),

@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +77,8 @@ def torch_config(cfg: AppConfig, opts: TrainOptions):  # -> ray.train.torch.Torc
     return TorchConfig(backend="nccl" if _use_gpu(cfg, opts) else "gloo")
 
 
-def fit(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> tuple[str, dict]:
+@contextmanager
+def fitted(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> Iterator[tuple[str, dict]]:
     """Run the TorchTrainer; returns a local directory holding the final checkpoint and the last metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -82,7 +86,10 @@ def fit(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> tuple[st
     from trainers.loop import train_loop_per_worker
 
     storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
-    storage_path = storage.root.rstrip("/") + "/" + TRAIN_RUNS if not storage.is_local else storage.path(TRAIN_RUNS)
+    # On an object store Ray Train gets our filesystem, so it uses data.s3_endpoint / s3_region like everything else.
+    where = {"storage_path": storage.path(TRAIN_RUNS)}
+    if not storage.is_local:
+        where["storage_filesystem"] = storage.fs
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -90,7 +97,7 @@ def fit(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> tuple[st
         scaling_config=scaling_config(cfg, opts),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path,
+            **where,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -101,7 +108,10 @@ def fit(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> tuple[st
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     local = tempfile.mkdtemp(prefix="ig-final-")
-    return result.checkpoint.to_directory(local), dict(result.metrics or {})
+    try:
+        yield result.checkpoint.to_directory(local), dict(result.metrics or {})
+    finally:  # a local copy of the final checkpoint (tens of MB); Ray Train keeps its own under train_runs/
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def run_train(cfg: AppConfig, opts: TrainOptions | None = None, **extra: Any) -> dict:
@@ -119,9 +129,9 @@ def run_train(cfg: AppConfig, opts: TrainOptions | None = None, **extra: Any) ->
     parent = extra.pop("parent", None)
     config = worker_config(cfg, opts, started, **extra)
     name = time.strftime("train-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    checkpoint_dir, last = fit(cfg, opts, config, name)
-    version, manifest = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
-                                                num_workers=opts.num_workers or cfg.train.num_workers)
+    with fitted(cfg, opts, config, name) as (checkpoint_dir, _):
+        version, manifest = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
+                                                    num_workers=opts.num_workers or cfg.train.num_workers)
     return {
         "version": version,
         "parent": parent,

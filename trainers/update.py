@@ -47,7 +47,7 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
     from trainers.data import load_graph, split
     from trainers.loop import STATE_FILE
     from trainers.publish import publish_from_checkpoint
-    from trainers.train import TrainOptions, fit, run_train, worker_config
+    from trainers.train import TrainOptions, fitted, run_train, worker_config
     from trainers.warm_start import extended_state
 
     started = time.time()
@@ -80,23 +80,23 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
                               "num_layers": parent_state["hparams"]["num_layers"],
                               "epochs": 1, "eval_every": 1, "lr": cfg.update.lr})
     name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    checkpoint_dir, _ = fit(cfg, opts, config, name)
-    state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
-    k = cfg.train.k
-    final = state["history"][-1]
-    metrics = {f"recall@{k}": final[f"recall@{k}"], f"ndcg@{k}": final[f"ndcg@{k}"]}
-    parent_metrics = {f"recall@{k}": state["parent_metrics"][f"recall@{k}"],
-                      f"ndcg@{k}": state["parent_metrics"][f"ndcg@{k}"]}
-    floor = (1.0 - cfg.update.tolerance) * parent_metrics[f"recall@{k}"]
-    out = {**base, "parent": parent, "metrics": metrics, "parent_metrics": parent_metrics,
-           "steps": state["steps"], "train_pairs": state["split"]["train_pairs"]}
-    if metrics[f"recall@{k}"] < floor:
-        reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "
-                  f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")
-        log.warning("update refused: %s", reason)
-        return {**out, "version": None, "reason": reason, "seconds": round(time.time() - started, 3)}
-    version, _ = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
-                                         num_workers=opts.num_workers or cfg.train.num_workers, graph=graph)
+    with fitted(cfg, opts, config, name) as (checkpoint_dir, _):
+        state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+        k = cfg.train.k
+        final = state["history"][-1]
+        metrics = {f"recall@{k}": final[f"recall@{k}"], f"ndcg@{k}": final[f"ndcg@{k}"]}
+        parent_metrics = {f"recall@{k}": state["parent_metrics"][f"recall@{k}"],
+                          f"ndcg@{k}": state["parent_metrics"][f"ndcg@{k}"]}
+        floor = (1.0 - cfg.update.tolerance) * parent_metrics[f"recall@{k}"]
+        out = {**base, "parent": parent, "metrics": metrics, "parent_metrics": parent_metrics,
+               "steps": state["steps"], "train_pairs": state["split"]["train_pairs"]}
+        if metrics[f"recall@{k}"] < floor:
+            reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "
+                      f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")
+            log.warning("update refused: %s", reason)
+            return {**out, "version": None, "reason": reason, "seconds": round(time.time() - started, 3)}
+        version, _ = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
+                                             num_workers=opts.num_workers or cfg.train.num_workers, graph=graph)
     log.info("published %s (parent %s): %s", version, parent, metrics)
     return {**out, "version": version, "seconds": round(time.time() - started, 3)}
 

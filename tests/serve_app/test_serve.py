@@ -3,83 +3,36 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import requests
 
 from datasets import idmaps
-from datasets.pseudonym import pseudonymise
 from datasets.storage import Storage
-from tests.helpers import write_config
+from tests.helpers import N_CATS, N_USERS, publish_toy_version, start_app, stop_app, write_config
 from trainers import checkpoint_format as cf
 
-KEY = b"test-pseudonym-key"
-N_USERS, N_ITEMS, N_CATS, DIM = 20, 60, 3, 8
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def publish(storage: Storage, seed: int, parent: str | None = None) -> str:
-    """A real, verified version with known vectors: item i is in category i % 3; user u likes category u % 3."""
-    rng = np.random.default_rng(seed)
-    cat_dirs = np.eye(DIM, dtype=np.float32)[:N_CATS] * 3
-    item_cat = np.arange(N_ITEMS) % N_CATS
-    items = cat_dirs[item_cat] + rng.normal(0, 0.3, (N_ITEMS, DIM)).astype(np.float32)
-    users = cat_dirs[np.arange(N_USERS) % N_CATS] + rng.normal(0, 0.3, (N_USERS, DIM)).astype(np.float32)
-    seen_lists = [[(u % N_CATS) + N_CATS * j for j in range(3)] for u in range(N_USERS)]
-    indptr = np.cumsum([0] + [len(s) for s in seen_lists]).astype(np.int64)
-    pop = pa.table({"item_idx": pa.array(np.arange(N_ITEMS, dtype=np.int32)),
-                    "score": pa.array(np.linspace(1, 0, N_ITEMS).astype(np.float32)),
-                    "category_idx": pa.array(item_cat.astype(np.int32))})
-    return cf.publish(storage, cf.ModelArtifacts(
-        user_keys=[pseudonymise(f"user-{u}", KEY) for u in range(N_USERS)], user_vectors=users,
-        item_ids=[f"item-{i}" for i in range(N_ITEMS)], item_vectors=items,
-        seen_indptr=indptr, seen_indices=np.concatenate(seen_lists).astype(np.int32), popularity=pop,
-        state_dict={}, hparams={}, config_hash="test", metrics={"recall@20": 0.5}, k=20,
-        node_counts={"user": N_USERS, "item": N_ITEMS, "category": N_CATS, "brand": 0}, parent=parent))
 
 
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory: pytest.TempPathFactory):
-    from ray import serve
-
-    from serve_app.app import AppArgs, build_app
-
     base = tmp_path_factory.mktemp("serve")
     storage = Storage(str(base / "root"))
     idmaps.extend(storage, "category", idmaps.load(storage, "category"),
                   pa.array([f"cat-{c}" for c in range(N_CATS)]), "r20260101T000000-00000000")
-    first = publish(storage, seed=1)
+    first = publish_toy_version(storage, seed=1)
     config = write_config(base / "cfg.yaml", root=str(base / "root"), serve={
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-        "downscale_delay_s": 3, "num_cpus": 0.1, "ingress_cpus": 0.1, "poll_interval_s": 0.2, "max_k": 30})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(config_path=str(config))), name="ig", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=2).json().get("version") == first:
-                break
-        except (requests.RequestException, ValueError):
-            pass
-        time.sleep(0.2)
+        "downscale_delay_s": 3, "num_cpus": 0.1, "poll_interval_s": 0.2, "max_k": 30})
+    url = start_app(config, "ig", first)
     yield {"url": url, "storage": storage, "first": first}
-    serve.delete("ig")
-    serve.shutdown()
+    stop_app("ig", str(base / "root"))
 
 
 def test_recommend_personalised_without_seen_items(served: dict) -> None:
@@ -151,7 +104,7 @@ def test_hot_swap_under_load_and_a_corrupt_version_is_refused(served: dict) -> N
         t.start()
     time.sleep(1.0)
     current = cf.latest_version(storage)
-    new = publish(storage, seed=2, parent=current)
+    new = publish_toy_version(storage, seed=2, parent=current)
     published_at = time.time()
     while time.time() - published_at < 5 and set(_versions_seen(url, 10)) != {new}:
         time.sleep(0.1)

@@ -1,4 +1,4 @@
-"""The recommender deployment: exact top-k over the item embeddings, batched across concurrent requests.
+"""A replica's scoring: exact top-k over the item embeddings, batched across concurrent requests.
 
 Exact scoring is one [batch, d] x [d, items] product; at 64 dims a replica scores about a million items per
 request within a few milliseconds per batch on one core. Past roughly 5M items (or when p99 matters more than
@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from ray import serve
 
-from cluster.config import load_config
+from cluster.config import AppConfig
 from datasets.storage import Storage
+from serve_app.live_state import LiveEvent
 from serve_app.model_store import ModelWatcher, ServingModel
 
-log = logging.getLogger("serve_app.recommender")
+log = logging.getLogger("serve_app.scorer")
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
 
 
@@ -38,14 +40,14 @@ class Metrics:
         self.refused = metrics.Counter("ig_refused_versions_total", "checkpoint versions refused (damaged, partial)")
 
 
-class Recommender:
-    """One replica. Built by `serve_app.app.build_app`; `config_path` and `root` say where checkpoints live."""
+class Scorer:
+    """The scoring state of one replica: the served model, its watcher and metrics. HTTP lives in `serve_app.app`."""
 
-    def __init__(self, config_path: str, root: str | None = None) -> None:
-        cfg = load_config(config_path)
-        if root:
-            cfg.data.root = root
-        self.max_k = cfg.serve.max_k
+    def __init__(self, cfg: AppConfig, on_swap: Callable[[ServingModel], None] | None = None) -> None:
+        self._on_swap = on_swap
+        self.event_weights = dict(cfg.data.event_weights)
+        self.half_life_s = cfg.serve.live_half_life_s
+        self.prior_weight = cfg.serve.live_prior_weight
         self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", str(os.getpid()))
         self.metrics = Metrics()
         storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
@@ -64,11 +66,16 @@ class Recommender:
 
         self.metrics.swaps.inc()
         self.metrics.version.set(version_number(model.version), tags={"replica": self.replica})
+        if self._on_swap is not None:
+            self._on_swap(model)
 
     def observe(self, endpoint: str, path: str, started: float) -> None:
         self.metrics.latency.observe((time.perf_counter() - started) * 1000, tags={"endpoint": endpoint, "path": path})
 
-    async def recommend(self, user_key: str, k: int, exclude_seen: bool, category: str | None) -> dict[str, Any]:
+    async def recommend(self, user_key: str, k: int, exclude_seen: bool, category: str | None,
+                        live: list[LiveEvent] | None = None, deleted: bool = False) -> dict[str, Any]:
+        """Top-k for one user. `live`: their events since they arrived (folded in when the model's watermark does
+        not cover them yet); `deleted`: a deleted user, who only gets non-personalised answers."""
         started = time.perf_counter()
         model = self.watcher.current
         if model is None:
@@ -78,23 +85,48 @@ class Recommender:
             cat_idx = model.category_index.get(category)
             if cat_idx is None or category not in model.popular_by_category:
                 return {"status": 404, "detail": f"category {category!r} does not exist"}
-        row = model.user_row.get(user_key)
-        if row is None:
+        row = None if deleted else model.user_row.get(user_key)
+        fresh = [] if deleted else [e for e in live or () if e.ts_ms > model.watermark_ms and e.item_id in
+                                    model.item_row]
+        if row is None and not fresh:
             pool = model.popular if cat_idx is None else model.popular_by_category[category]
             chosen = pool[:k]
             items = [{"item_id": model.item_ids[i], "score": None} for i in chosen]
             path = "popular"
         else:
-            scores = await self._scores((model, row))
-            rows, vals = _top(model, scores, row, k, exclude_seen, cat_idx)
+            vector = model.users[row] if row is not None else None
+            extra_seen = np.zeros(0, dtype=np.int64)
+            if fresh:
+                rows = np.array([model.item_row[e.item_id] for e in fresh], dtype=np.int64)
+                vector = self.fold(model, vector, rows, fresh)
+                extra_seen = rows
+            scores = await self._scores((model, vector))
+            rows, vals = _top(model, scores, row, k, exclude_seen, cat_idx, extra_seen)
             items = [{"item_id": model.item_ids[i], "score": round(float(s), 6)} for i, s in zip(rows, vals,
                                                                                                    strict=True)]
-            path = "personalised"
+            path = "personalised" if row is not None else "folded"
         self.observe("recommend", path, started)
         return {"status": 200, "items": items, "version": model.version, "path": path, "replica": self.replica}
 
+    def fold(self, model: ServingModel, vector: torch.Tensor | None, rows: np.ndarray, events: list[LiveEvent]
+             ) -> torch.Tensor:
+        """The user's vector with their live events folded in: a weighted mean of the touched items' vectors
+        (weight by event type, halved every `live_half_life_s`), blended with the trained vector in proportion
+        to the events' total weight against `live_prior_weight`, at the trained vector's length."""
+        now_ms = time.time() * 1000
+        weights = np.array([self.event_weights.get(e.event, 1.0) * 0.5 ** (max(now_ms - e.ts_ms, 0.0) / 1000
+                                                                            / self.half_life_s)
+                            for e in events], dtype=np.float32)
+        total = float(weights.sum())
+        mean = (torch.from_numpy(weights) @ model.items[torch.from_numpy(rows)]) / max(total, 1e-12)
+        if vector is None:
+            return mean
+        alpha = total / (total + self.prior_weight)
+        scale = vector.norm() / mean.norm().clamp_min(1e-12)
+        return (1 - alpha) * vector + alpha * scale * mean
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
-    async def _scores(self, requests: list[tuple[ServingModel, int]]) -> list[torch.Tensor]:
+    async def _scores(self, requests: list[tuple[ServingModel, torch.Tensor]]) -> list[torch.Tensor]:
         """Concurrent requests share one matrix product per model version in the batch."""
         out: list[torch.Tensor | None] = [None] * len(requests)
         by_model: dict[int, list[int]] = {}
@@ -102,8 +134,8 @@ class Recommender:
             by_model.setdefault(id(model), []).append(i)
         for positions in by_model.values():
             model = requests[positions[0]][0]
-            rows = torch.tensor([requests[p][1] for p in positions])
-            scores = model.users[rows] @ model.items.T
+            vectors = torch.stack([requests[p][1] for p in positions])
+            scores = vectors @ model.items.T
             for j, p in enumerate(positions):
                 out[p] = scores[j]
         return out  # type: ignore[return-value]
@@ -126,24 +158,22 @@ class Recommender:
                 "items": [{"item_id": model.item_ids[int(i)], "score": round(float(s), 6)}
                           for i, s in zip(rows, vals, strict=True)]}
 
-    async def version(self) -> dict[str, Any]:
+    def version(self) -> dict[str, Any]:
         model = self.watcher.current
         return {"version": model.version if model else None, "replica": self.replica,
                 "loaded_s": round(model.loaded_s, 3) if model else None, "refused": sorted(self.watcher.refused)}
 
-    def __del__(self) -> None:
-        watcher = getattr(self, "watcher", None)
-        if watcher is not None:
-            watcher.stop()
+    def close(self) -> None:
+        self.watcher.stop()
 
 
-def _top(model: ServingModel, scores: torch.Tensor, row: int, k: int, exclude_seen: bool, cat_idx: int | None
-         ) -> tuple[list[int], list[float]]:
+def _top(model: ServingModel, scores: torch.Tensor, row: int | None, k: int, exclude_seen: bool, cat_idx: int | None,
+         extra_seen: np.ndarray | None = None) -> tuple[list[int], list[float]]:
     scores = scores.reshape(-1).clone()
     if exclude_seen:
-        seen = model.seen(row)
-        if len(seen):
-            scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+        for seen in (model.seen(row) if row is not None else None, extra_seen):
+            if seen is not None and len(seen):
+                scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
     if cat_idx is not None:
         scores[torch.from_numpy(model.item_category != cat_idx)] = float("-inf")
     k = min(k, len(scores))

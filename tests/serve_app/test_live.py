@@ -1,0 +1,213 @@
+"""Live events and deletion over real HTTP, with two replicas: folding on every replica, durability across a
+restart, refusals that store nothing, and a deletion that reaches serving at once and the next version after."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from datasets import idmaps
+from datasets.ingest import Request, run_ingest
+from datasets.pseudonym import pseudonymise
+from datasets.storage import Storage
+from tests.helpers import (
+    N_CATS,
+    N_ITEMS,
+    N_USERS,
+    TEST_KEY,
+    make_config,
+    publish_toy_version,
+    read_dir,
+    start_app,
+    stop_app,
+    toy_seen,
+    write_config,
+)
+from trainers import checkpoint_format as cf
+
+pytestmark = pytest.mark.slow
+ADMIN = "test-admin-token"  # set for Ray workers by tests/conftest.py
+SEED_TS = 1_767_225_600_000  # 2026-01-01: the seed log is older than anything posted live
+
+
+def _seed_log(path: Path) -> None:
+    """The toy model's world as a behaviour log: every user's seen items, and every item once."""
+    rows = ["user_id,item_id,event,ts,category_id"]
+    for u in range(N_USERS):
+        for i in toy_seen(u):
+            rows.append(f"user-{u},item-{i},view,{SEED_TS + u},cat-{i % N_CATS}")
+    for i in range(N_ITEMS):
+        rows.append(f"seed-shopper-{i % 7},item-{i},view,{SEED_TS + 100 + i},cat-{i % N_CATS}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def live(ray_session, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("live")
+    root = base / "root"
+    _seed_log(base / "seed.csv")
+    cfg = make_config(root, train={"epochs": 2, "batch_size": 64, "embedding_dim": 8, "num_layers": 1,
+                                   "num_workers": 1, "holdout": "last_days", "holdout_days": 0.5})
+    run_ingest(cfg, Request(source=str(base / "seed.csv"), fmt="events", holdout=None))
+    storage = Storage(str(root))
+    assert idmaps.load(storage, "category").column("key").to_pylist() == [f"cat-{c}" for c in range(N_CATS)]
+    first = publish_toy_version(storage, seed=1, watermark_ms=SEED_TS + 1000)
+    serve = {"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.1, "poll_interval_s": 0.2, "max_k": 30,
+             "max_events_per_batch": 50, "max_body_bytes": 20_000}
+    config = write_config(base / "cfg.yaml", root=str(root), serve=serve)
+    url = start_app(config, "live", first)
+    yield {"url": url, "storage": storage, "cfg": cfg, "config": config, "first": first, "root": str(root)}
+    stop_app("live", str(root))
+
+
+def _now_events(user: str, items: list[int], event: str = "purchase") -> list[dict]:
+    now = int(time.time() * 1000)
+    return [{"user_id": user, "item_id": f"item-{i}", "event": event, "ts": now, "category_id": f"cat-{i % N_CATS}"}
+            for i in items]
+
+
+def _cats(body: dict) -> Counter:
+    return Counter(int(x["item_id"].split("-")[1]) % N_CATS for x in body["items"])
+
+
+def _from_both_replicas(url: str) -> list[dict]:
+    """Answers until both replicas have answered (Serve picks the replica, so ask until it has picked both)."""
+    answers: list[dict] = []
+    while len({a["replica"] for a in answers}) < 2:
+        assert len(answers) < 60, "one replica never answered"
+        answers.append(requests.get(url, timeout=10).json())
+    return answers
+
+
+def _live_files(storage: Storage) -> list[str]:
+    return storage.list_files("raw", "live", suffix=".parquet")
+
+
+def test_posted_events_change_a_known_users_answers_on_every_replica_within_a_second(live: dict) -> None:
+    url = live["url"]
+    before = requests.get(f"{url}/recommend/user-4", params={"k": 5}, timeout=10).json()
+    assert before["path"] == "personalised" and _cats(before).most_common(1)[0][0] == 4 % N_CATS
+    posted = [2, 5, 8]  # category 2; user-4 likes category 1
+    started = time.time()
+    r = requests.post(f"{url}/events", json=_now_events("user-4", posted), timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["accepted"] == 3 and r.json()["applied_everywhere"]
+    answers = _from_both_replicas(f"{url}/recommend/user-4?k=5")
+    elapsed = time.time() - started
+    assert elapsed < 1.0, f"took {elapsed:.2f} s from POST to an answer from every replica"
+    for body in answers:
+        assert body["path"] == "personalised"
+        assert _cats(body)[2] >= 3, body  # the new category now leads, whichever replica answered
+        assert not {int(x["item_id"].split("-")[1]) for x in body["items"]} & set(posted)  # posted = seen
+
+
+def test_a_new_user_with_three_events_gets_folded_recommendations(live: dict) -> None:
+    url = live["url"]
+    started = time.time()
+    assert requests.post(f"{url}/events", json={"events": _now_events("brand-new", [0, 3, 6], "view")},
+                         timeout=10).status_code == 200
+    bodies = [requests.get(f"{url}/recommend/brand-new", params={"k": 6}, timeout=10).json() for _ in range(6)]
+    assert time.time() - started < 1.0
+    for body in bodies:
+        assert body["path"] == "folded"
+        assert _cats(body) == Counter({0: 6}), body
+        assert not {x["item_id"] for x in body["items"]} & {"item-0", "item-3", "item-6"}
+
+
+def test_a_version_whose_watermark_covers_the_live_events_stops_folding_them(live: dict) -> None:
+    url, storage = live["url"], live["storage"]
+    assert _cats(requests.get(f"{url}/recommend/user-4", params={"k": 5}, timeout=10).json())[2] >= 3
+    covering = publish_toy_version(storage, seed=1, parent=cf.latest_version(storage),
+                                   watermark_ms=int(time.time() * 1000) + 60_000)
+    deadline = time.time() + 10
+    while time.time() < deadline and {a["version"] for a in _from_both_replicas(f"{url}/version")} != {covering}:
+        time.sleep(0.2)
+    for body in _from_both_replicas(f"{url}/recommend/user-4?k=5"):
+        assert body["version"] == covering and body["path"] == "personalised"
+        assert _cats(body).most_common(1)[0][0] == 4 % N_CATS  # back to what the model alone says
+    for body in _from_both_replicas(f"{url}/recommend/brand-new"):
+        assert body["path"] == "popular"  # this toy model never learned brand-new, and its events are covered
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    (b"{not json", 400, "not JSON"),
+    (b'{"events": 3}', 422, "list of events"),
+    (b"[]", 422, "no events"),
+    (b'[1, 2]', 422, "not a JSON object"),
+    (b"[" + b",".join([b'{"user_id": "a", "item_id": "b", "event": "view", "ts": 1767225600000}'] * 51) + b"]",
+     413, "at most 50"),
+    (b'[{"user_id": "' + b"x" * 30_000 + b'"}]', 413, "at most 20000"),
+    (b'[{"user_id": "a", "item_id": "b", "event": "teleport", "ts": 1767225600000}]', 422, "unknown_event"),
+])
+def test_bad_batches_get_4xx_and_store_nothing(live: dict, body: bytes, status: int, needle: str) -> None:
+    before = _live_files(live["storage"])
+    r = requests.post(f"{live['url']}/events", data=body, headers={"content-type": "application/json"},
+                      timeout=10)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+    assert _live_files(live["storage"]) == before
+
+
+def test_a_partly_bad_batch_stores_the_good_events_and_says_why_the_others_were_refused(live: dict) -> None:
+    events = _now_events("mixed-shopper", [1, 4])
+    events.insert(1, {"user_id": "mixed-shopper", "item_id": "item-9", "event": "view", "ts": "yesterday"})
+    events.append({"user_id": "", "item_id": "item-9", "event": "view", "ts": 1767225600000})
+    r = requests.post(f"{live['url']}/events", json=events, timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["accepted"] == 2
+    assert [(x["index"], x["reason"]) for x in body["refused"]] == [(1, "bad_timestamp"), (3, "missing_user")]
+    stored = pq.read_table(body["stored"])
+    assert "user_id" not in stored.column_names  # only the pseudonym is ever written
+    assert set(stored.column("user_key").to_pylist()) == {pseudonymise("mixed-shopper", TEST_KEY)}
+
+
+def test_acknowledged_events_survive_a_restart_and_reach_the_next_ingestion(live: dict) -> None:
+    from ray import serve
+
+    from serve_app.live_state import kill_shards
+
+    r = requests.post(f"{live['url']}/events", json=_now_events("durable-shopper", [10, 11]), timeout=10)
+    assert r.status_code == 200
+    serve.delete("live")  # the app and its live state go away entirely
+    kill_shards(live["root"], 2)
+    port = int(live["url"].rsplit(":", 1)[1])
+    serve.shutdown()
+    assert start_app(live["config"], "live", cf.latest_version(live["storage"]), port=port) == live["url"]
+    summary = run_ingest(live["cfg"], Request(source=None, fmt="events", holdout=None))
+    assert summary["rejected"]["total"] == 0 and summary["accepted"] >= 2
+    rows = read_dir(Path(live["root"]) / "interactions").to_pylist()
+    key = pseudonymise("durable-shopper", TEST_KEY)
+    assert sorted(r["item_id"] for r in rows if r["user_key"] == key) == ["item-10", "item-11"]
+
+
+def test_deletion_needs_the_token_acts_at_once_and_reaches_the_next_version(live: dict) -> None:
+    from trainers.train import TrainOptions, run_train
+
+    url, storage = live["url"], live["storage"]
+    assert requests.delete(f"{url}/users/user-7", timeout=10).status_code == 401
+    wrong = requests.delete(f"{url}/users/user-7", headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 403
+    assert requests.get(f"{url}/recommend/user-7", timeout=10).json()["path"] == "personalised"
+    ok = requests.delete(f"{url}/users/user-7", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["applied_everywhere"], ok.text
+    answers = _from_both_replicas(f"{url}/recommend/user-7")
+    assert {a["path"] for a in answers} == {"popular"}
+    refused = requests.post(f"{url}/events", json=_now_events("user-7", [1]), timeout=10)
+    assert refused.status_code == 422 and "deleted_user" in refused.text
+
+    key = pseudonymise("user-7", TEST_KEY)
+    summary = run_ingest(live["cfg"], Request(source=None, fmt="events", holdout=None))
+    assert summary["purged_users"] == 1 and summary["purged_rows"] == 3
+    assert key not in read_dir(Path(live["root"]) / "interactions").column("user_key").to_pylist()
+    published = run_train(live["cfg"], TrainOptions(num_workers=1, epochs=2))
+    version = cf.load_version(storage, published["version"])
+    assert key not in version.user_keys and pseudonymise("user-4", TEST_KEY) in version.user_keys
+    users = pq.read_table(storage.path("checkpoints", "versions", published["version"], "embeddings",
+                                       "users.parquet"))
+    assert key not in users.column("user_key").to_pylist()
