@@ -283,6 +283,11 @@ def run_worker(config: dict, session: Session) -> None:
                                     normalise=hp["loss"] == "softmax")
             entry.update(metrics)
         history.append(entry)
+        if rank == 0:  # progress per epoch; Ray forwards a worker's stdout to the driver's console
+            name = f"recall@{hp['k']}"
+            quality = f", {name} {entry[name]:.4f}" if name in entry else ""
+            print(f"epoch {epoch + 1}/{hp['epochs']}: loss {loss_mean:.4f}{quality}, {entry['seconds']:.0f} s",
+                  flush=True)
         with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
             checkpoint_dir = None
             if rank == 0:

@@ -167,25 +167,6 @@ def test_a_partly_bad_batch_stores_the_good_events_and_says_why_the_others_were_
     assert set(stored.column("user_key").to_pylist()) == {pseudonymise("mixed-shopper", TEST_KEY)}
 
 
-def test_acknowledged_events_survive_a_restart_and_reach_the_next_ingestion(live: dict) -> None:
-    from ray import serve
-
-    from serve_app.live_state import kill_shards
-
-    r = requests.post(f"{live['url']}/events", json=_now_events("durable-shopper", [10, 11]), timeout=10)
-    assert r.status_code == 200
-    serve.delete("live")  # the app and its live state go away entirely
-    kill_shards(live["root"], 2)
-    port = int(live["url"].rsplit(":", 1)[1])
-    serve.shutdown()
-    assert start_app(live["config"], "live", cf.latest_version(live["storage"]), port=port) == live["url"]
-    summary = run_ingest(live["cfg"], Request(source=None, fmt="events", holdout=None))
-    assert summary["rejected"]["total"] == 0 and summary["accepted"] >= 2
-    rows = read_dir(Path(live["root"]) / "interactions").to_pylist()
-    key = pseudonymise("durable-shopper", TEST_KEY)
-    assert sorted(r["item_id"] for r in rows if r["user_key"] == key) == ["item-10", "item-11"]
-
-
 def test_deletion_needs_the_token_acts_at_once_and_reaches_the_next_version(live: dict) -> None:
     from trainers.train import TrainOptions, run_train
 
@@ -211,3 +192,24 @@ def test_deletion_needs_the_token_acts_at_once_and_reaches_the_next_version(live
     users = pq.read_table(storage.path("checkpoints", "versions", published["version"], "embeddings",
                                        "users.parquet"))
     assert key not in users.column("user_key").to_pylist()
+
+
+def test_acknowledged_events_survive_a_restart_and_reach_the_next_update(live: dict) -> None:
+    """Runs after the deletion test, whose training published a real model to warm-start from."""
+    from ray import serve
+
+    from serve_app.live_state import kill_shards
+    from trainers.update import run_update
+
+    r = requests.post(f"{live['url']}/events", json=_now_events("durable-shopper", [10, 11]), timeout=10)
+    assert r.status_code == 200
+    serve.delete("live")  # the app and its live state go away entirely
+    kill_shards(live["root"], 2)
+    port = int(live["url"].rsplit(":", 1)[1])
+    serve.shutdown()
+    assert start_app(live["config"], "live", cf.latest_version(live["storage"]), port=port) == live["url"]
+    summary = run_update(live["cfg"])
+    assert summary["mode"] == "warm" and summary["ingested"]["accepted"] == 2
+    rows = read_dir(Path(live["root"]) / "interactions").to_pylist()
+    key = pseudonymise("durable-shopper", TEST_KEY)
+    assert sorted(r["item_id"] for r in rows if r["user_key"] == key) == ["item-10", "item-11"]

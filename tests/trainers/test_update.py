@@ -123,6 +123,8 @@ def test_every_mode_stops_cleanly_on_sigterm(trained: dict, tmp_path: Path) -> N
     proc = subprocess.Popen([sys.executable, "-m", "trainers.update", "--config", str(cfg_file), "--every", "1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     first = proc.stdout.readline()
+    while first and not first.startswith("{"):  # training progress lines come first
+        first = proc.stdout.readline()
     assert json.loads(first)["cycle"] == 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
