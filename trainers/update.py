@@ -54,8 +54,9 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
     opts = opts or TrainOptions()
     storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
     ingested = _ingest(cfg)
-    base = {"mode": "warm", "ingested": {k: ingested[k] for k in ("input_rows", "accepted", "new_users",
-                                                                   "new_items", "watermark_ms")}}
+    timings = {"ingest": round(time.time() - started, 3)}  # where a cycle's time goes (filled in as it runs)
+    base = {"mode": "warm", "timings": timings,
+            "ingested": {k: ingested[k] for k in ("input_rows", "accepted", "new_users", "new_items", "watermark_ms")}}
     parent = cf.latest_version(storage)
     if parent is None:
         summary = run_train(cfg, opts)
@@ -67,10 +68,12 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
     if graph.watermark_ms <= (loaded.watermark_ms or -1) and counts == loaded.node_counts:
         return {**base, "version": None, "parent": parent, "reason": "no new events since the parent",
                 "seconds": round(time.time() - started, 3), "metrics": loaded.metrics}
+    mark = time.time()
     sp = split(graph, cfg.train.holdout, cfg.train.holdout_days)
     parent_state = loaded.load_state()
     grown = extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user, sp.train_item)
     pair_index = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0)
+    timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
     ensure_ray(cfg)
     config = worker_config(cfg, opts, started, init_state=ray.put(grown), pair_index=ray.put(pair_index),
                            steps_per_epoch=cfg.update.max_steps, eval_parent=True, **extra)
@@ -80,8 +83,11 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
                               "num_layers": parent_state["hparams"]["num_layers"],
                               "epochs": 1, "eval_every": 1, "lr": cfg.update.lr})
     name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    mark = time.time()
     with fitted(cfg, opts, config, name) as (checkpoint_dir, _):
         state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+        timings["ray_train"] = round(time.time() - mark, 3)  # worker start-up, training, evaluation, checkpoint
+        timings["worker_loop"] = round(state["history"][-1]["seconds"], 3)
         k = cfg.train.k
         final = state["history"][-1]
         metrics = {f"recall@{k}": final[f"recall@{k}"], f"ndcg@{k}": final[f"ndcg@{k}"]}
@@ -95,8 +101,10 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
                       f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")
             log.warning("update refused: %s", reason)
             return {**out, "version": None, "reason": reason, "seconds": round(time.time() - started, 3)}
+        mark = time.time()
         version, _ = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
                                              num_workers=opts.num_workers or cfg.train.num_workers, graph=graph)
+        timings["publish"] = round(time.time() - mark, 3)
     log.info("published %s (parent %s): %s", version, parent, metrics)
     return {**out, "version": version, "seconds": round(time.time() - started, 3)}
 

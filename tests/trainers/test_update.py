@@ -71,6 +71,9 @@ def test_update_publishes_a_child_with_new_users_and_items(trained: dict) -> Non
 
     assert summary["version"] is not None, summary
     assert summary["parent"] == parent.version and summary["ingested"]["new_users"] == 3
+    t = summary["timings"]
+    assert set(t) == {"ingest", "prepare", "ray_train", "worker_loop", "publish"}
+    assert 0 < t["worker_loop"] < t["ray_train"] and sum(t.values()) - t["worker_loop"] <= summary["seconds"] + 0.01
     child = cf.load_version(storage, summary["version"])
     assert child.parent == parent.version and cf.latest_version(storage) == child.version
     assert child.user_keys[: len(parent.user_keys)] == parent.user_keys
