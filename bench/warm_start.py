@@ -42,18 +42,24 @@ def taobao_days(data: Path, out: Path) -> list[Path]:
 
 
 def beauty_split(data: Path, out: Path) -> tuple[Path, Path]:
-    """(sequences without each user's last item, the last items as canonical events with the same clock)."""
+    """(sequences without each user's last item, the last items as canonical events).
+
+    Sequences carry no time, so ingestion gives a user's n-th item the time base + n seconds. The last items are
+    the newest slice: they get a time after every history row (base + longest sequence + 1 s), so the slice
+    arrives after the parent's watermark, as a day of new events would, and stays each user's latest item.
+    """
     from datasets.adapters import UNTIMED_BASE_MS
 
     out.mkdir(parents=True, exist_ok=True)
     attrs = json.loads((data / "amazon_beauty" / "Beauty_item2attributes.json").read_text())
     head, tail = [], ["user_id,item_id,event,ts,category_id,brand_id,price,session_id"]
-    for line in (data / "amazon_beauty" / "Beauty.txt").read_text().splitlines():
+    lines = (data / "amazon_beauty" / "Beauty.txt").read_text().splitlines()
+    ts = UNTIMED_BASE_MS + (max(len(line.split()) for line in lines) + 1) * 1000
+    for line in lines:
         user, *items = line.split()
         head.append(" ".join([user, *items[:-1]]))
         a = attrs.get(items[-1]) or []
         cat, brand = (a[0] if a else ""), (a[-1] if len(a) > 1 else "")
-        ts = UNTIMED_BASE_MS + (len(items) - 1) * 1000
         tail.append(f"{user},{items[-1]},purchase,{ts},{cat},{brand},,")
     (out / "history.txt").write_text("\n".join(head) + "\n")
     (out / "last.csv").write_text("\n".join(tail) + "\n")
@@ -94,6 +100,7 @@ def compare(name: str, base: Path, first: list[tuple[Path, str]], slices: list[t
             "warm_recall": w["metrics"][k], "full_recall": f["metrics"][k],
             "quality_ratio": round(w["metrics"][k] / f["metrics"][k], 3) if f["metrics"][k] else None,
             "warm_published": w["version"], "parent_recall": (w.get("parent_metrics") or {}).get(k),
+            "warm_timings": w.get("timings"),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -114,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(os.environ.get("IG_REAL_DATA", "../shared/data")))
     p.add_argument("--first-days", type=int, default=6, help="taobao: days that train the parent")
     p.add_argument("--epochs", type=int, default=30, help="epochs of each full (re)training")
-    p.add_argument("--steps", type=int, default=40, help="optimiser steps of each warm start")
+    p.add_argument("--steps", type=int, default=120, help="optimiser steps of each warm start")
+    p.add_argument("--update-lr", type=float, help="learning rate of each warm start (default: update.lr)")
     p.add_argument("--datasets", nargs="+", default=["taobao", "beauty"], choices=["taobao", "beauty"])
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     train = {"epochs": args.epochs, "batch_size": 4096, "num_workers": 2, "eval_every": args.epochs}
-    update = {"max_steps": args.steps, "replay_ratio": 1.0}
+    update = {"max_steps": args.steps, "replay_ratio": 1.0, **({"lr": args.update_lr} if args.update_lr else {})}
     rows: list[dict] = []
     if "taobao" in args.datasets:
         days = taobao_days(args.data, OUT / "taobao-days")

@@ -110,7 +110,7 @@ class UpdateConfig(_Section):
     every_s: float = Field(300.0, gt=0, description="seconds between update cycles in --every mode")
     replay_ratio: float = Field(1.0, ge=0, description="old interactions replayed per new one")
     max_steps: int = Field(200, ge=1, description="optimiser steps per warm-start update")
-    lr: float = Field(0.002, gt=0, description="learning rate of a warm start (fine-tuning: below train.lr)")
+    lr: float = Field(0.005, gt=0, description="learning rate of a warm start (fine-tuning: below train.lr)")
     tolerance: float = Field(0.02, ge=0, le=1, description="publish only if Recall@K >= (1 - tolerance) x parent's")
 
 
