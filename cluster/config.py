@@ -114,6 +114,12 @@ class UpdateConfig(_Section):
     tolerance: float = Field(0.02, ge=0, le=1, description="publish only if Recall@K >= (1 - tolerance) x parent's")
 
 
+def _ordered(section: _Section, low: str, high: str) -> Any:
+    if getattr(section, low) > getattr(section, high):
+        raise ValueError(f"{low} must not exceed {high}")
+    return section
+
+
 class ServeConfig(_Section):
     min_replicas: int = Field(1, ge=0, description="autoscaling lower bound")
     max_replicas: int = Field(2, ge=1, description="autoscaling upper bound")
@@ -142,9 +148,7 @@ class ServeConfig(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> ServeConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must not exceed max_replicas")
-        return self
+        return _ordered(self, "min_replicas", "max_replicas")
 
 
 class NodeGroup(_Section):
@@ -158,9 +162,7 @@ class NodeGroup(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> NodeGroup:
-        if self.min_workers > self.max_workers:
-            raise ValueError("min_workers must not exceed max_workers")
-        return self
+        return _ordered(self, "min_workers", "max_workers")
 
 
 class ClusterConfig(_Section):

@@ -29,6 +29,8 @@ def test_repository_config_loads_and_matches_model_defaults() -> None:
         ({"data": {"source": {"path": "/no/such/file-*.csv"}}}, "data.source.path: no file matches"),
         ({"data": {"source": {"columns": {"userid": "u"}}}}, "data.source.columns:"),
         ({"serve": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas must not exceed max_replicas"),
+        ({"cluster": {"gpu_workers": {"min_workers": 3, "max_workers": 1}}},
+         "cluster.gpu_workers: Value error, min_workers must not exceed max_workers"),
     ],
 )
 def test_bad_config_is_refused_with_one_line_naming_the_key(raw: dict, message: str) -> None:
