@@ -70,12 +70,12 @@ def _check_admin(authorization: str | None) -> None:
         raise HTTPException(403, "the admin token is not valid")
 
 
+# Module-level helpers the class calls must be defined above it: serve.ingress captures it when it is decorated.
 @serve.deployment
 @serve.ingress(api)
 class Recommender:
     """One replica: HTTP, pseudonymisation and scoring in one process, so a request crosses no extra actor hop."""
 
-    # Module-level helpers it calls must be defined above it: serve.ingress captures the class when it is decorated.
     def __init__(self, config_path: str, root: str | None = None) -> None:
         cfg = load_config(config_path)
         if root:
