@@ -68,11 +68,11 @@ def _known_shoppers(args: argparse.Namespace, n: int = 3) -> list[str]:
     """A few raw ids from a generated log (a user-supplied one is read only through ingestion)."""
     if args.format != "events" or "demo-logs" not in str(args.source):
         return []
-    first = sorted(Path(args.source).parent.glob("events-*.csv"))
-    if not first:
+    days = sorted(Path(args.source).parent.glob("events-*.csv"))
+    if not days:
         return []
     ids: list[str] = []
-    for line in first[-1].read_text().splitlines()[1:2000]:
+    for line in days[-1].read_text().splitlines()[1:2000]:  # recent shoppers: the model knows them
         user = line.split(",", 1)[0]
         if user not in ids:
             ids.append(user)

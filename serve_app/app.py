@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import logging
 import os
-import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -91,7 +90,6 @@ class Recommender:
         self.shards = shard_handles(cfg.data.root, s.live_shards, s.live_max_events_per_user)
         self.live = LiveView(self.shards, s.live_max_events_per_user)
         self.live.deleted.update(load_tombstones(self.storage).to_pylist())  # deletions outlive the shard actors
-        self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", uuid.uuid4().hex[:8]).replace("#", "-")[-24:]
         self.scorer = Scorer(cfg, on_swap=self._forget_covered)
 
     def _forget_covered(self, model: ServingModel) -> None:
@@ -151,7 +149,7 @@ class Recommender:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _persist(self, tables: list[pa.Table]) -> list[str]:
         """Concurrent batches share one durable file (group commit); each answer waits for its file."""
-        path = await asyncio.to_thread(write_live, self.storage, tables, self.replica)
+        path = await asyncio.to_thread(write_live, self.storage, tables, self.scorer.replica)
         return [path] * len(tables)
 
     @api.delete("/users/{user_id}")

@@ -8,6 +8,7 @@ ingestion takes them as already pseudonymised.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -109,7 +110,8 @@ def check(events: list[dict], rules: Rules, key: bytes, is_deleted: Callable[[st
 def write_live(storage: Storage, tables: list[pa.Table], replica: str) -> str:
     """One durable Parquet file for a group of accepted batches, where the next ingestion finds it."""
     day = time.strftime("%Y%m%d", time.gmtime())
-    name = f"{time.strftime('%H%M%S', time.gmtime())}-{replica}-{uuid.uuid4().hex[:12]}.parquet"
+    tag = re.sub(r"[^A-Za-z0-9_-]", "-", replica)[-24:]  # Serve's replica ids carry '#' and app names
+    name = f"{time.strftime('%H%M%S', time.gmtime())}-{tag}-{uuid.uuid4().hex[:12]}.parquet"
     path = storage.path(RAW, LIVE, day, name)
     table = pa.concat_tables(tables).sort_by([(s.TS, "ascending")])
     storage.write_parquet(path, table, durable=True)

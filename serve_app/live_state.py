@@ -157,7 +157,6 @@ class LiveView:
         self.id = uuid.uuid4().hex
         self.users: dict[str, deque[LiveEvent]] = {}
         self.deleted: set[str] = set()
-        self.applied = [0] * len(shards)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._follow, args=(i,), name=f"live-shard-{i}", daemon=True)
@@ -208,7 +207,6 @@ class LiveView:
                         elif user_key not in self.deleted:
                             self.users.setdefault(user_key, deque(maxlen=self.max_events)).extend(events)
             since = got["seq"]
-            self.applied[shard] = since
 
     def close(self) -> None:
         self._stop.set()
