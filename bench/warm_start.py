@@ -2,9 +2,11 @@
 
 Taobao UserBehavior (head sample) is replayed day by day: the first days train a parent, then each later day is
 one new slice. Amazon Beauty: everything but each shopper's last purchase trains the parent, the last purchases
-are the newest slice. For every slice the same files go into two storage roots: one runs `trainers.update --once`
-(ingest + warm start from LATEST), the other ingests and retrains from scratch on all data so far. Both are scored
-on the same holdout of the new graph (the new day's first-time pairs; the last purchases). Prints JSON lines.
+are the newest slice. For every slice the same files go into two storage roots: one runs an update cycle as
+`trainers.update --every` does (ingest + warm start from LATEST on the resident Ray Train workers, started once
+after the parent's training and timed apart; the slices' cycles run back to back), the other ingests and retrains
+from scratch on all data so far, as a full training job does. Both are scored on the same holdout of the new
+graph (the new day's first-time pairs; the last purchases). Prints JSON lines.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cluster.config import AppConfig, parse_config
+from cluster.runtime import ensure_ray
 from datasets.ingest import Request, run_ingest
+from trainers.resident import ResidentTrainer
 from trainers.train import TrainOptions, run_train
 from trainers.update import run_update
 
@@ -76,18 +80,28 @@ def compare(name: str, base: Path, first: list[tuple[Path, str]], slices: list[t
     shutil.rmtree(base, ignore_errors=True)
     warm = config(base / "warm", train, update, {"attributes": attributes})
     full = config(base / "full", train, update, {"attributes": attributes})
+    # An update job is long-lived, so its workers are: they hold their CPUs, which an embedded Ray must count.
+    ensure_ray(warm, long_lived=True)
     for path, fmt in first:
         for cfg in (warm, full):
             run_ingest(cfg, Request(source=str(path), fmt=fmt, holdout=None))
     parent = run_train(warm, TrainOptions())
-    print(json.dumps({"dataset": name, "slice": "initial", "full_train": parent}), flush=True)
-    rows = []
-    for i, (path, fmt) in enumerate(slices):
-        # The warm side reads the slice through its config, as `trainers.update --once` would.
+    resident = ResidentTrainer(warm, TrainOptions())
+    resident.start()
+    print(json.dumps({"dataset": name, "slice": "initial", "full_train": parent,
+                      "resident_start_s": resident.started_s}), flush=True)
+    # The warm lineage first, cycle after cycle as an `--every` job runs them; then the retrains, as separate jobs.
+    # Interleaved, every retrain's workers would evict the update job's idle Ray Data workers between its cycles
+    # (3-5 s more ingestion per cycle), which a running update job does not see.
+    updates = []
+    for path, fmt in slices:
+        # The warm side reads the slice through its config, as `trainers.update --every` would.
         warm.data.source.path, warm.data.source.format = str(path), fmt
         started = time.time()
-        w = run_update(warm)
-        warm_s = time.time() - started
+        updates.append((run_update(warm, resident=resident), time.time() - started))
+    resident.close()
+    rows = []
+    for i, ((path, fmt), (w, warm_s)) in enumerate(zip(slices, updates, strict=True)):
         started = time.time()
         run_ingest(full, Request(source=str(path), fmt=fmt, holdout=None))
         f = run_train(full, TrainOptions())
@@ -100,7 +114,8 @@ def compare(name: str, base: Path, first: list[tuple[Path, str]], slices: list[t
             "warm_recall": w["metrics"][k], "full_recall": f["metrics"][k],
             "quality_ratio": round(w["metrics"][k] / f["metrics"][k], 3) if f["metrics"][k] else None,
             "warm_published": w["version"], "parent_recall": (w.get("parent_metrics") or {}).get(k),
-            "warm_timings": w.get("timings"),
+            "warm_steps": w.get("steps"), "warm_timings": w.get("timings"),
+            "warm_ingest_timings": w["ingested"]["timings"], "resident_start_s": resident.started_s,
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -121,13 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(os.environ.get("IG_REAL_DATA", "../shared/data")))
     p.add_argument("--first-days", type=int, default=6, help="taobao: days that train the parent")
     p.add_argument("--epochs", type=int, default=30, help="epochs of each full (re)training")
-    p.add_argument("--steps", type=int, default=120, help="optimiser steps of each warm start")
+    p.add_argument("--update-epochs", type=float, help="passes of each warm start (default: update.epochs)")
+    p.add_argument("--steps", type=int, help="most optimiser steps of each warm start (default: update.max_steps)")
     p.add_argument("--update-lr", type=float, help="learning rate of each warm start (default: update.lr)")
     p.add_argument("--datasets", nargs="+", default=["taobao", "beauty"], choices=["taobao", "beauty"])
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     train = {"epochs": args.epochs, "batch_size": 4096, "num_workers": 2, "eval_every": args.epochs}
-    update = {"max_steps": args.steps, "replay_ratio": 1.0, **({"lr": args.update_lr} if args.update_lr else {})}
+    given = {"epochs": args.update_epochs, "max_steps": args.steps, "lr": args.update_lr}
+    update = {k: v for k, v in given.items() if v is not None}
     rows: list[dict] = []
     if "taobao" in args.datasets:
         days = taobao_days(args.data, OUT / "taobao-days")

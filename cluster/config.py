@@ -109,9 +109,12 @@ class TrainConfig(_Section):
 class UpdateConfig(_Section):
     every_s: float = Field(300.0, gt=0, description="seconds between update cycles in --every mode")
     replay_ratio: float = Field(1.0, ge=0, description="old interactions replayed per new one")
-    max_steps: int = Field(200, ge=1, description="optimiser steps per warm-start update")
-    lr: float = Field(0.005, gt=0, description="learning rate of a warm start (fine-tuning: below train.lr)")
+    epochs: float = Field(4.0, gt=0, description="passes over an update's pairs (new + replay)")
+    max_steps: int = Field(50, ge=1, description="most optimiser steps per warm-start update")
+    lr: float = Field(0.02, gt=0, description="learning rate of a warm start (a fresh Adam over few steps)")
     tolerance: float = Field(0.02, ge=0, le=1, description="publish only if Recall@K >= (1 - tolerance) x parent's")
+    resident: bool = Field(True, description="--every: keep the Ray Train workers up between cycles (no start-up per "
+                                             "cycle; their CPUs/GPUs stay reserved)")
 
 
 def _ordered(section: _Section, low: str, high: str) -> Any:

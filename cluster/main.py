@@ -182,7 +182,7 @@ def _main_job(args: argparse.Namespace, cfg: AppConfig) -> dict:
     positive("--live-events-per-s", args.live_events_per_s)
     positive("--duration-s", args.duration_s)
     _prepare_source(args, cfg)
-    dashboard = ensure_ray(cfg, dashboard=True)
+    dashboard = ensure_ray(cfg, dashboard=True, long_lived=True)
     try:
         _emit("ingest", **run_ingest(cfg, resolve_request(cfg, args)))
         _emit("train", **run_train(cfg, TrainOptions(epochs=args.epochs)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -41,7 +42,19 @@ def serve_env(cfg: AppConfig) -> dict[str, str]:
     return dict(HIGH_THROUGHPUT_ENV)
 
 
-def ensure_ray(cfg: AppConfig, dashboard: bool = False) -> str | None:
+def embedded_cpus(cfg: AppConfig, long_lived: bool) -> int | None:
+    """Logical CPUs for an embedded Ray: cluster.num_cpus, else Ray's own count (None), except for a long-lived
+    job (the main job, `--every`). There the resident update workers keep their CPUs between cycles and Serve's
+    replicas keep theirs, so on a small machine ingestion's Ray Data tasks would never be scheduled. Logical CPUs
+    only gate scheduling: the count is raised to fit all of them plus one task, and the OS shares the cores.
+    """
+    if cfg.cluster.num_cpus or not long_lived:
+        return cfg.cluster.num_cpus
+    held = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.serve.max_replicas * cfg.serve.num_cpus
+    return max(os.cpu_count() or 1, math.ceil(held) + 1)
+
+
+def ensure_ray(cfg: AppConfig, dashboard: bool = False, long_lived: bool = False) -> str | None:
     """Connect to cluster.address / RAY_ADDRESS when given (as under `ray job submit`), else start Ray here.
 
     Returns the dashboard's URL when this call started one (the main job shows it), else None.
@@ -55,8 +68,9 @@ def ensure_ray(cfg: AppConfig, dashboard: bool = False) -> str | None:
     # Serve reads these when it starts inside this Ray, so they must be in place before ray.init.
     os.environ.update(serve_env(cfg))
     kwargs: dict[str, object] = {"include_dashboard": dashboard}
-    if cfg.cluster.num_cpus:
-        kwargs["num_cpus"] = cfg.cluster.num_cpus
+    num_cpus = embedded_cpus(cfg, long_lived)
+    if num_cpus:
+        kwargs["num_cpus"] = num_cpus
     if cfg.cluster.object_store_mb:
         kwargs["object_store_memory"] = cfg.cluster.object_store_mb << 20
     context = ray.init(**kwargs)

@@ -170,15 +170,17 @@ def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.
 
 
 def _maybe_fail(config: dict, rank: int, epoch: int) -> None:
-    """Test hook: one real process death at a chosen rank and epoch (a marker file makes it happen once)."""
-    fault = config.get("fault")
-    if not fault or fault["rank"] != rank or fault["epoch"] != epoch:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"rank {rank} died at epoch {epoch}\n")
-    os._exit(1)
+    """Test hook: a real process death (or, with "raise", an exception) at a chosen rank and epoch, once per
+    marker file; `fault` is one such dict or a list of them, taken in order."""
+    faults = config.get("fault") or []
+    for fault in [faults] if isinstance(faults, dict) else faults:
+        marker = Path(fault["marker"])
+        if fault["rank"] != rank or fault["epoch"] != epoch or marker.exists():
+            continue
+        marker.write_text(f"rank {rank} failed at epoch {epoch}\n")
+        if fault.get("raise"):
+            raise RuntimeError(f"injected fault at rank {rank}, epoch {epoch}")
+        os._exit(1)
 
 
 def run_worker(config: dict, session: Session) -> None:
@@ -187,6 +189,8 @@ def run_worker(config: dict, session: Session) -> None:
     torch.set_num_threads(int(config.get("threads", 1)))
     torch.manual_seed(hp["seed"])
     rank, world = session.rank, session.world
+    phases: dict[str, float] = {}  # where this worker's time went, for the update summary's timings
+    mark = time.time()
     storage = Storage(config["root"], config.get("endpoint"), config.get("region"))
     graph = load_graph(storage)
     sp = split(graph, hp["holdout"], hp["holdout_days"])
@@ -203,6 +207,7 @@ def run_worker(config: dict, session: Session) -> None:
                 graph.num_users, graph.num_items, sp.train_user, sp.train_item, graph.ic_item, graph.ic_cat,
                 graph.ib_item, graph.ib_brand, offsets, hp["embedding_dim"], seed=hp["seed"]))
     model.to(device)
+    phases["setup"] = round(time.time() - mark, 3)
     optimiser = torch.optim.Adam(model.parameters(), lr=hp["lr"])
     # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=hp["lr_decay"])
@@ -236,8 +241,10 @@ def run_worker(config: dict, session: Session) -> None:
     parent_metrics = None
     if config.get("eval_parent") and restored is None:
         # The starting point scored on the same holdout: what a warm start must not fall below.
+        mark = time.time()
         parent_metrics, _ = evaluate(model, adj, graph, train_csr, test_csr, hp["k"], hp["eval_batch_users"], world,
                                      normalise=hp["loss"] == "softmax")
+        phases["eval_parent"] = round(time.time() - mark, 3)
     elif restored is not None:
         parent_metrics = state.get("parent_metrics")
     for epoch in range(start_epoch, hp["epochs"]):
@@ -279,8 +286,10 @@ def run_worker(config: dict, session: Session) -> None:
         entry: dict[str, Any] = {"epoch": epoch, "seconds": round(time.time() - started, 3), "loss": loss_mean,
                                  "steps": step + 1}
         if final or (epoch + 1) % hp["eval_every"] == 0:
+            mark = time.time()
             metrics, emb = evaluate(model, adj, graph, train_csr, test_csr, hp["k"], hp["eval_batch_users"], world,
                                     normalise=hp["loss"] == "softmax")
+            phases["eval"] = phases.get("eval", 0.0) + round(time.time() - mark, 3)
             entry.update(metrics)
         history.append(entry)
         if rank == 0:  # progress per epoch; Ray forwards a worker's stdout to the driver's console
@@ -298,7 +307,7 @@ def run_worker(config: dict, session: Session) -> None:
                                         "num_layers": hp["num_layers"]},
                             "split": {"mode": sp.mode, "train_pairs": int(len(pairs_user)),
                                       "test_pairs": int(len(sp.test_user))},
-                            "parent_metrics": parent_metrics, "steps": total_steps},
+                            "parent_metrics": parent_metrics, "steps": total_steps, "phases": phases},
                            os.path.join(tmp, STATE_FILE))
                 if final:
                     e = emb.detach().cpu().numpy().astype(np.float32)

@@ -77,21 +77,18 @@ def torch_config(cfg: AppConfig, opts: TrainOptions):  # -> ray.train.torch.Torc
     return TorchConfig(backend="nccl" if _use_gpu(cfg, opts) else "gloo")
 
 
-@contextmanager
-def fitted(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> Iterator[tuple[str, dict]]:
-    """Run the TorchTrainer; returns a local directory holding the final checkpoint and the last metrics."""
+def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, name: str):  # -> TorchTrainer
+    """A TorchTrainer with the app's scaling, backend, failure and storage settings (full, update, resident)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-
-    from trainers.loop import train_loop_per_worker
 
     storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
     # On an object store Ray Train gets our filesystem, so it uses data.s3_endpoint / s3_region like everything else.
     where = {"storage_path": storage.path(TRAIN_RUNS)}
     if not storage.is_local:
         where["storage_filesystem"] = storage.fs
-    trainer = TorchTrainer(
-        train_loop_per_worker,
+    return TorchTrainer(
+        loop,
         train_loop_config=config,
         torch_config=torch_config(cfg, opts),
         scaling_config=scaling_config(cfg, opts),
@@ -102,6 +99,14 @@ def fitted(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> Itera
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+
+
+@contextmanager
+def fitted(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> Iterator[tuple[str, dict]]:
+    """Run the TorchTrainer; returns a local directory holding the final checkpoint and the last metrics."""
+    from trainers.loop import train_loop_per_worker
+
+    trainer = trainer_for(cfg, opts, train_loop_per_worker, config, name)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

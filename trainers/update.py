@@ -2,9 +2,10 @@
 
 A cycle ingests what arrived since the last watermark (files under raw/, flushed by the live API, included),
 grows the parent's embedding table to the new users and items, trains from the parent's parameters on the new
-interactions plus a replay sample of older ones for `update.max_steps` steps on Ray Train, and publishes a child
-version only if Recall@K on the newest holdout holds at least (1 - update.tolerance) of the parent's on the same
-holdout. Without a published version the first cycle is a full training. Each cycle prints one JSON line.
+interactions plus a replay sample of older ones for `update.epochs` passes (at most `update.max_steps` steps) on
+Ray Train, and publishes a child version only if Recall@K on the newest holdout holds at least
+(1 - update.tolerance) of the parent's on the same holdout. Without a published version the first cycle is a full
+training. Each cycle prints one JSON line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -36,8 +38,12 @@ def _ingest(cfg: AppConfig) -> dict:
     return run_ingest(cfg, Request(source=src.path, fmt=src.format, holdout=src.holdout))
 
 
-def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
-    """One cycle; returns its JSON summary (`version` null when nothing was published, with `reason`)."""
+def run_update(cfg: AppConfig, opts: Any = None, resident: Any = None, **extra: Any) -> dict:
+    """One cycle; returns its JSON summary (`version` null when nothing was published, with `reason`).
+
+    With `resident` (a `trainers.resident.ResidentTrainer`) the cycle trains on its waiting workers; without,
+    it starts a Ray Train run of its own.
+    """
     import os
 
     import ray
@@ -56,7 +62,8 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
     ingested = _ingest(cfg)
     timings = {"ingest": round(time.time() - started, 3)}  # where a cycle's time goes (filled in as it runs)
     base = {"mode": "warm", "timings": timings,
-            "ingested": {k: ingested[k] for k in ("input_rows", "accepted", "new_users", "new_items", "watermark_ms")}}
+            "ingested": {k: ingested[k] for k in ("input_rows", "accepted", "new_users", "new_items", "watermark_ms",
+                                                 "timings")}}
     parent = cf.latest_version(storage)
     if parent is None:
         summary = run_train(cfg, opts)
@@ -75,19 +82,22 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
     pair_index = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0)
     timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
     ensure_ray(cfg)
+    steps = update_steps(cfg, opts, len(pair_index))
     config = worker_config(cfg, opts, started, init_state=ray.put(grown), pair_index=ray.put(pair_index),
-                           steps_per_epoch=cfg.update.max_steps, eval_parent=True, **extra)
-    # The architecture is the parent's (a full retrain is how a config change of it takes effect); one epoch of
-    # update.max_steps steps, evaluated once at its end.
+                           steps_per_epoch=steps, eval_parent=True, **extra)
+    # The architecture is the parent's (a full retrain is how a config change of it takes effect); one "epoch" of
+    # `steps` steps, evaluated once at its end.
     config["hparams"].update({"embedding_dim": parent_state["hparams"]["embedding_dim"],
                               "num_layers": parent_state["hparams"]["num_layers"],
                               "epochs": 1, "eval_every": 1, "lr": cfg.update.lr})
     name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     mark = time.time()
-    with fitted(cfg, opts, config, name) as (checkpoint_dir, _):
+    with (resident.fitted(config) if resident is not None else fitted(cfg, opts, config, name)) as (checkpoint_dir, _):
         state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
-        timings["ray_train"] = round(time.time() - mark, 3)  # worker start-up, training, evaluation, checkpoint
+        # Worker start-up (none on resident workers), training, evaluation, the checkpoint's way back.
+        timings["ray_train"] = round(time.time() - mark, 3)
         timings["worker_loop"] = round(state["history"][-1]["seconds"], 3)
+        timings["worker"] = state.get("phases", {})
         k = cfg.train.k
         final = state["history"][-1]
         metrics = {f"recall@{k}": final[f"recall@{k}"], f"ndcg@{k}": final[f"ndcg@{k}"]}
@@ -95,7 +105,7 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
                           f"ndcg@{k}": state["parent_metrics"][f"ndcg@{k}"]}
         floor = (1.0 - cfg.update.tolerance) * parent_metrics[f"recall@{k}"]
         out = {**base, "parent": parent, "metrics": metrics, "parent_metrics": parent_metrics,
-               "steps": state["steps"], "train_pairs": state["split"]["train_pairs"]}
+               "steps": state["steps"], "train_pairs": state["split"]["train_pairs"], "resident": resident is not None}
         if metrics[f"recall@{k}"] < floor:
             reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "
                       f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")
@@ -107,6 +117,17 @@ def run_update(cfg: AppConfig, opts: Any = None, **extra: Any) -> dict:
         timings["publish"] = round(time.time() - mark, 3)
     log.info("published %s (parent %s): %s", version, parent, metrics)
     return {**out, "version": version, "seconds": round(time.time() - started, 3)}
+
+
+def update_steps(cfg: AppConfig, opts: Any, pairs: int) -> int:
+    """Optimiser steps of a cycle: `update.epochs` passes over its pairs (new + replay), at most update.max_steps.
+
+    The work follows what is new, as a retrain's follows all the data: a quiet hour costs a few steps, and a
+    small slice is not passed over dozens of times (which overfits it and fails the gate).
+    """
+    world = opts.num_workers or cfg.train.num_workers
+    per_pass = math.ceil(math.ceil(pairs / world) / cfg.train.batch_size)
+    return max(1, min(cfg.update.max_steps, math.ceil(cfg.update.epochs * per_pass)))
 
 
 def update_pair_index(graph: Any, sp: Any, cfg: AppConfig, parent_watermark_ms: int) -> np.ndarray:
@@ -127,20 +148,31 @@ def update_pair_index(graph: Any, sp: Any, cfg: AppConfig, parent_watermark_ms: 
 
 
 def run_every(cfg: AppConfig, every_s: float, stop: threading.Event, max_cycles: int | None = None,
-              emit: Any = print) -> int:
-    """Cycles until `stop` is set (checked between cycles); a failed cycle is logged and the next one runs."""
+              emit: Any = print, **extra: Any) -> int:
+    """Cycles until `stop` is set (checked between cycles); a failed cycle is logged and the next one runs.
+
+    With update.resident the cycles share one Ray Train run whose workers wait between cycles.
+    """
+    from trainers.resident import ResidentTrainer
+    from trainers.train import TrainOptions
+
+    resident = ResidentTrainer(cfg, TrainOptions(), stop) if cfg.update.resident else None
     cycles = failures = 0
-    while not stop.is_set():
-        cycles += 1
-        try:
-            emit(json.dumps({"cycle": cycles, **run_update(cfg)}))
-        except Exception as err:  # noqa: BLE001 - a long-lived job must outlive one bad cycle
-            failures += 1
-            log.exception("update cycle %d failed", cycles)
-            emit(json.dumps({"cycle": cycles, "version": None, "error": f"{type(err).__name__}: {err}"}))
-        if max_cycles is not None and cycles >= max_cycles:
-            break
-        stop.wait(every_s)
+    try:
+        while not stop.is_set():
+            cycles += 1
+            try:
+                emit(json.dumps({"cycle": cycles, **run_update(cfg, resident=resident, **extra)}))
+            except Exception as err:  # noqa: BLE001 - a long-lived job must outlive one bad cycle
+                failures += 1
+                log.exception("update cycle %d failed", cycles)
+                emit(json.dumps({"cycle": cycles, "version": None, "error": f"{type(err).__name__}: {err}"}))
+            if max_cycles is not None and cycles >= max_cycles:
+                break
+            stop.wait(every_s)
+    finally:
+        if resident is not None:
+            resident.close()
     return failures
 
 
@@ -161,7 +193,7 @@ def _update_command(args: argparse.Namespace, cfg: AppConfig) -> dict | None:
     from cluster.runtime import ensure_ray
 
     # Ray installs its own SIGTERM handler (which aborts) when it starts: start it first, then take the signal.
-    ensure_ray(cfg)
+    ensure_ray(cfg, long_lived=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -1,0 +1,226 @@
+"""A Ray Train run that stays up between warm-start cycles, so a cycle does not pay for starting its workers.
+
+Starting a TorchTrainer (controller, placement group, worker processes, imports, the gloo or NCCL group) costs
+10-20 s, more than a small update's training. `--every` keeps one run alive instead: its workers wait on a
+`CycleBoard` actor, each cycle posts its worker config there, every rank runs the ordinary per-worker loop on
+it, and rank 0 posts the final checkpoint's files back. Scaling options are those of full training.
+
+Failures: a cycle that raises on a worker is posted back as failed, then the worker re-raises so Ray Train
+replaces the whole group (a rank left inside a collective would hang otherwise). A worker that dies mid-cycle
+leaves its cycle pending, and the replacement group runs it again. A run that exhausts train.max_failures
+ends; the next cycle starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cluster.config import AppConfig
+
+log = logging.getLogger("trainers.resident")
+IDLE = "idle"  # what a worker's wait returns when no cycle came in time: it asks again
+
+
+class CycleBoard:
+    """Ray actor: one pending cycle at a time, handed to every rank; results by cycle number."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._pending: tuple[int, dict] | None = None
+        self._results: dict[int, dict] = {}
+        self._stopped = False
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def submit(self, cycle: int, config: dict) -> None:
+        self._pending = (cycle, config)
+        await self._notify()
+
+    async def next(self, after: int, timeout_s: float) -> tuple[int, dict] | str | None:
+        """The pending cycle if it is newer than `after`; None once stopped; IDLE after `timeout_s`."""
+
+        def ready() -> bool:
+            return self._stopped or (self._pending is not None and self._pending[0] > after)
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
+            except TimeoutError:
+                return IDLE
+        return None if self._stopped else self._pending
+
+    async def finish(self, cycle: int, result: dict) -> None:
+        """Rank 0's final files and metrics, or {"error": ...} from any rank (the first word stands)."""
+        self._results.setdefault(cycle, result)
+        if self._pending is not None and self._pending[0] == cycle:
+            self._pending = None
+        await self._notify()
+
+    async def result(self, cycle: int, timeout_s: float) -> dict | None:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: cycle in self._results), timeout_s)
+            except TimeoutError:
+                return None
+        return self._results.pop(cycle)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        await self._notify()
+
+
+class _CycleSession:
+    """One cycle's view of the resident run: ranks and DDP from Ray Train; the final checkpoint is kept in memory
+    (rank 0) for the board, not reported, so a restarted group never resumes an old cycle's state."""
+
+    def __init__(self, train_session: Any) -> None:
+        self._train = train_session
+        self.rank, self.world = train_session.rank, train_session.world
+        self.files: dict[str, bytes] = {}
+        self.metrics: dict[str, Any] = {}
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.metrics = metrics
+        if checkpoint_dir is not None and metrics.get("final"):
+            self.files = {p.name: p.read_bytes() for p in Path(checkpoint_dir).iterdir()}
+
+    def restored_dir(self) -> str | None:
+        return None
+
+    def wrap(self, model: Any) -> Any:
+        return self._train.wrap(model)
+
+    def device(self) -> Any:
+        return self._train.device()
+
+
+def resident_loop_per_worker(config: dict) -> None:
+    """What each worker of the resident run executes: wait for a cycle, run it, repeat until stopped."""
+    import ray
+
+    from trainers.loop import RayTrainSession, run_worker
+
+    board, session, done = config["board"], RayTrainSession(), 0
+    while True:
+        got = ray.get(board.next.remote(done, 30.0))
+        if got is None:
+            return
+        if got == IDLE:
+            continue
+        cycle, cycle_config = got
+        if cycle_config.get("warmup"):  # the driver's readiness check
+            if session.rank == 0:
+                ray.get(board.finish.remote(cycle, {"files": {}, "metrics": {}}))
+            done = cycle
+            continue
+        capture = _CycleSession(session)
+        try:
+            run_worker(cycle_config, capture)
+        except BaseException as err:
+            ray.get(board.finish.remote(cycle, {"error": f"rank {session.rank}: {type(err).__name__}: {err}"}))
+            raise
+        if session.rank == 0:
+            ray.get(board.finish.remote(cycle, {"files": capture.files, "metrics": capture.metrics}))
+        done = cycle
+
+
+class ResidentTrainer:
+    """Driver side: starts the run in a thread (TorchTrainer.fit blocks until the workers return), posts cycles."""
+
+    def __init__(self, cfg: AppConfig, opts: Any, stop: threading.Event | None = None) -> None:
+        self.cfg, self.opts = cfg, opts
+        self.stop = stop or threading.Event()  # the job's stop signal: a wait for workers gives up on it
+        self._board: Any = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._cycle = 0
+        self.started_s: float | None = None  # seconds the last start took until the workers were ready
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the run and wait until its workers take a first (empty) cycle."""
+        import ray
+
+        from trainers.train import trainer_for
+
+        began = time.time()
+        self._board = ray.remote(num_cpus=0)(CycleBoard).remote()
+        name = time.strftime("resident-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        trainer = trainer_for(self.cfg, self.opts, resident_loop_per_worker, {"board": self._board}, name)
+        self._error = None
+
+        def fit() -> None:
+            try:
+                result = trainer.fit()
+                if result.error is not None:
+                    self._error = result.error
+            except BaseException as err:  # noqa: BLE001 - surfaced to the cycle that waits on it
+                self._error = err
+
+        self._thread = threading.Thread(target=fit, name="resident-train", daemon=True)
+        self._thread.start()
+        self._run({"warmup": True}, stoppable=True)
+        self.started_s = round(time.time() - began, 3)
+        log.info("resident update workers ready in %.1f s", self.started_s)
+
+    def _run(self, config: dict, stoppable: bool = False) -> dict:
+        """Post a cycle and wait for it. Only a start gives up on the stop signal (workers may wait for resources
+        for ever); a cycle under way is let finish, as `--every` promises."""
+        import ray
+
+        self._cycle += 1
+        ray.get(self._board.submit.remote(self._cycle, config))
+        while True:
+            result = ray.get(self._board.result.remote(self._cycle, 2.0))
+            if result is not None:
+                break
+            if not self.alive():
+                raise RuntimeError(f"the resident update workers stopped: {self._error!r}")
+            if stoppable and self.stop.is_set():
+                raise RuntimeError("stopped while waiting for the resident update workers to start")
+        if "error" in result:
+            raise RuntimeError(f"update cycle failed on a worker: {result['error']}")
+        return result
+
+    @contextmanager
+    def fitted(self, config: dict) -> Iterator[tuple[str, dict]]:
+        """Like `trainers.train.fitted`: a local directory holding the cycle's final checkpoint, and its metrics."""
+        if not self.alive():
+            if self._thread is not None:
+                log.warning("resident update workers were gone (%r); starting new ones", self._error)
+            self.start()
+        result = self._run(config)
+        local = tempfile.mkdtemp(prefix="ig-final-")
+        try:
+            for name, data in result["files"].items():
+                with open(os.path.join(local, name), "wb") as f:
+                    f.write(data)
+            yield local, result["metrics"]
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        import ray
+
+        if self._board is None:
+            return
+        if self.alive():
+            ray.get(self._board.stop.remote())
+            self._thread.join(timeout_s)
+        ray.kill(self._board)
+        self._board = None
