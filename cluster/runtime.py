@@ -51,7 +51,14 @@ def embedded_cpus(cfg: AppConfig, long_lived: bool) -> int | None:
     if cfg.cluster.num_cpus or not long_lived:
         return cfg.cluster.num_cpus
     held = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.serve.max_replicas * cfg.serve.num_cpus
-    return max(os.cpu_count() or 1, math.ceil(held) + 1)
+    return max(detected_cpus(), math.ceil(held) + 1)
+
+
+def detected_cpus() -> int:
+    """The CPUs Ray would count by itself: a container's limit rather than the host's cores."""
+    from ray._private.utils import get_num_cpus
+
+    return int(get_num_cpus())
 
 
 def ensure_ray(cfg: AppConfig, dashboard: bool = False, long_lived: bool = False) -> str | None:

@@ -7,13 +7,15 @@ it, and rank 0 posts the final checkpoint's files back. Scaling options are thos
 
 Failures: a cycle that raises on a worker is posted back as failed, then the worker re-raises so Ray Train
 replaces the whole group (a rank left inside a collective would hang otherwise). A worker that dies mid-cycle
-leaves its cycle pending, and the replacement group runs it again. A run that exhausts train.max_failures
-ends; the next cycle starts a new one.
+leaves its cycle pending and the replacement group runs it again, unless surviving ranks post their collective's
+failure first (any run of two or more workers): then the cycle fails and the next one runs on the new group. A run
+that exhausts train.max_failures ends; the next cycle starts a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -30,6 +32,7 @@ from cluster.config import AppConfig
 
 log = logging.getLogger("trainers.resident")
 IDLE = "idle"  # what a worker's wait returns when no cycle came in time: it asks again
+STOP_GRACE_S = 120.0  # how long a cycle under way may still run once the job is told to stop
 
 
 class CycleBoard:
@@ -39,6 +42,7 @@ class CycleBoard:
         self._changed = asyncio.Condition()
         self._pending: tuple[int, dict] | None = None
         self._results: dict[int, dict] = {}
+        self._collected = 0  # cycles up to here were handed to the driver: late posts for them are dropped
         self._stopped = False
 
     async def _notify(self) -> None:
@@ -64,6 +68,8 @@ class CycleBoard:
 
     async def finish(self, cycle: int, result: dict) -> None:
         """Rank 0's final files and metrics, or {"error": ...} from any rank (the first word stands)."""
+        if cycle <= self._collected:
+            return
         self._results.setdefault(cycle, result)
         if self._pending is not None and self._pending[0] == cycle:
             self._pending = None
@@ -75,6 +81,7 @@ class CycleBoard:
                 await asyncio.wait_for(self._changed.wait_for(lambda: cycle in self._results), timeout_s)
             except TimeoutError:
                 return None
+        self._collected = max(self._collected, cycle)
         return self._results.pop(cycle)
 
     async def stop(self) -> None:
@@ -133,8 +140,11 @@ def resident_loop_per_worker(config: dict) -> None:
             ray.get(board.finish.remote(cycle, {"error": f"rank {session.rank}: {type(err).__name__}: {err}"}))
             raise
         if session.rank == 0:
-            ray.get(board.finish.remote(cycle, {"files": capture.files, "metrics": capture.metrics}))
+            # The files travel as an object this worker owns (it lives on, waiting), not through the board's heap.
+            ray.get(board.finish.remote(cycle, {"files": [ray.put(capture.files)], "metrics": capture.metrics}))
         done = cycle
+        del capture
+        gc.collect()  # DDP's reference cycles would keep this cycle's model (and GPU memory) until a later sweep
 
 
 class ResidentTrainer:
@@ -159,6 +169,7 @@ class ResidentTrainer:
         from trainers.train import trainer_for
 
         began = time.time()
+        self._kill_board()  # a dead run's board still holds its last cycle's config (object refs to the model)
         self._board = ray.remote(num_cpus=0)(CycleBoard).remote()
         name = time.strftime("resident-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         trainer = trainer_for(self.cfg, self.opts, resident_loop_per_worker, {"board": self._board}, name)
@@ -179,22 +190,27 @@ class ResidentTrainer:
         log.info("resident update workers ready in %.1f s", self.started_s)
 
     def _run(self, config: dict, stoppable: bool = False) -> dict:
-        """Post a cycle and wait for it. Only a start gives up on the stop signal (workers may wait for resources
-        for ever); a cycle under way is let finish, as `--every` promises."""
+        """Post a cycle and wait for it. A start gives up on the stop signal at once (workers may wait for resources
+        for ever); a cycle under way gets STOP_GRACE_S more to finish, as `--every` stops between cycles."""
         import ray
 
         self._cycle += 1
         ray.get(self._board.submit.remote(self._cycle, config))
+        stop_seen: float | None = None
         while True:
             result = ray.get(self._board.result.remote(self._cycle, 2.0))
             if result is not None:
                 break
             if not self.alive():
                 raise RuntimeError(f"the resident update workers stopped: {self._error!r}")
-            if stoppable and self.stop.is_set():
-                raise RuntimeError("stopped while waiting for the resident update workers to start")
+            if self.stop.is_set():
+                stop_seen = stop_seen or time.time()
+                if stoppable or time.time() - stop_seen > STOP_GRACE_S:
+                    raise RuntimeError("stopped while waiting for the resident update workers")
         if "error" in result:
             raise RuntimeError(f"update cycle failed on a worker: {result['error']}")
+        if result["files"]:
+            result["files"] = ray.get(result["files"][0])
         return result
 
     @contextmanager
@@ -214,13 +230,26 @@ class ResidentTrainer:
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
+    def _kill_board(self) -> None:
+        import ray
+
+        if self._board is not None:
+            try:
+                ray.kill(self._board)
+            except Exception:  # noqa: BLE001 - already gone is as good as killed
+                pass
+            self._board = None
+
     def close(self, timeout_s: float = 60.0) -> None:
+        """Let the workers return (the run ends), then drop the board. Never raises: it runs on the way out."""
         import ray
 
         if self._board is None:
             return
-        if self.alive():
-            ray.get(self._board.stop.remote())
-            self._thread.join(timeout_s)
-        ray.kill(self._board)
-        self._board = None
+        try:
+            if self.alive():
+                ray.get(self._board.stop.remote(), timeout=10)
+                self._thread.join(timeout_s)
+        except Exception:  # noqa: BLE001 - the board or Ray may already be gone
+            log.warning("resident update workers did not stop cleanly", exc_info=True)
+        self._kill_board()

@@ -57,7 +57,8 @@ def run_update(cfg: AppConfig, opts: Any = None, resident: Any = None, **extra: 
     from trainers.warm_start import extended_state
 
     started = time.time()
-    opts = opts or TrainOptions()
+    # Resident workers were started with their own options: the cycle's step count must use the same world size.
+    opts = resident.opts if resident is not None else (opts or TrainOptions())
     storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
     ingested = _ingest(cfg)
     timings = {"ingest": round(time.time() - started, 3)}  # where a cycle's time goes (filled in as it runs)
@@ -81,6 +82,9 @@ def run_update(cfg: AppConfig, opts: Any = None, resident: Any = None, **extra: 
     grown = extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user, sp.train_item)
     pair_index = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0)
     timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
+    if not len(pair_index):  # e.g. only held-out pairs arrived and update.replay_ratio is 0
+        return {**base, "version": None, "parent": parent, "reason": "no new training pairs since the parent",
+                "seconds": round(time.time() - started, 3), "metrics": loaded.metrics}
     ensure_ray(cfg)
     steps = update_steps(cfg, opts, len(pair_index))
     config = worker_config(cfg, opts, started, init_state=ray.put(grown), pair_index=ray.put(pair_index),

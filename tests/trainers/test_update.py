@@ -104,7 +104,6 @@ def test_degraded_update_is_refused_and_latest_stays(trained: dict) -> None:
     (trained["logs"] / "events-more.csv").write_text(
         HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
     cfg.update.lr = 50.0  # forces the model off a cliff
-    cfg.update.max_steps = 60
     summary = run_update(cfg)
     assert summary["version"] is None and "below" in summary["reason"], summary
     assert cf.latest_version(storage) == before
@@ -150,6 +149,39 @@ def test_resident_workers_survive_a_failed_cycle_and_a_lost_worker(trained: dict
     assert lines[1]["version"] is not None and lines[1]["parent"] == before and lines[1]["resident"], lines[1]
     assert cf.latest_version(storage) == lines[1]["version"]
     # Both cycles, and both replacement groups, belonged to one Ray Train run.
+    assert len(set(runs.glob("resident-*")) - earlier) == 1
+
+
+def test_resident_ddp_group_runs_cycle_after_cycle_and_outlives_a_lost_rank(trained: dict, tmp_path: Path) -> None:
+    """Two ranks (DDP over gloo) kept across cycles. Rank 1 dies in the first cycle: that cycle either runs again on
+    the replacement group or fails with the survivor's collective error; either way the job goes on, and the next
+    cycle publishes on the same Ray Train run."""
+    cfg: AppConfig = trained["cfg"].model_copy(deep=True)
+    cfg.train.num_workers, cfg.train.cpus_per_worker = 2, 0.5  # leaves a CPU of the test Ray for ingestion
+    storage = Storage(cfg.data.root)
+    runs = Path(cfg.data.root) / "train_runs"
+    earlier = set(runs.glob("resident-*"))
+    now_s = int(time.time()) - 20
+
+    def arrive(tag: str) -> None:
+        (trained["logs"] / f"events-{tag}.csv").write_text(
+            HEADER + "\n".join(f"shopper-{tag}{u},item-{u % 30},click,{now_s + u},,,," for u in range(20)) + "\n")
+
+    arrive("ddp-a")
+    died = tmp_path / "died"
+    lines: list[dict] = []
+
+    def emit(line: str) -> None:
+        lines.append(json.loads(line))
+        arrive(f"ddp-{len(lines)}")  # something new for the next cycle
+
+    run_every(cfg, 0.1, threading.Event(), max_cycles=2, emit=emit,
+              fault={"rank": 1, "epoch": 0, "marker": str(died)})
+    assert died.exists()
+    assert lines[0]["version"] is not None or "rank" in lines[0]["error"], lines[0]
+    assert lines[1]["version"] is not None and lines[1]["resident"], lines[1]
+    assert cf.latest_version(storage) == lines[1]["version"]
+    assert cf.load_version(storage, lines[1]["version"]).manifest["extra"]["num_workers"] == 2
     assert len(set(runs.glob("resident-*")) - earlier) == 1
 
 

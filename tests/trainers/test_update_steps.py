@@ -13,7 +13,6 @@ def test_steps_follow_the_new_pairs_and_stop_at_the_cap() -> None:
     assert update_steps(cfg, TrainOptions(), 14_280) == 8
     assert update_steps(cfg, TrainOptions(), 44_726) == 24  # 6 batches per pass
     assert update_steps(cfg, TrainOptions(), 10_000_000) == 50
-    assert update_steps(cfg, TrainOptions(), 0) == 1  # a cycle with nothing new still evaluates and gates
     # --num-workers changes the per-rank share.
     assert update_steps(cfg, TrainOptions(num_workers=1), 14_280) == 16
 
