@@ -227,10 +227,9 @@ def run_worker(config: dict, session: Session) -> None:
     pairs_user, pairs_item = update_pairs(sp, config) if "pair_index" in config else train_csr_pairs(train_csr)
     mine = np.arange(rank, len(pairs_user), world)
     batch = hp["batch_size"]
-    # Every rank takes the same number of steps, or DDP's all-reduce would wait for a rank that stopped.
-    steps = max(1, math.ceil(math.ceil(len(pairs_user) / world) / batch))
+    steps = steps_per_pass(len(pairs_user), world, batch)
     if config.get("steps_per_epoch"):
-        # A warm start is one "epoch" of max_steps steps (wrapping over its few pairs): one checkpoint, no decay.
+        # A warm start is one "epoch" of the driver's step count (wrapping over its pairs): one checkpoint, no decay.
         steps = int(config["steps_per_epoch"])
     item_base = offsets.item
     deadline = config.get("deadline")
@@ -317,6 +316,12 @@ def run_worker(config: dict, session: Session) -> None:
             session.report({**entry, "final": final}, checkpoint_dir)
         if final:
             break
+
+
+def steps_per_pass(pairs: int, world: int, batch: int) -> int:
+    """Steps for one pass over `pairs` split across `world` ranks. Every rank takes the same number, or DDP's
+    all-reduce would wait for a rank that stopped."""
+    return max(1, math.ceil(math.ceil(pairs / world) / batch))
 
 
 def _resolve(value: Any) -> Any:

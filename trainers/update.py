@@ -73,9 +73,13 @@ def run_update(cfg: AppConfig, opts: Any = None, resident: Any = None, **extra: 
     graph = load_graph(storage)
     counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
               "brand": graph.num_brands}
-    if graph.watermark_ms <= (loaded.watermark_ms or -1) and counts == loaded.node_counts:
-        return {**base, "version": None, "parent": parent, "reason": "no new events since the parent",
+
+    def unchanged(reason: str) -> dict:  # nothing to learn: no version, the parent's metrics stand
+        return {**base, "version": None, "parent": parent, "reason": reason,
                 "seconds": round(time.time() - started, 3), "metrics": loaded.metrics}
+
+    if graph.watermark_ms <= (loaded.watermark_ms or -1) and counts == loaded.node_counts:
+        return unchanged("no new events since the parent")
     mark = time.time()
     sp = split(graph, cfg.train.holdout, cfg.train.holdout_days)
     parent_state = loaded.load_state()
@@ -83,8 +87,7 @@ def run_update(cfg: AppConfig, opts: Any = None, resident: Any = None, **extra: 
     pair_index = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0)
     timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
     if not len(pair_index):  # e.g. only held-out pairs arrived and update.replay_ratio is 0
-        return {**base, "version": None, "parent": parent, "reason": "no new training pairs since the parent",
-                "seconds": round(time.time() - started, 3), "metrics": loaded.metrics}
+        return unchanged("no new training pairs since the parent")
     ensure_ray(cfg)
     steps = update_steps(cfg, opts, len(pair_index))
     config = worker_config(cfg, opts, started, init_state=ray.put(grown), pair_index=ray.put(pair_index),
@@ -129,8 +132,9 @@ def update_steps(cfg: AppConfig, opts: Any, pairs: int) -> int:
     The work follows what is new, as a retrain's follows all the data: a quiet hour costs a few steps, and a
     small slice is not passed over dozens of times (which overfits it and fails the gate).
     """
-    world = opts.num_workers or cfg.train.num_workers
-    per_pass = math.ceil(math.ceil(pairs / world) / cfg.train.batch_size)
+    from trainers.loop import steps_per_pass
+
+    per_pass = steps_per_pass(pairs, opts.num_workers or cfg.train.num_workers, cfg.train.batch_size)
     return max(1, min(cfg.update.max_steps, math.ceil(cfg.update.epochs * per_pass)))
 
 
