@@ -1,10 +1,11 @@
 # Two commands for a fresh machine: `make run` (the main job on an embedded local Ray) and `make test`.
+# `make test-fast` is the developer's minute: the tests that need no Ray runtime.
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale clean
+.PHONY: install run test test-fast lint bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +23,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not ray" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -32,19 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     if args.mode == "ha":
-        from cluster.runtime import HIGH_THROUGHPUT_ENV
+        from core.runtime import HIGH_THROUGHPUT_ENV
 
         os.environ.update(HIGH_THROUGHPUT_ENV)
     import ray
     import yaml
     from ray import serve
 
-    from datasets.storage import Storage
+    import registry
+    from core.storage import Storage
     from serve_app.app import AppArgs, build_app
     from serve_app.live_state import kill_shards
-    from trainers import checkpoint_format as cf
 
-    latest = cf.load_latest(Storage(args.root))
+    latest = registry.load_latest(Storage(args.root))
     if latest is None:
         raise SystemExit(f"no published version under {args.root}: run python -m bench.train_gowalla first")
     cfg_path = OUT / "freshness-bench.yaml"

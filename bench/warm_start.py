@@ -19,8 +19,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cluster.config import AppConfig, parse_config
-from cluster.runtime import ensure_ray
+from core.config import AppConfig, parse_config
+from core.runtime import ensure_ray
 from datasets.ingest import Request, run_ingest
 from trainers.resident import ResidentTrainer
 from trainers.train import TrainOptions, run_train
@@ -125,10 +125,10 @@ def compare(name: str, base: Path, first: list[tuple[Path, str]], slices: list[t
 def _train_seconds(cfg: AppConfig, summary: dict) -> float | None:
     if not summary.get("version"):
         return None
-    from datasets.storage import Storage
-    from trainers import checkpoint_format as cf
+    import registry
+    from core.storage import Storage
 
-    return cf.read_manifest(Storage(cfg.data.root), summary["version"])["extra"]["train_seconds"]
+    return registry.read_manifest(Storage(cfg.data.root), summary["version"])["extra"]["train_seconds"]
 
 
 def main(argv: list[str] | None = None) -> int:

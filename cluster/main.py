@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.cli import positive, run_command
-from cluster.config import AppConfig
+from core.cli import positive, run_command
+from core.config import AppConfig
 from datasets.adapters import SourceError
 from datasets.ingest import resolve_request, run_ingest
 
@@ -113,17 +113,17 @@ def _serve_and_refresh(args: argparse.Namespace, cfg: AppConfig, dashboard: str 
     import requests
     from ray import serve
 
+    import registry
+    from core.storage import storage_for
     from datasets import idmaps
-    from datasets.storage import Storage
     from serve_app.app import AppArgs, build_app
     from serve_app.live_state import kill_shards
-    from trainers import checkpoint_format as cf
     from trainers.update import run_every
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C: finish the cycle in progress, then stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+    storage = storage_for(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(AppArgs(config_path=args.config, root=cfg.data.root)), name="interest-graph",
               route_prefix="/")
@@ -148,7 +148,7 @@ def _serve_and_refresh(args: argparse.Namespace, cfg: AppConfig, dashboard: str 
         body = requests.get(f"{url}/recommend/{user}", params={"k": 5}, timeout=30).json()
         examples[user] = {"path": body.get("path"), "version": body.get("version"),
                           "items": [x["item_id"] for x in body.get("items", [])]}
-    _emit("serving", url=url, examples=examples, version=cf.latest_version(storage),
+    _emit("serving", url=url, examples=examples, version=registry.latest_version(storage),
           look_at={"recommendations": f"{url}/recommend/<user id>?k=20", "served version": f"{url}/version",
                    "health": f"{url}/healthz", "ray dashboard": dashboard,
                    "metrics": "ig_* Prometheus metrics through Ray's metrics export (dashboard > Metrics)"},
@@ -166,16 +166,16 @@ def _serve_and_refresh(args: argparse.Namespace, cfg: AppConfig, dashboard: str 
     updater.join()
     stream.join(timeout=10)
     serve.shutdown()
-    kill_shards(cfg.data.root, cfg.serve.live_shards)
+    kill_shards(storage.root, cfg.serve.live_shards)
     return {"served": served, "live_events_sent": stream.sent, "live_events_failed": stream.failed,
             "update_cycles": len(updates), "published": [u["version"] for u in updates if u.get("version")],
-            "latest": cf.latest_version(storage)}
+            "latest": registry.latest_version(storage)}
 
 
 def _main_job(args: argparse.Namespace, cfg: AppConfig) -> dict:
     import ray
 
-    from cluster.runtime import ensure_ray
+    from core.runtime import ensure_ray
     from trainers.train import TrainOptions, run_train
 
     positive("--update-every", args.update_every)

@@ -8,8 +8,8 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from core.storage import filesystem_for
 from datasets.adapters import Chunk, read_chunk
-from datasets.storage import filesystem_for
 
 # Arrow tables of raw strings take about this many times the bytes of the text they came from.
 _EXPANSION = 3

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.storage import HOLDOUT, INTERACTIONS, REJECTS, Storage
 from datasets import schema as s
-from datasets.stage import SHARD, shard_of_keys
-from datasets.storage import HOLDOUT, INTERACTIONS, REJECTS, Storage
+from datasets.pseudonym import shard_of_keys
+from datasets.stage import SHARD
 
 
 def _without(storage: Storage, path: str, keys: pa.Array) -> int:

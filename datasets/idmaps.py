@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.storage import IDMAPS, Storage
 from datasets import schema as s
-from datasets.storage import IDMAPS, Storage
 
 
 def load(storage: Storage, node_type: str) -> pa.Table:

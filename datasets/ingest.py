@@ -19,20 +19,20 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.cli import run_command
-from cluster.config import AppConfig
+from core.cli import run_command
+from core.config import AppConfig
+from core.storage import GRAPH, HOLDOUT, RAW, REJECTS, TMP, Storage, filesystem_for, storage_for
 from datasets import idmaps
 from datasets import schema as s
 from datasets.adapters import ADAPTERS, Chunk, SourceError, load_attributes, plan_chunks
 from datasets.deletion import purge_users
 from datasets.pseudonym import resolve_key
 from datasets.stage import STAGED_REJECTS, StageBlock, now_ms
-from datasets.state import IngestState, load_tombstones, new_run_id, remove_uncommitted
-from datasets.storage import GRAPH, HOLDOUT, RAW, REJECTS, TMP, Storage, filesystem_for
+from datasets.state import IngestState, new_run_id, remove_uncommitted
+from datasets.tombstones import load_tombstones
 from datasets.validate import Rules
 
 log = logging.getLogger("datasets.ingest")
-GRAPH_META = "meta.json"
 
 
 @dataclass
@@ -179,12 +179,12 @@ def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int |
                             dict(cfg.data.event_weights), cfg.data.half_life_days, watermark_ms)
             for sh in shards
         ])
-        for name in ("category", "brand"):
+        for name, file in (("category", s.ITEM_CATEGORY_FILE), ("brand", s.ITEM_BRAND_FILE)):
             pairs = pa.concat_tables([r["pairs"][name] for r in edge_results])
             pairs = pairs.group_by(pairs.column_names).aggregate([]).sort_by(
                 [(n, "ascending") for n in pairs.column_names])
-            storage.write_parquet(storage.path(GRAPH, f"item_{name}.parquet"), pairs)
-        storage.write_json_atomic(storage.path(GRAPH, GRAPH_META), {
+            storage.write_parquet(storage.path(GRAPH, file), pairs)
+        storage.write_json_atomic(storage.path(GRAPH, s.GRAPH_META), {
             "watermark_ms": watermark_ms,
             "formats": formats,
             "has_holdout": storage.exists(HOLDOUT),
@@ -215,7 +215,7 @@ def run_ingest(cfg: AppConfig, req: Request) -> dict:
     """Ingest what is new; returns the summary (DESIGN 3.7)."""
     started = time.time()
     d = cfg.data
-    storage = Storage(d.root, d.s3_endpoint, d.s3_region)
+    storage = storage_for(cfg)
     state = IngestState.load(storage)
     remove_uncommitted(storage, state)
     tombstones = load_tombstones(storage)
@@ -243,7 +243,7 @@ def run_ingest(cfg: AppConfig, req: Request) -> dict:
         summary["purged_users"] = len(pending)
         timings["purge"] = time.time() - mark
     if chunks or pending:
-        from cluster.runtime import ensure_ray
+        from core.runtime import ensure_ray
 
         mark = time.time()
         ensure_ray(cfg)
@@ -312,7 +312,7 @@ def resolve_request(cfg: AppConfig, args: argparse.Namespace) -> Request:
 
 def _ingest_command(args: argparse.Namespace, cfg: AppConfig) -> dict:
     req = resolve_request(cfg, args)
-    if req.source is None and not Storage(cfg.data.root).exists(RAW):
+    if req.source is None and not storage_for(cfg).exists(RAW):
         raise SourceError("no source: give --source or data.source.path (or put files under raw/)")
     return run_ingest(cfg, req)
 

@@ -7,6 +7,7 @@ import hmac
 import logging
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -40,6 +41,12 @@ def resolve_key(allow_dev_key: bool = True) -> tuple[bytes, bool]:
 
 def pseudonymise(raw_user_id: str, key: bytes) -> str:
     return hmac.new(key, raw_user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:KEY_LENGTH]
+
+
+def shard_of_keys(user_keys: list[str], shards: int) -> np.ndarray:
+    """The shard of each user key: ingestion's interaction shards and serving's live-state shards both use it."""
+    # The pseudonym is already a uniform hash, so its leading bits spread users evenly.
+    return np.array([int(k[:8], 16) % shards for k in user_keys], dtype=np.int32)
 
 
 def pseudonymise_array(raw: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Array:

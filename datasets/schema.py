@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pyarrow as pa
+
+from core.config import CanonicalColumn, EventName
 
 USER_ID = "user_id"  # raw id, only between reading and validation
 USER_KEY = "user_key"  # pseudonym that replaces it before anything is written
@@ -14,10 +18,10 @@ BRAND_ID = "brand_id"
 PRICE = "price"
 SESSION_ID = "session_id"
 
-CANONICAL_COLUMNS = (USER_ID, ITEM_ID, EVENT, TS, CATEGORY_ID, BRAND_ID, PRICE, SESSION_ID)
+CANONICAL_COLUMNS: tuple[str, ...] = get_args(CanonicalColumn)  # the config's vocabulary, in schema order
 ID_COLUMNS = (USER_ID, ITEM_ID, CATEGORY_ID, BRAND_ID, SESSION_ID)
 
-EVENT_TYPES = ("view", "click", "cart", "fav", "purchase")
+EVENT_TYPES: tuple[str, ...] = get_args(EventName)
 EVENT_CODE = {name: code for code, name in enumerate(EVENT_TYPES)}
 # Source vocabularies that map onto the canonical events (Taobao's pv/buy and common synonyms).
 EVENT_SYNONYMS = {
@@ -102,6 +106,12 @@ NODE_TYPES = ("user", "item", "category", "brand")
 KEY = "key"
 INDEX = "idx"
 IDMAP_SCHEMA = pa.schema([(KEY, pa.string()), (INDEX, pa.int64())])
+
+# graph/ files: what ingestion builds and the trainer reads (folder names of data.root are in core.storage).
+GRAPH_META = "meta.json"  # watermark, formats, node counts, edge count, weights used
+UI_EDGES = "user_item"  # folder of one Parquet file per shard
+ITEM_CATEGORY_FILE = "item_category.parquet"
+ITEM_BRAND_FILE = "item_brand.parquet"
 
 # graph/ edge lists the trainer reads.
 USER_IDX = "user_idx"

@@ -9,13 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.storage import GRAPH, HOLDOUT, INTERACTIONS, TMP, Storage
 from datasets import idmaps
 from datasets import schema as s
 from datasets.stage import SHARD, STAGED_ACCEPTED
-from datasets.storage import GRAPH, HOLDOUT, INTERACTIONS, TMP, Storage
 
 DEDUPE_KEY = (s.USER_KEY, s.ITEM_ID, s.EVENT, s.TS)
-UI_EDGES = "user_item"
 
 
 def first_occurrence(keys: pa.Table) -> np.ndarray:
@@ -106,7 +105,7 @@ def shard_edges(storage: Storage, shard: int, users: pa.Table, items: pa.Table, 
         s.FIRST_TS: edges.column(f"{s.TS}_min"),
         s.LAST_TS: edges.column(f"{s.TS}_max"),
     }, schema=s.USER_ITEM_EDGE_SCHEMA).sort_by([(s.USER_IDX, "ascending"), (s.ITEM_IDX, "ascending")])
-    storage.write_parquet(storage.path(GRAPH, UI_EDGES, f"{SHARD}={shard}.parquet"), edges)
+    storage.write_parquet(storage.path(GRAPH, s.UI_EDGES, f"{SHARD}={shard}.parquet"), edges)
     pairs = {}
     for name, col, mapping in (("category", s.CATEGORY_ID, categories), ("brand", s.BRAND_ID, brands)):
         sub = rows.select([s.ITEM_ID, col]).filter(pc.is_valid(rows.column(col)))

@@ -13,20 +13,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.storage import TMP, Storage
 from datasets import schema as s
-from datasets.pseudonym import pseudonymise
+from datasets.pseudonym import pseudonymise, shard_of_keys
 from datasets.schema import Reason
-from datasets.storage import TMP, Storage
 from datasets.validate import Rules, validate
 
 STAGED_ACCEPTED = "accepted"
 STAGED_REJECTS = "rejects"
 SHARD = "shard"
-
-
-def shard_of_keys(user_keys: list[str], shards: int) -> np.ndarray:
-    # The pseudonym is already a uniform hash, so its leading bits spread users evenly.
-    return np.array([int(k[:8], 16) % shards for k in user_keys], dtype=np.int32)
 
 
 def pseudonymise_column(raw: pa.Array | pa.ChunkedArray, key: bytes, shards: int) -> tuple[pa.Array, pa.Array]:

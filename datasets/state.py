@@ -11,13 +11,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from datasets.storage import HOLDOUT, IDMAPS, INTERACTIONS, REJECTS, STATE, TMP, Storage
+from core.storage import HOLDOUT, IDMAPS, INTERACTIONS, REJECTS, STATE, TMP, Storage
 
 STATE_FILE = "ingest.json"
-TOMBSTONES = "tombstones"  # one small file per deletion, so concurrent replicas never rewrite a shared file
 _RUN_IN_NAME = re.compile(r"(r\d{8}T\d{6}-[0-9a-f]{8})\.parquet$")
 
 
@@ -60,19 +56,3 @@ def remove_uncommitted(storage: Storage, state: IngestState) -> int:
                 removed += 1
     storage.delete(storage.path(TMP))
     return removed
-
-
-def add_tombstone(storage: Storage, user_key: str) -> str:
-    """Record a deletion durably; the next ingestion purges the user's rows and drops their new events."""
-    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex}.parquet"
-    path = storage.path(STATE, TOMBSTONES, name)
-    storage.write_parquet(path, pa.table({"user_key": [user_key], "deleted_at_ms": [int(time.time() * 1000)]}),
-                          durable=True)
-    return path
-
-
-def load_tombstones(storage: Storage) -> pa.Array:
-    files = storage.list_files(STATE, TOMBSTONES, suffix=".parquet")
-    if not files:
-        return pa.array([], pa.string())
-    return pc.unique(storage.read_parquet(files, columns=["user_key"]).column("user_key").combine_chunks())

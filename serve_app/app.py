@@ -20,10 +20,10 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import AppConfig, load_config
+from core.config import AppConfig, load_config
+from core.storage import storage_for
 from datasets.pseudonym import KEY_ENV, pseudonymise, resolve_key
-from datasets.state import add_tombstone, load_tombstones
-from datasets.storage import Storage
+from datasets.tombstones import add_tombstone, load_tombstones
 from datasets.validate import Rules
 from serve_app.events import BatchError, by_user, check, parse_batch, write_live
 from serve_app.live_state import LiveEvent, LiveView, shard_handles
@@ -86,8 +86,8 @@ class Recommender:
         self.key, self.dev_key = resolve_key(cfg.privacy.allow_dev_key)
         if self.dev_key:
             log.warning("DEVELOPMENT pseudonym key in use: set %s; /healthz says so too", KEY_ENV)
-        self.storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
-        self.shards = shard_handles(cfg.data.root, s.live_shards, s.live_max_events_per_user)
+        self.storage = storage_for(cfg)
+        self.shards = shard_handles(self.storage.root, s.live_shards, s.live_max_events_per_user)
         self.live = LiveView(self.shards, s.live_max_events_per_user)
         self.live.deleted.update(load_tombstones(self.storage).to_pylist())  # deletions outlive the shard actors
         self.scorer = Scorer(cfg, on_swap=self._forget_covered)

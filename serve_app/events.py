@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.storage import RAW, Storage
 from datasets import schema as s
 from datasets.pseudonym import pseudonymise_array
-from datasets.storage import RAW, Storage
 from datasets.validate import Rules, validate
 
 LIVE = "live"  # raw/live/: files flushed by POST /events

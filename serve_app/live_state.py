@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from datasets.stage import shard_of_keys
+from datasets.pseudonym import shard_of_keys
 
 log = logging.getLogger("serve_app.live_state")
 ACTOR_PREFIX = "ig-live-shard-"

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datasets import idmaps
-from datasets.storage import Storage
-from trainers import checkpoint_format as cf
+import registry
+from core.storage import Storage
 
 log = logging.getLogger("serve_app.model_store")
 
@@ -43,10 +42,10 @@ class ServingModel:
         return self.seen_indices[self.seen_indptr[row] : self.seen_indptr[row + 1]]
 
 
-def build_serving_model(storage: Storage, loaded: cf.LoadedVersion) -> ServingModel:
+def build_serving_model(loaded: registry.LoadedVersion) -> ServingModel:
+    """Everything a request reads, from the version alone (category names included)."""
     started = time.time()
-    categories = idmaps.load(storage, "category")
-    cat_keys = categories.column("key").to_pylist()
+    cat_keys = loaded.category_ids
     pop = loaded.popularity
     scores = pop.column("score").to_numpy()
     cat_of = pop.column("category_idx").to_numpy()
@@ -99,17 +98,18 @@ class ModelWatcher:
 
     def poll_once(self) -> bool:
         """Load LATEST if it is newer than what is served; True when a swap happened."""
-        latest = cf.latest_version(self.storage)
+        latest = registry.latest_version(self.storage)
         if latest is None or latest in self.refused:
             return False
-        if self.current is not None and cf.version_number(latest) <= cf.version_number(self.current.version):
+        current = self.current
+        if current is not None and registry.version_number(latest) <= registry.version_number(current.version):
             return False
         started = time.time()
         try:
-            loaded = cf.load_version(self.storage, latest)
-            model = build_serving_model(self.storage, loaded)
+            loaded = registry.load_version(self.storage, latest)
+            model = build_serving_model(loaded)
             self._warm(model)
-        except (cf.CheckpointError, OSError, ValueError, KeyError) as err:
+        except (registry.CheckpointError, OSError, ValueError, KeyError) as err:
             self.refused.add(latest)
             log.error("refused checkpoint %s: %s (still serving %s)", latest, err,
                       self.current.version if self.current else "nothing")

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from cluster.config import AppConfig
-from datasets.storage import Storage
+from core.config import AppConfig
+from core.storage import storage_for
+from serve_app import ranking
 from serve_app.live_state import LiveEvent
 from serve_app.model_store import ModelWatcher, ServingModel
 
@@ -50,7 +51,7 @@ class Scorer:
         self.prior_weight = cfg.serve.live_prior_weight
         self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", str(os.getpid()))
         self.metrics = Metrics()
-        storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+        storage = storage_for(cfg)
         self.watcher = ModelWatcher(storage, cfg.serve.poll_interval_s, warm=self._warm, on_swap=self._swapped,
                                     on_refuse=lambda v, why: self.metrics.refused.inc())
         self.watcher.poll_once()  # a replica started later serves the newest version from its first request
@@ -59,10 +60,10 @@ class Scorer:
     def _warm(self, model: ServingModel) -> None:
         """One real query on the new model before it takes traffic (first-touch costs, shape errors)."""
         if len(model.users):
-            _top(model, model.users[:1] @ model.items.T, 0, min(10, len(model.item_ids)), True, None)
+            ranking.top_k(model, model.users[:1] @ model.items.T, 0, min(10, len(model.item_ids)), True, None)
 
     def _swapped(self, model: ServingModel) -> None:
-        from trainers.checkpoint_format import version_number
+        from registry import version_number
 
         self.metrics.swaps.inc()
         self.metrics.version.set(version_number(model.version), tags={"replica": self.replica})
@@ -98,32 +99,16 @@ class Scorer:
             extra_seen = np.zeros(0, dtype=np.int64)
             if fresh:
                 rows = np.array([model.item_row[e.item_id] for e in fresh], dtype=np.int64)
-                vector = self.fold(model, vector, rows, fresh)
+                vector = ranking.fold(model, vector, rows, fresh, self.event_weights, self.half_life_s,
+                                      self.prior_weight, time.time() * 1000)
                 extra_seen = rows
             scores = await self._scores((model, vector))
-            rows, vals = _top(model, scores, row, k, exclude_seen, cat_idx, extra_seen)
+            rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, extra_seen)
             items = [{"item_id": model.item_ids[i], "score": round(float(s), 6)} for i, s in zip(rows, vals,
                                                                                                    strict=True)]
             path = "personalised" if row is not None else "folded"
         self.observe("recommend", path, started)
         return {"status": 200, "items": items, "version": model.version, "path": path, "replica": self.replica}
-
-    def fold(self, model: ServingModel, vector: torch.Tensor | None, rows: np.ndarray, events: list[LiveEvent]
-             ) -> torch.Tensor:
-        """The user's vector with their live events folded in: a weighted mean of the touched items' vectors
-        (weight by event type, halved every `live_half_life_s`), blended with the trained vector in proportion
-        to the events' total weight against `live_prior_weight`, at the trained vector's length."""
-        now_ms = time.time() * 1000
-        weights = np.array([self.event_weights.get(e.event, 1.0) * 0.5 ** (max(now_ms - e.ts_ms, 0.0) / 1000
-                                                                            / self.half_life_s)
-                            for e in events], dtype=np.float32)
-        total = float(weights.sum())
-        mean = (torch.from_numpy(weights) @ model.items[torch.from_numpy(rows)]) / max(total, 1e-12)
-        if vector is None:
-            return mean
-        alpha = total / (total + self.prior_weight)
-        scale = vector.norm() / mean.norm().clamp_min(1e-12)
-        return (1 - alpha) * vector + alpha * scale * mean
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
     async def _scores(self, requests: list[tuple[ServingModel, torch.Tensor]]) -> list[torch.Tensor]:
@@ -148,14 +133,10 @@ class Scorer:
         row = model.item_row.get(item_id)
         if row is None:
             return {"status": 404, "detail": f"item {item_id!r} is not in model {model.version}"}
-        vec = model.items[row]
-        norms = model.items.norm(dim=1).clamp_min(1e-12)
-        scores = (model.items @ vec) / (norms * norms[row])
-        scores[row] = float("-inf")
-        vals, rows = torch.topk(scores, min(k, len(model.item_ids) - 1))
+        rows, vals = ranking.similar(model, row, k)
         self.observe("similar", "personalised", started)
         return {"status": 200, "version": model.version, "path": "personalised", "replica": self.replica,
-                "items": [{"item_id": model.item_ids[int(i)], "score": round(float(s), 6)}
+                "items": [{"item_id": model.item_ids[i], "score": round(s, 6)}
                           for i, s in zip(rows, vals, strict=True)]}
 
     def version(self) -> dict[str, Any]:
@@ -166,17 +147,3 @@ class Scorer:
     def close(self) -> None:
         self.watcher.stop()
 
-
-def _top(model: ServingModel, scores: torch.Tensor, row: int | None, k: int, exclude_seen: bool, cat_idx: int | None,
-         extra_seen: np.ndarray | None = None) -> tuple[list[int], list[float]]:
-    scores = scores.reshape(-1).clone()
-    if exclude_seen:
-        for seen in (model.seen(row) if row is not None else None, extra_seen):
-            if seen is not None and len(seen):
-                scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
-    if cat_idx is not None:
-        scores[torch.from_numpy(model.item_category != cat_idx)] = float("-inf")
-    k = min(k, len(scores))
-    vals, rows = torch.topk(scores, k)
-    keep = torch.isfinite(vals)
-    return rows[keep].tolist(), vals[keep].tolist()

@@ -1,8 +1,14 @@
-"""One Ray runtime per test session, small; real-data tests only when IG_REAL_DATA names ../shared/data."""
+"""One Ray runtime per test session, small; real-data tests only when IG_REAL_DATA names ../shared/data.
+
+Tiers: every test that uses a Ray runtime (the `ray_session` fixture, or a cluster or job it starts itself) is
+marked `ray`. `make test-fast` runs the rest (`-m "not ray"`): the pure logic, in well under two minutes, and fails
+if anything in it starts Ray. `make test` (CI, the README) runs everything.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,9 @@ PASSED_TO_RAY = ("IG_PSEUDONYM_KEY", "IG_ADMIN_TOKEN", *TEST_ENV)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
     named = os.environ.get(REAL_DATA_ENV)
     if named:
         if not Path(named, "README.md").is_file():
@@ -49,3 +58,15 @@ def ray_session():
         DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_ray(request: pytest.FixtureRequest):
+    """In the fast tier a test that starts Ray is misfiled: fail it (it belongs under the `ray` marker)."""
+    yield
+    if "not ray" in (request.config.getoption("-m") or "") and "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+            pytest.fail("this test started Ray but is not marked `ray`")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cluster.config import AppConfig, parse_config
+from core.config import AppConfig, parse_config
 
 
 def make_config(root: Path, **sections: dict) -> AppConfig:
@@ -57,8 +57,8 @@ def publish_toy_version(storage, seed: int, parent: str | None = None, watermark
     import numpy as np
     import pyarrow as pa
 
+    import registry
     from datasets.pseudonym import pseudonymise
-    from trainers import checkpoint_format as cf
 
     rng = np.random.default_rng(seed)
     cat_dirs = np.eye(DIM, dtype=np.float32)[:N_CATS] * 3
@@ -70,12 +70,13 @@ def publish_toy_version(storage, seed: int, parent: str | None = None, watermark
     pop = pa.table({"item_idx": pa.array(np.arange(N_ITEMS, dtype=np.int32)),
                     "score": pa.array(np.linspace(1, 0, N_ITEMS).astype(np.float32)),
                     "category_idx": pa.array(item_cat.astype(np.int32))})
-    return cf.publish(storage, cf.ModelArtifacts(
+    return registry.publish(storage, registry.ModelArtifacts(
         user_keys=[pseudonymise(f"user-{u}", TEST_KEY) for u in range(N_USERS)], user_vectors=users,
         item_ids=[f"item-{i}" for i in range(N_ITEMS)], item_vectors=items,
         seen_indptr=indptr, seen_indices=np.concatenate(seen_lists).astype(np.int32), popularity=pop,
         state_dict={}, hparams={}, config_hash="test", metrics={"recall@20": 0.5}, k=20,
-        node_counts={"user": N_USERS, "item": N_ITEMS, "category": N_CATS, "brand": 0}, parent=parent,
+        node_counts={"user": N_USERS, "item": N_ITEMS, "category": N_CATS, "brand": 0},
+        category_ids=[f"cat-{c}" for c in range(N_CATS)], category_vectors=cat_dirs, parent=parent,
         watermark_ms=watermark_ms))
 
 
@@ -111,3 +112,39 @@ def stop_app(name: str, root: str, shards: int = 2) -> None:
     serve.delete(name)
     serve.shutdown()
     kill_shards(root, shards)
+
+
+class LoadThreads:
+    """Client threads that call `request(i)` in a loop until stopped. An exception in any of them is not lost: it
+    fails the test when the threads are joined (`stop()`, or leaving the `with` block)."""
+
+    def __init__(self, clients: int, request) -> None:
+        import threading
+
+        self._request, self._stop = request, threading.Event()
+        self.errors: list[BaseException] = []
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        try:
+            while not self._stop.is_set():
+                self._request(i)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread by stop()
+            self.errors.append(err)
+
+    def __enter__(self) -> LoadThreads:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+        if any(t.is_alive() for t in self._threads):
+            raise AssertionError("a load thread did not stop within 60 s")
+        if self.errors:
+            raise AssertionError(f"a load thread failed: {self.errors[0]!r}") from self.errors[0]
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -8,12 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.storage import GRAPH, HOLDOUT, Storage
 from datasets import idmaps
 from datasets import schema as s
-from datasets.shards import UI_EDGES
-from datasets.storage import GRAPH, HOLDOUT, Storage
 
-GRAPH_META = "meta.json"
 HOLDOUT_MODES = ("auto", "official", "leave_one_out", "last_days")
 
 
@@ -60,13 +58,13 @@ def _ints(table: pa.Table, name: str) -> np.ndarray:
 
 
 def load_graph(storage: Storage) -> InterestGraph:
-    meta = storage.read_json(storage.path(GRAPH, GRAPH_META))
+    meta = storage.read_json(storage.path(GRAPH, s.GRAPH_META))
     if meta is None:
         raise GraphMissingError(f"no graph under {storage.path(GRAPH)}: run `python -m datasets.ingest` first")
-    edges = storage.read_parquet(storage.list_files(GRAPH, UI_EDGES, suffix=".parquet"),
+    edges = storage.read_parquet(storage.list_files(GRAPH, s.UI_EDGES, suffix=".parquet"),
                                  schema=s.USER_ITEM_EDGE_SCHEMA)
-    ic = storage.read_parquet([storage.path(GRAPH, "item_category.parquet")])
-    ib = storage.read_parquet([storage.path(GRAPH, "item_brand.parquet")])
+    ic = storage.read_parquet([storage.path(GRAPH, s.ITEM_CATEGORY_FILE)])
+    ib = storage.read_parquet([storage.path(GRAPH, s.ITEM_BRAND_FILE)])
     counts = meta["num_nodes"]
     official_user = official_item = np.zeros(0, dtype=np.int64)
     holdout_files = storage.list_files(HOLDOUT, suffix=".parquet")

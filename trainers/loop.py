@@ -1,7 +1,9 @@
 """The per-worker training loop: full-graph LightGCN propagation, BPR on this worker's shard of training pairs.
 
-`train_loop_per_worker(config)` is what Ray Train runs on each worker. The loop itself talks to its runtime only
-through a small `Session`, so tests can drive it in-process (`LocalSession`) before one real multi-worker run.
+`train_loop_per_worker(config)` is what Ray Train runs on each worker; `config["inputs"]` is a typed
+`WorkerInputs`. The loop talks to its runtime only through a small `Session`, so tests drive it in-process
+(`LocalSession`) before one real multi-worker run. Its body is four named steps: `set_up`, `train_epoch`,
+`evaluate`, `save_state`.
 """
 
 from __future__ import annotations
@@ -11,24 +13,22 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from datasets.storage import Storage
+from core.config import TrainConfig
 from trainers.data import InterestGraph, Split, load_graph, split
-from trainers.graph import build_norm_adjacency, node_offsets
+from trainers.graph import NodeOffsets, build_norm_adjacency, node_offsets
 from trainers.losses import bpr_loss, l2_reg, softmax_loss
 from trainers.metrics import recall_ndcg_at_k
 from trainers.model import InterestGCN
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs
 from trainers.spectral import spectral_embeddings
-
-STATE_FILE = "state.pt"
-EMBEDDINGS_FILE = "embeddings.npz"
+from trainers.train_state import TrainState, save_embeddings
+from trainers.worker_inputs import WorkerInputs
 
 
 class Session(Protocol):
@@ -110,6 +110,11 @@ class RayTrainSession:
         return ray.train.torch.get_device()
 
 
+def session_for(inputs: WorkerInputs, session: Session) -> Session:
+    """The session a worker runs under: Ray Train's, wrapped by a test's fault injector when one is given."""
+    return inputs.session_wrapper(session) if inputs.session_wrapper is not None else session
+
+
 def _all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
     if world == 1:
         return values
@@ -131,27 +136,105 @@ def build_adjacency(graph: InterestGraph, sp: Split) -> torch.Tensor:
     )
 
 
-def evaluate(model: InterestGCN, adj: torch.Tensor, graph: InterestGraph, train_csr: Csr, test_csr: Csr, k: int,
-             batch_users: int, world: int, normalise: bool = False) -> tuple[dict[str, float], torch.Tensor]:
-    """Recall/NDCG@K over this rank's test users, summed across ranks; also the final embeddings.
+@dataclass
+class Worker:
+    """What one worker builds once (`set_up`) and every later step reads and advances."""
 
-    A model trained on cosine scores is exported with unit vectors, so that a plain dot product ranks as it did.
-    """
-    model.eval()
-    with torch.no_grad():
-        emb = model(adj)
-        if normalise:
-            emb = torch.nn.functional.normalize(emb, dim=-1)
-    model.train()
-    users, items = emb[: graph.num_users], emb[graph.num_users : graph.num_users + graph.num_items]
-    k_eff = min(k, graph.num_items)
-    # Scores come back to the CPU, where the masks and test sets live (a no-op without a GPU).
-    local = recall_ndcg_at_k(lambda b: (users[b.to(users.device)] @ items.T).cpu(), train_csr, test_csr, k_eff,
-                             batch_users)
-    n = local["users"]
-    r_sum, n_sum, count = _all_reduce([local[f"recall@{k_eff}"] * n, local[f"ndcg@{k_eff}"] * n, n], world)
-    metrics = {f"recall@{k}": r_sum / max(count, 1), f"ndcg@{k}": n_sum / max(count, 1), "eval_users": int(count)}
-    return metrics, emb
+    inputs: WorkerInputs
+    session: Session
+    hp: TrainConfig
+    device: torch.device
+    graph: InterestGraph
+    sp: Split
+    offsets: NodeOffsets
+    adj: torch.Tensor
+    model: InterestGCN
+    wrapped: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_csr: Csr
+    test_csr: Csr
+    sampler: NegativeSampler
+    pairs_user: np.ndarray
+    pairs_item: np.ndarray
+    steps: int  # optimiser steps per epoch, the same on every rank
+    started: float  # wall clock at which training began (earlier when resumed: seconds count on)
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    parent_metrics: dict[str, float] | None = None
+    total_steps: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # where this worker's time went (update timings)
+
+    @property
+    def rank(self) -> int:
+        return self.session.rank
+
+    @property
+    def world(self) -> int:
+        return self.session.world
+
+
+@dataclass
+class EpochResult:
+    loss: float  # mean over steps and ranks
+    steps: int
+    stop: bool  # the deadline or max_steps was reached: this epoch is the last
+
+
+def set_up(inputs: WorkerInputs, session: Session) -> Worker:
+    """Load the graph, split it, build the adjacency and the model (from a warm start, the spectral start or a
+    restored checkpoint), and pick this rank's training pairs."""
+    hp = inputs.train
+    torch.set_num_threads(inputs.threads)
+    torch.manual_seed(hp.seed)
+    mark = time.time()
+    graph = load_graph(inputs.storage)
+    sp = split(graph, hp.holdout, hp.holdout_days)
+    offsets = node_offsets(graph.num_users, graph.num_items, graph.num_categories, graph.num_brands)
+    device = session.device()
+    adj = build_adjacency(graph, sp).to(device)
+    model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers)
+    if inputs.warm is not None:
+        model.load_state_dict(_resolve(inputs.warm.init_state))
+    elif hp.init == "spectral":
+        with torch.no_grad():
+            model.embedding.weight.copy_(spectral_embeddings(
+                graph.num_users, graph.num_items, sp.train_user, sp.train_item, graph.ic_item, graph.ic_cat,
+                graph.ib_item, graph.ib_brand, offsets, hp.embedding_dim, seed=hp.seed))
+    model.to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=hp.lr)
+    # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=hp.lr_decay)
+    train_csr = csr_from_pairs(sp.train_user, sp.train_item, graph.num_users, graph.num_items)
+    if inputs.warm is not None:
+        pairs_user, pairs_item = update_pairs(sp, inputs.warm.pair_index)
+        steps = inputs.warm.steps
+    else:
+        pairs_user, pairs_item = train_csr_pairs(train_csr)
+        steps = steps_per_pass(len(pairs_user), session.world, hp.batch_size)
+    worker = Worker(
+        inputs=inputs, session=session, hp=hp, device=device, graph=graph, sp=sp, offsets=offsets, adj=adj,
+        model=model, wrapped=model, optimiser=optimiser, scheduler=scheduler, train_csr=train_csr,
+        test_csr=_rank_test_csr(sp, graph.num_users, graph.num_items, session.rank, session.world),
+        sampler=NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items),
+        pairs_user=pairs_user, pairs_item=pairs_item, steps=steps, started=time.time())
+    worker.phases["setup"] = round(time.time() - mark, 3)
+    restored = session.restored_dir()
+    if restored is not None:
+        state = TrainState.load(restored)
+        model.load_state_dict(state.model)
+        optimiser.load_state_dict(state.optimiser)
+        scheduler.load_state_dict(state.scheduler)
+        worker.start_epoch, worker.history = state.epoch + 1, state.history
+        worker.started = time.time() - state.seconds
+        worker.parent_metrics, worker.total_steps = state.parent_metrics, state.steps
+    elif inputs.warm is not None and inputs.warm.eval_parent:
+        # The starting point scored on the same holdout: what a warm start must not fall below.
+        mark = time.time()
+        worker.parent_metrics, _ = evaluate(worker)
+        worker.phases["eval_parent"] = round(time.time() - mark, 3)
+    worker.wrapped = session.wrap(model)
+    return worker
 
 
 def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.Generator, candidates: int,
@@ -169,151 +252,113 @@ def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.
     return n_t[:, 0]
 
 
-def _maybe_fail(config: dict, rank: int, epoch: int) -> None:
-    """Test hook: a real process death (or, with "raise", an exception) at a chosen rank and epoch, once per
-    marker file; `fault` is one such dict or a list of them, taken in order."""
-    faults = config.get("fault") or []
-    for fault in [faults] if isinstance(faults, dict) else faults:
-        marker = Path(fault["marker"])
-        if fault["rank"] != rank or fault["epoch"] != epoch or marker.exists():
-            continue
-        marker.write_text(f"rank {rank} failed at epoch {epoch}\n")
-        if fault.get("raise"):
-            raise RuntimeError(f"injected fault at rank {rank}, epoch {epoch}")
-        os._exit(1)
+def train_epoch(w: Worker, epoch: int) -> EpochResult:
+    """One pass of `w.steps` steps over this rank's pairs (wrapping round when they are fewer)."""
+    hp, inputs = w.hp, w.inputs
+    rng = np.random.default_rng(hp.seed * 1_000_003 + epoch * 1_009 + w.rank)
+    order = rng.permutation(np.arange(w.rank, len(w.pairs_user), w.world))
+    if len(order) < w.steps * hp.batch_size:  # wrap around so short shards still fill every step
+        order = np.resize(order, w.steps * hp.batch_size)
+    item_base = w.offsets.item
+    loss_sum, step, stop = 0.0, 0, False
+    for step in range(w.steps):
+        idx = order[step * hp.batch_size : (step + 1) * hp.batch_size]
+        users = w.pairs_user[idx]
+        u_t = torch.from_numpy(users).to(w.device)
+        p_t = torch.from_numpy(w.pairs_item[idx] + item_base).to(w.device)
+        emb = w.wrapped(w.adj)
+        n_t = _hard_negatives(w.sampler, users, rng, hp.negatives, emb, u_t, item_base, w.device)
+        ego = w.model.ego
+        if hp.loss == "softmax":
+            rank_loss = softmax_loss(emb[u_t], emb[p_t], emb[n_t], hp.temperature)
+        else:
+            rank_loss = bpr_loss(emb[u_t], emb[p_t], emb[n_t])
+        loss = rank_loss + hp.l2 * l2_reg(ego[u_t], ego[p_t], ego[n_t], len(idx))
+        w.optimiser.zero_grad()
+        loss.backward()
+        w.optimiser.step()
+        loss_sum += float(loss.detach())
+        w.total_steps += 1
+        out_of_time = inputs.deadline is not None and time.time() >= inputs.deadline
+        out_of_steps = inputs.max_steps is not None and w.total_steps >= inputs.max_steps
+        stop = out_of_time or out_of_steps
+        if w.world > 1:  # every rank stops at the same step, or DDP's all-reduce would wait for one that stopped
+            stop = _all_reduce([float(stop)], w.world, "max")[0] > 0
+        if stop:
+            break
+    w.scheduler.step()
+    loss_mean = _all_reduce([loss_sum / (step + 1)], w.world)[0] / w.world
+    return EpochResult(loss=loss_mean, steps=step + 1, stop=stop)
 
 
-def run_worker(config: dict, session: Session) -> None:
+def evaluate(w: Worker) -> tuple[dict[str, float], torch.Tensor]:
+    """Recall/NDCG@K over this rank's test users, summed across ranks; also the final embeddings of every node.
+
+    A model trained on cosine scores is exported with unit vectors, so that a plain dot product ranks as it did.
+    """
+    model, graph, k = w.model, w.graph, w.hp.k
+    model.eval()
+    with torch.no_grad():
+        emb = model(w.adj)
+        if w.hp.loss == "softmax":
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+    model.train()
+    users, items = emb[: graph.num_users], emb[graph.num_users : graph.num_users + graph.num_items]
+    k_eff = min(k, graph.num_items)
+    # Scores come back to the CPU, where the masks and test sets live (a no-op without a GPU).
+    local = recall_ndcg_at_k(lambda b: (users[b.to(users.device)] @ items.T).cpu(), w.train_csr, w.test_csr, k_eff,
+                             w.hp.eval_batch_users)
+    n = local["users"]
+    r_sum, n_sum, count = _all_reduce([local[f"recall@{k_eff}"] * n, local[f"ndcg@{k_eff}"] * n, n], w.world)
+    metrics = {f"recall@{k}": r_sum / max(count, 1), f"ndcg@{k}": n_sum / max(count, 1), "eval_users": int(count)}
+    return metrics, emb
+
+
+def save_state(w: Worker, entry: dict[str, Any], final: bool, emb: torch.Tensor | None) -> None:
+    """Report the epoch to the session; rank 0 attaches the training state (and, when final, the embeddings)."""
+    with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
+        checkpoint_dir = None
+        if w.rank == 0:
+            TrainState(
+                model=w.model.state_dict(), optimiser=w.optimiser.state_dict(), scheduler=w.scheduler.state_dict(),
+                epoch=entry["epoch"], history=w.history, seconds=time.time() - w.started,
+                hparams={"num_nodes": w.offsets.num_nodes, "embedding_dim": w.hp.embedding_dim,
+                         "num_layers": w.hp.num_layers},
+                split={"mode": w.sp.mode, "train_pairs": int(len(w.pairs_user)),
+                       "test_pairs": int(len(w.sp.test_user))},
+                steps=w.total_steps, parent_metrics=w.parent_metrics, phases=w.phases,
+            ).save(tmp)
+            if final and emb is not None:
+                e = emb.detach().cpu().numpy().astype(np.float32)
+                o = w.offsets
+                save_embeddings(tmp, {"users": e[: o.item], "items": e[o.item : o.category],
+                                      "categories": e[o.category : o.brand], "brands": e[o.brand : o.num_nodes]})
+            checkpoint_dir = tmp
+        w.session.report({**entry, "final": final}, checkpoint_dir)
+
+
+def run_worker(inputs: WorkerInputs, session: Session) -> None:
     """Train, evaluate and checkpoint through `session`; the last report carries the final embeddings."""
-    hp = config["hparams"]
-    torch.set_num_threads(int(config.get("threads", 1)))
-    torch.manual_seed(hp["seed"])
-    rank, world = session.rank, session.world
-    phases: dict[str, float] = {}  # where this worker's time went, for the update summary's timings
-    mark = time.time()
-    storage = Storage(config["root"], config.get("endpoint"), config.get("region"))
-    graph = load_graph(storage)
-    sp = split(graph, hp["holdout"], hp["holdout_days"])
-    offsets = node_offsets(graph.num_users, graph.num_items, graph.num_categories, graph.num_brands)
-    device = session.device()
-    adj = build_adjacency(graph, sp).to(device)
-    model = InterestGCN(offsets.num_nodes, hp["embedding_dim"], hp["num_layers"])
-    init_state = config.get("init_state")
-    if init_state is not None:
-        model.load_state_dict(_resolve(init_state))
-    elif hp["init"] == "spectral":
-        with torch.no_grad():
-            model.embedding.weight.copy_(spectral_embeddings(
-                graph.num_users, graph.num_items, sp.train_user, sp.train_item, graph.ic_item, graph.ic_cat,
-                graph.ib_item, graph.ib_brand, offsets, hp["embedding_dim"], seed=hp["seed"]))
-    model.to(device)
-    phases["setup"] = round(time.time() - mark, 3)
-    optimiser = torch.optim.Adam(model.parameters(), lr=hp["lr"])
-    # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=hp["lr_decay"])
-    start_epoch, history, spent_before = 0, [], 0.0
-    restored = session.restored_dir()
-    if restored is not None:
-        state = torch.load(os.path.join(restored, STATE_FILE), map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, spent_before = state["epoch"] + 1, state["history"], state["seconds"]
-    wrapped = session.wrap(model)
-
-    train_csr = csr_from_pairs(sp.train_user, sp.train_item, graph.num_users, graph.num_items)
-    sampler = NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items)
-    test_csr = _rank_test_csr(sp, graph.num_users, graph.num_items, rank, world)
-    pairs_user, pairs_item = update_pairs(sp, config) if "pair_index" in config else train_csr_pairs(train_csr)
-    mine = np.arange(rank, len(pairs_user), world)
-    batch = hp["batch_size"]
-    steps = steps_per_pass(len(pairs_user), world, batch)
-    if config.get("steps_per_epoch"):
-        # A warm start is one "epoch" of the driver's step count (wrapping over its pairs): one checkpoint, no decay.
-        steps = int(config["steps_per_epoch"])
-    item_base = offsets.item
-    deadline = config.get("deadline")
-    started = time.time() - spent_before
-    max_steps = config.get("max_steps")
-    total_steps = 0
-    stop = False
-    parent_metrics = None
-    if config.get("eval_parent") and restored is None:
-        # The starting point scored on the same holdout: what a warm start must not fall below.
-        mark = time.time()
-        parent_metrics, _ = evaluate(model, adj, graph, train_csr, test_csr, hp["k"], hp["eval_batch_users"], world,
-                                     normalise=hp["loss"] == "softmax")
-        phases["eval_parent"] = round(time.time() - mark, 3)
-    elif restored is not None:
-        parent_metrics = state.get("parent_metrics")
-    for epoch in range(start_epoch, hp["epochs"]):
-        _maybe_fail(config, rank, epoch)
-        rng = np.random.default_rng(hp["seed"] * 1_000_003 + epoch * 1_009 + rank)
-        order = rng.permutation(mine)
-        if len(order) < steps * batch:  # wrap around so short shards still fill every step
-            order = np.resize(order, steps * batch)
-        loss_sum = 0.0
-        for step in range(steps):
-            idx = order[step * batch : (step + 1) * batch]
-            users = pairs_user[idx]
-            pos = pairs_item[idx]
-            u_t = torch.from_numpy(users).to(device)
-            p_t = torch.from_numpy(pos + item_base).to(device)
-            emb = wrapped(adj)
-            n_t = _hard_negatives(sampler, users, rng, hp["negatives"], emb, u_t, item_base, device)
-            ego = model.ego
-            if hp["loss"] == "softmax":
-                rank_loss = softmax_loss(emb[u_t], emb[p_t], emb[n_t], hp["temperature"])
-            else:
-                rank_loss = bpr_loss(emb[u_t], emb[p_t], emb[n_t])
-            loss = rank_loss + hp["l2"] * l2_reg(ego[u_t], ego[p_t], ego[n_t], len(idx))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            loss_sum += float(loss.detach())
-            total_steps += 1
-            out_of_time = deadline is not None and time.time() >= deadline
-            out_of_steps = max_steps is not None and total_steps >= max_steps
-            if world > 1:
-                out_of_time = _all_reduce([float(out_of_time or out_of_steps)], world, "max")[0] > 0
-            if out_of_time or out_of_steps:
-                stop = True
-                break
-        scheduler.step()
-        final = stop or epoch == hp["epochs"] - 1
-        loss_mean = _all_reduce([loss_sum / max(step + 1, 1)], world)[0] / world
-        entry: dict[str, Any] = {"epoch": epoch, "seconds": round(time.time() - started, 3), "loss": loss_mean,
-                                 "steps": step + 1}
-        if final or (epoch + 1) % hp["eval_every"] == 0:
+    w = set_up(inputs, session)
+    hp = w.hp
+    for epoch in range(w.start_epoch, hp.epochs):
+        result = train_epoch(w, epoch)
+        final = result.stop or epoch == hp.epochs - 1
+        entry: dict[str, Any] = {"epoch": epoch, "seconds": round(time.time() - w.started, 3), "loss": result.loss,
+                                 "steps": result.steps}
+        emb = None
+        if final or (epoch + 1) % hp.eval_every == 0:
             mark = time.time()
-            metrics, emb = evaluate(model, adj, graph, train_csr, test_csr, hp["k"], hp["eval_batch_users"], world,
-                                    normalise=hp["loss"] == "softmax")
-            phases["eval"] = phases.get("eval", 0.0) + round(time.time() - mark, 3)
+            metrics, emb = evaluate(w)
+            w.phases["eval"] = round(w.phases.get("eval", 0.0) + time.time() - mark, 3)
             entry.update(metrics)
-        history.append(entry)
-        if rank == 0:  # progress per epoch; Ray forwards a worker's stdout to the driver's console
-            name = f"recall@{hp['k']}"
+        w.history.append(entry)
+        if w.rank == 0:  # progress per epoch; Ray forwards a worker's stdout to the driver's console
+            name = f"recall@{hp.k}"
             quality = f", {name} {entry[name]:.4f}" if name in entry else ""
-            print(f"epoch {epoch + 1}/{hp['epochs']}: loss {loss_mean:.4f}{quality}, {entry['seconds']:.0f} s",
+            print(f"epoch {epoch + 1}/{hp.epochs}: loss {result.loss:.4f}{quality}, {entry['seconds']:.0f} s",
                   flush=True)
-        with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
-            checkpoint_dir = None
-            if rank == 0:
-                torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch,
-                            "history": history, "seconds": time.time() - started,
-                            "hparams": {"num_nodes": offsets.num_nodes, "embedding_dim": hp["embedding_dim"],
-                                        "num_layers": hp["num_layers"]},
-                            "split": {"mode": sp.mode, "train_pairs": int(len(pairs_user)),
-                                      "test_pairs": int(len(sp.test_user))},
-                            "parent_metrics": parent_metrics, "steps": total_steps, "phases": phases},
-                           os.path.join(tmp, STATE_FILE))
-                if final:
-                    e = emb.detach().cpu().numpy().astype(np.float32)
-                    np.savez(os.path.join(tmp, EMBEDDINGS_FILE), users=e[: graph.num_users],
-                             items=e[item_base : item_base + graph.num_items])
-                checkpoint_dir = tmp
-            session.report({**entry, "final": final}, checkpoint_dir)
+        save_state(w, entry, final, emb)
         if final:
             break
 
@@ -331,9 +376,9 @@ def _resolve(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-def update_pairs(sp: Split, config: dict) -> tuple[np.ndarray, np.ndarray]:
+def update_pairs(sp: Split, pair_index: Any) -> tuple[np.ndarray, np.ndarray]:
     """A warm start's training pairs, chosen by the driver (indices into the split's training pairs)."""
-    idx = np.asarray(_resolve(config["pair_index"]), dtype=np.int64)
+    idx = np.asarray(_resolve(pair_index), dtype=np.int64)
     return sp.train_user[idx].astype(np.int64), sp.train_item[idx].astype(np.int64)
 
 
@@ -343,5 +388,6 @@ def train_csr_pairs(csr: Csr) -> tuple[np.ndarray, np.ndarray]:
     return users, np.asarray(csr.indices, dtype=np.int64)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    run_worker(config, RayTrainSession())
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    inputs: WorkerInputs = config["inputs"]
+    run_worker(inputs, session_for(inputs, RayTrainSession()))

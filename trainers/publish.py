@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from cluster.config import AppConfig
+import registry
+from core.config import AppConfig
+from core.storage import Storage
 from datasets import idmaps
-from datasets.state import load_tombstones
-from datasets.storage import Storage
-from trainers import checkpoint_format as cf
+from datasets.tombstones import load_tombstones
 from trainers.baselines import popularity_metrics
 from trainers.curve import curve_png
 from trainers.data import InterestGraph, load_graph, split
-from trainers.loop import EMBEDDINGS_FILE, STATE_FILE
 from trainers.sampling import csr_from_pairs
+from trainers.train_state import TrainState, load_embeddings
 
 
 def popularity(graph: InterestGraph) -> pa.Table:
@@ -69,15 +67,15 @@ def forget(deleted: np.ndarray, user_keys: pa.Array, user_vectors: np.ndarray, i
 
 def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: str, parent: str | None,
                             num_workers: int, graph: InterestGraph | None = None) -> tuple[str, dict]:
-    state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
-    emb = np.load(os.path.join(checkpoint_dir, EMBEDDINGS_FILE))
+    state = TrainState.load(checkpoint_dir)
+    emb = load_embeddings(checkpoint_dir)
     graph = graph or load_graph(storage)
-    history = state["history"]
+    history = state.history
     k = cfg.train.k
     final = next(h for h in reversed(history) if f"recall@{k}" in h)
     indptr, indices = seen_csr(graph)
     user_keys = idmaps.load(storage, "user").column("key").combine_chunks()
-    user_vectors, model_state = emb["users"], state["model"]
+    user_vectors, model_state = emb["users"], state.model
     deleted = np.flatnonzero(pc.fill_null(pc.is_in(user_keys, value_set=load_tombstones(storage)), False)
                              .to_numpy(zero_copy_only=False))
     if len(deleted):
@@ -85,7 +83,7 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: st
             deleted, user_keys, user_vectors, indptr, indices, model_state)
     baseline = popularity_metrics(graph, split(graph, cfg.train.holdout, cfg.train.holdout_days), k,
                                   cfg.train.eval_batch_users)
-    artifacts = cf.ModelArtifacts(
+    artifacts = registry.ModelArtifacts(
         user_keys=user_keys,
         user_vectors=user_vectors,
         item_ids=idmaps.load(storage, "item").column("key"),
@@ -94,20 +92,24 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: st
         seen_indices=indices,
         popularity=popularity(graph),
         state_dict=model_state,
-        hparams={**state["hparams"], "num_users": graph.num_users, "num_items": graph.num_items,
+        hparams={**state.hparams, "num_users": graph.num_users, "num_items": graph.num_items,
                  "num_categories": graph.num_categories, "num_brands": graph.num_brands},
-        config_hash=cf.config_hash(cfg.model_dump(mode="json")),
+        config_hash=registry.config_hash(cfg.model_dump(mode="json")),
         metrics={f"recall@{k}": final[f"recall@{k}"], f"ndcg@{k}": final[f"ndcg@{k}"]},
         k=k,
         node_counts={"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
                      "brand": graph.num_brands},
+        category_ids=idmaps.load(storage, "category").column("key").slice(0, graph.num_categories),
+        brand_ids=idmaps.load(storage, "brand").column("key").slice(0, graph.num_brands),
+        category_vectors=emb["categories"],
+        brand_vectors=emb["brands"],
         parent=parent,
         watermark_ms=graph.watermark_ms,
         extra={"epochs": history[-1]["epoch"] + 1, "train_seconds": history[-1]["seconds"],
-               "split": state["split"], "num_workers": num_workers, "history": history,
+               "split": state.split, "num_workers": num_workers, "history": history,
                "popularity_metrics": baseline, "eval_users": final.get("eval_users")},
         curve_png=curve_png(history, k),
     )
-    cf.remove_stale_staging(storage)  # folders of publishers that died mid-write, a day old or more
-    version = cf.publish(storage, artifacts)
-    return version, cf.read_manifest(storage, version)
+    registry.remove_stale_staging(storage)  # folders of publishers that died mid-write, a day old or more
+    version = registry.publish(storage, artifacts)
+    return version, registry.read_manifest(storage, version)

@@ -2,7 +2,7 @@
 
 Starting a TorchTrainer (controller, placement group, worker processes, imports, the gloo or NCCL group) costs
 10-20 s, more than a small update's training. `--every` keeps one run alive instead: its workers wait on a
-`CycleBoard` actor, each cycle posts its worker config there, every rank runs the ordinary per-worker loop on
+`CycleBoard` actor, each cycle posts its `WorkerInputs` there, every rank runs the ordinary per-worker loop on
 it, and rank 0 posts the final checkpoint's files back. Scaling options are those of full training.
 
 Failures: a cycle that raises on a worker is posted back as failed, then the worker re-raises so Ray Train
@@ -28,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cluster.config import AppConfig
+from core.config import AppConfig
+from trainers.worker_inputs import WorkerInputs
 
 log = logging.getLogger("trainers.resident")
 IDLE = "idle"  # what a worker's wait returns when no cycle came in time: it asks again
@@ -40,7 +41,7 @@ class CycleBoard:
 
     def __init__(self) -> None:
         self._changed = asyncio.Condition()
-        self._pending: tuple[int, dict] | None = None
+        self._pending: tuple[int, WorkerInputs | None] | None = None  # None: the start's readiness check
         self._results: dict[int, dict] = {}
         self._collected = 0  # cycles up to here were handed to the driver: late posts for them are dropped
         self._stopped = False
@@ -49,11 +50,11 @@ class CycleBoard:
         async with self._changed:
             self._changed.notify_all()
 
-    async def submit(self, cycle: int, config: dict) -> None:
-        self._pending = (cycle, config)
+    async def submit(self, cycle: int, inputs: WorkerInputs | None) -> None:
+        self._pending = (cycle, inputs)
         await self._notify()
 
-    async def next(self, after: int, timeout_s: float) -> tuple[int, dict] | str | None:
+    async def next(self, after: int, timeout_s: float) -> tuple[int, WorkerInputs | None] | str | None:
         """The pending cycle if it is newer than `after`; None once stopped; IDLE after `timeout_s`."""
 
         def ready() -> bool:
@@ -118,7 +119,7 @@ def resident_loop_per_worker(config: dict) -> None:
     """What each worker of the resident run executes: wait for a cycle, run it, repeat until stopped."""
     import ray
 
-    from trainers.loop import RayTrainSession, run_worker
+    from trainers.loop import RayTrainSession, run_worker, session_for
 
     board, session, done = config["board"], RayTrainSession(), 0
     while True:
@@ -127,15 +128,15 @@ def resident_loop_per_worker(config: dict) -> None:
             return
         if got == IDLE:
             continue
-        cycle, cycle_config = got
-        if cycle_config.get("warmup"):  # the driver's readiness check
+        cycle, inputs = got
+        if inputs is None:  # the driver's readiness check
             if session.rank == 0:
                 ray.get(board.finish.remote(cycle, {"files": {}, "metrics": {}}))
             done = cycle
             continue
         capture = _CycleSession(session)
         try:
-            run_worker(cycle_config, capture)
+            run_worker(inputs, session_for(inputs, capture))
         except BaseException as err:
             ray.get(board.finish.remote(cycle, {"error": f"rank {session.rank}: {type(err).__name__}: {err}"}))
             raise
@@ -169,7 +170,7 @@ class ResidentTrainer:
         from trainers.train import trainer_for
 
         began = time.time()
-        self._kill_board()  # a dead run's board still holds its last cycle's config (object refs to the model)
+        self._kill_board()  # a dead run's board still holds its last cycle's inputs (object refs to the model)
         self._board = ray.remote(num_cpus=0)(CycleBoard).remote()
         name = time.strftime("resident-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         trainer = trainer_for(self.cfg, self.opts, resident_loop_per_worker, {"board": self._board}, name)
@@ -185,17 +186,17 @@ class ResidentTrainer:
 
         self._thread = threading.Thread(target=fit, name="resident-train", daemon=True)
         self._thread.start()
-        self._run({"warmup": True}, stoppable=True)
+        self._run(None, stoppable=True)
         self.started_s = round(time.time() - began, 3)
         log.info("resident update workers ready in %.1f s", self.started_s)
 
-    def _run(self, config: dict, stoppable: bool = False) -> dict:
+    def _run(self, inputs: WorkerInputs | None, stoppable: bool = False) -> dict:
         """Post a cycle and wait for it. A start gives up on the stop signal at once (workers may wait for resources
         for ever); a cycle under way gets STOP_GRACE_S more to finish, as `--every` stops between cycles."""
         import ray
 
         self._cycle += 1
-        ray.get(self._board.submit.remote(self._cycle, config))
+        ray.get(self._board.submit.remote(self._cycle, inputs))
         stop_seen: float | None = None
         while True:
             result = ray.get(self._board.result.remote(self._cycle, 2.0))
@@ -214,13 +215,13 @@ class ResidentTrainer:
         return result
 
     @contextmanager
-    def fitted(self, config: dict) -> Iterator[tuple[str, dict]]:
+    def fitted(self, inputs: WorkerInputs) -> Iterator[tuple[str, dict]]:
         """Like `trainers.train.fitted`: a local directory holding the cycle's final checkpoint, and its metrics."""
         if not self.alive():
             if self._thread is not None:
                 log.warning("resident update workers were gone (%r); starting new ones", self._error)
             self.start()
-        result = self._run(config)
+        result = self._run(inputs)
         local = tempfile.mkdtemp(prefix="ig-final-")
         try:
             for name, data in result["files"].items():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -19,13 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.cli import positive, run_command
-from cluster.config import AppConfig
-from datasets.storage import Storage
+from core.cli import positive, run_command
+from core.config import AppConfig, TrainConfig
+from core.storage import TRAIN_RUNS, storage_for
 from trainers.data import GraphMissingError
+from trainers.worker_inputs import WarmStart, WorkerInputs
 
 log = logging.getLogger("trainers.train")
-TRAIN_RUNS = "train_runs"
 
 
 @dataclass
@@ -36,23 +35,17 @@ class TrainOptions:
     time_budget_s: float | None = None
 
 
-def worker_config(cfg: AppConfig, opts: TrainOptions, started: float, **extra: Any) -> dict:
-    t = cfg.train
-    epochs = opts.epochs or t.epochs
+def worker_inputs(cfg: AppConfig, opts: TrainOptions, started: float, warm: WarmStart | None = None,
+                  train: TrainConfig | None = None, **extra: Any) -> WorkerInputs:
+    """What every worker gets; scaling options (workers, GPUs) stay with the driver. `train` overrides the
+    configured hyper-parameters (an update's epochs, rate and width); `extra` sets max_steps or session_wrapper."""
+    t = train or cfg.train
+    if opts.epochs:
+        t = t.model_copy(update={"epochs": opts.epochs})
     budget = opts.time_budget_s if opts.time_budget_s is not None else t.time_budget_s
-    # Everything the loop needs; scaling options (workers, GPUs) stay with the driver.
-    hparams = t.model_dump(exclude={"num_workers", "use_gpu", "cpus_per_worker", "time_budget_s", "max_failures",
-                                    "threads_per_worker"})
-    hparams["epochs"] = epochs
-    return {
-        "root": os.path.abspath(cfg.data.root) if not cfg.data.root.startswith("s3://") else cfg.data.root,
-        "endpoint": cfg.data.s3_endpoint,
-        "region": cfg.data.s3_region,
-        "hparams": hparams,
-        "threads": t.threads_per_worker or max(1, int(t.cpus_per_worker)),
-        "deadline": started + budget if budget else None,
-        **extra,
-    }
+    threads = t.threads_per_worker or max(1, int(t.cpus_per_worker))
+    return WorkerInputs(storage=storage_for(cfg), train=t, threads=threads,
+                        deadline=started + budget if budget else None, warm=warm, **extra)
 
 
 def _use_gpu(cfg: AppConfig, opts: TrainOptions) -> bool:
@@ -82,7 +75,7 @@ def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, nam
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+    storage = storage_for(cfg)
     # On an object store Ray Train gets our filesystem, so it uses data.s3_endpoint / s3_region like everything else.
     where = {"storage_path": storage.path(TRAIN_RUNS)}
     if not storage.is_local:
@@ -102,11 +95,11 @@ def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, nam
 
 
 @contextmanager
-def fitted(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> Iterator[tuple[str, dict]]:
+def fitted(cfg: AppConfig, opts: TrainOptions, inputs: WorkerInputs, name: str) -> Iterator[tuple[str, dict]]:
     """Run the TorchTrainer; returns a local directory holding the final checkpoint and the last metrics."""
     from trainers.loop import train_loop_per_worker
 
-    trainer = trainer_for(cfg, opts, train_loop_per_worker, config, name)
+    trainer = trainer_for(cfg, opts, train_loop_per_worker, {"inputs": inputs}, name)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -119,22 +112,21 @@ def fitted(cfg: AppConfig, opts: TrainOptions, config: dict, name: str) -> Itera
         shutil.rmtree(local, ignore_errors=True)
 
 
-def run_train(cfg: AppConfig, opts: TrainOptions | None = None, **extra: Any) -> dict:
-    """Train and publish; returns the JSON summary. `extra` goes to the workers (init_state, fault, max_steps)."""
-    from cluster.runtime import ensure_ray
+def run_train(cfg: AppConfig, opts: TrainOptions | None = None, parent: str | None = None, **extra: Any) -> dict:
+    """Train and publish; returns the JSON summary. `extra` goes to the workers' inputs (max_steps,
+    session_wrapper)."""
+    from core.runtime import ensure_ray
+    from trainers.data import load_graph
     from trainers.publish import publish_from_checkpoint
 
     opts = opts or TrainOptions()
     started = time.time()
-    storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
-    from trainers.data import load_graph
-
+    storage = storage_for(cfg)
     load_graph(storage)  # fail here, with a clear message, rather than inside every worker
     ensure_ray(cfg)
-    parent = extra.pop("parent", None)
-    config = worker_config(cfg, opts, started, **extra)
+    inputs = worker_inputs(cfg, opts, started, **extra)
     name = time.strftime("train-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    with fitted(cfg, opts, config, name) as (checkpoint_dir, _):
+    with fitted(cfg, opts, inputs, name) as (checkpoint_dir, _):
         version, manifest = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
                                                     num_workers=opts.num_workers or cfg.train.num_workers)
     return {

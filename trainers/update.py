@@ -13,22 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import signal
 import threading
 import time
 import uuid
 from typing import Any
 
-import numpy as np
-
-from cluster.cli import positive, run_command
-from cluster.config import AppConfig
+import registry
+from core.cli import positive, run_command
+from core.config import AppConfig
+from core.storage import storage_for
 from datasets.adapters import SourceError
 from datasets.ingest import Request, run_ingest
-from datasets.storage import Storage
-from trainers import checkpoint_format as cf
 from trainers.data import GraphMissingError
+from trainers.train import TrainOptions
+from trainers.worker_inputs import WarmStart
 
 log = logging.getLogger("trainers.update")
 
@@ -38,38 +37,35 @@ def _ingest(cfg: AppConfig) -> dict:
     return run_ingest(cfg, Request(source=src.path, fmt=src.format, holdout=src.holdout))
 
 
-def run_update(cfg: AppConfig, opts: Any = None, resident: Any = None, **extra: Any) -> dict:
+def run_update(cfg: AppConfig, opts: TrainOptions | None = None, resident: Any = None, **extra: Any) -> dict:
     """One cycle; returns its JSON summary (`version` null when nothing was published, with `reason`).
 
     With `resident` (a `trainers.resident.ResidentTrainer`) the cycle trains on its waiting workers; without,
-    it starts a Ray Train run of its own.
+    it starts a Ray Train run of its own. `extra` goes to the workers' inputs (tests: session_wrapper).
     """
-    import os
-
     import ray
-    import torch
 
-    from cluster.runtime import ensure_ray
+    from core.runtime import ensure_ray
     from trainers.data import load_graph, split
-    from trainers.loop import STATE_FILE
     from trainers.publish import publish_from_checkpoint
-    from trainers.train import TrainOptions, fitted, run_train, worker_config
-    from trainers.warm_start import extended_state
+    from trainers.train import fitted, run_train, worker_inputs
+    from trainers.train_state import TrainState
+    from trainers.warm_start import extended_state, update_pair_index, update_steps
 
     started = time.time()
     # Resident workers were started with their own options: the cycle's step count must use the same world size.
     opts = resident.opts if resident is not None else (opts or TrainOptions())
-    storage = Storage(cfg.data.root, cfg.data.s3_endpoint, cfg.data.s3_region)
+    storage = storage_for(cfg)
     ingested = _ingest(cfg)
     timings = {"ingest": round(time.time() - started, 3)}  # where a cycle's time goes (filled in as it runs)
     base = {"mode": "warm", "timings": timings,
             "ingested": {k: ingested[k] for k in ("input_rows", "accepted", "new_users", "new_items", "watermark_ms",
                                                  "timings")}}
-    parent = cf.latest_version(storage)
+    parent = registry.latest_version(storage)
     if parent is None:
-        summary = run_train(cfg, opts)
+        summary = run_train(cfg, opts, **extra)
         return {**base, **summary, "mode": "full", "seconds": round(time.time() - started, 3)}
-    loaded = cf.load_version(storage, parent)
+    loaded = registry.load_version(storage, parent)
     graph = load_graph(storage)
     counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
               "brand": graph.num_brands}
@@ -89,30 +85,30 @@ def run_update(cfg: AppConfig, opts: Any = None, resident: Any = None, **extra: 
     if not len(pair_index):  # e.g. only held-out pairs arrived and update.replay_ratio is 0
         return unchanged("no new training pairs since the parent")
     ensure_ray(cfg)
-    steps = update_steps(cfg, opts, len(pair_index))
-    config = worker_config(cfg, opts, started, init_state=ray.put(grown), pair_index=ray.put(pair_index),
-                           steps_per_epoch=steps, eval_parent=True, **extra)
+    warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
+                     steps=update_steps(cfg, opts.num_workers or cfg.train.num_workers, len(pair_index)))
     # The architecture is the parent's (a full retrain is how a config change of it takes effect); one "epoch" of
     # `steps` steps, evaluated once at its end.
-    config["hparams"].update({"embedding_dim": parent_state["hparams"]["embedding_dim"],
-                              "num_layers": parent_state["hparams"]["num_layers"],
-                              "epochs": 1, "eval_every": 1, "lr": cfg.update.lr})
+    train = cfg.train.model_copy(update={"embedding_dim": parent_state["hparams"]["embedding_dim"],
+                                         "num_layers": parent_state["hparams"]["num_layers"],
+                                         "epochs": 1, "eval_every": 1, "lr": cfg.update.lr})
+    inputs = worker_inputs(cfg, opts, started, warm=warm, train=train, **extra)
     name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     mark = time.time()
-    with (resident.fitted(config) if resident is not None else fitted(cfg, opts, config, name)) as (checkpoint_dir, _):
-        state = torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    with (resident.fitted(inputs) if resident is not None else fitted(cfg, opts, inputs, name)) as (checkpoint_dir, _):
+        state = TrainState.load(checkpoint_dir)
         # Worker start-up (none on resident workers), training, evaluation, the checkpoint's way back.
         timings["ray_train"] = round(time.time() - mark, 3)
-        timings["worker_loop"] = round(state["history"][-1]["seconds"], 3)
-        timings["worker"] = state.get("phases", {})
+        timings["worker_loop"] = round(state.history[-1]["seconds"], 3)
+        timings["worker"] = state.phases
         k = cfg.train.k
-        final = state["history"][-1]
+        final = state.history[-1]
         metrics = {f"recall@{k}": final[f"recall@{k}"], f"ndcg@{k}": final[f"ndcg@{k}"]}
-        parent_metrics = {f"recall@{k}": state["parent_metrics"][f"recall@{k}"],
-                          f"ndcg@{k}": state["parent_metrics"][f"ndcg@{k}"]}
+        parent_metrics = {f"recall@{k}": state.parent_metrics[f"recall@{k}"],
+                          f"ndcg@{k}": state.parent_metrics[f"ndcg@{k}"]}
         floor = (1.0 - cfg.update.tolerance) * parent_metrics[f"recall@{k}"]
         out = {**base, "parent": parent, "metrics": metrics, "parent_metrics": parent_metrics,
-               "steps": state["steps"], "train_pairs": state["split"]["train_pairs"], "resident": resident is not None}
+               "steps": state.steps, "train_pairs": state.split["train_pairs"], "resident": resident is not None}
         if metrics[f"recall@{k}"] < floor:
             reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "
                       f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")
@@ -126,35 +122,6 @@ def run_update(cfg: AppConfig, opts: Any = None, resident: Any = None, **extra: 
     return {**out, "version": version, "seconds": round(time.time() - started, 3)}
 
 
-def update_steps(cfg: AppConfig, opts: Any, pairs: int) -> int:
-    """Optimiser steps of a cycle: `update.epochs` passes over its pairs (new + replay), at most update.max_steps.
-
-    The work follows what is new, as a retrain's follows all the data: a quiet hour costs a few steps, and a
-    small slice is not passed over dozens of times (which overfits it and fails the gate).
-    """
-    from trainers.loop import steps_per_pass
-
-    per_pass = steps_per_pass(pairs, opts.num_workers or cfg.train.num_workers, cfg.train.batch_size)
-    return max(1, min(cfg.update.max_steps, math.ceil(cfg.update.epochs * per_pass)))
-
-
-def update_pair_index(graph: Any, sp: Any, cfg: AppConfig, parent_watermark_ms: int) -> np.ndarray:
-    """Training pairs of a warm start, as indices into the split's training pairs: every pair the parent did not
-    learn from (touched after its watermark, or held out by its split) plus `update.replay_ratio` older pairs per
-    new one, so the model does not forget the rest of the graph."""
-    from trainers.data import parent_holdout
-
-    held = parent_holdout(graph, cfg.train.holdout, cfg.train.holdout_days, parent_watermark_ms)
-    in_train = ~sp.test_mask
-    fresh_edges = (graph.ui_last_ts > parent_watermark_ms) | held
-    fresh = fresh_edges[in_train]
-    new_idx, old_idx = np.flatnonzero(fresh), np.flatnonzero(~fresh)
-    n_replay = min(len(old_idx), int(round(cfg.update.replay_ratio * max(len(new_idx), 1))))
-    rng = np.random.default_rng(cfg.train.seed)
-    replay = rng.choice(old_idx, size=n_replay, replace=False) if n_replay else old_idx[:0]
-    return np.concatenate([new_idx, replay])
-
-
 def run_every(cfg: AppConfig, every_s: float, stop: threading.Event, max_cycles: int | None = None,
               emit: Any = print, **extra: Any) -> int:
     """Cycles until `stop` is set (checked between cycles); a failed cycle is logged and the next one runs.
@@ -162,7 +129,6 @@ def run_every(cfg: AppConfig, every_s: float, stop: threading.Event, max_cycles:
     With update.resident the cycles share one Ray Train run whose workers wait between cycles.
     """
     from trainers.resident import ResidentTrainer
-    from trainers.train import TrainOptions
 
     resident = ResidentTrainer(cfg, TrainOptions(), stop) if cfg.update.resident else None
     cycles = failures = 0
@@ -198,7 +164,7 @@ def _update_command(args: argparse.Namespace, cfg: AppConfig) -> dict | None:
     positive("--every", args.every)
     if args.once:
         return run_update(cfg)
-    from cluster.runtime import ensure_ray
+    from core.runtime import ensure_ray
 
     # Ray installs its own SIGTERM handler (which aborts) when it starts: start it first, then take the signal.
     ensure_ray(cfg, long_lived=True)
@@ -212,7 +178,7 @@ def _update_command(args: argparse.Namespace, cfg: AppConfig) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser(), argv, _update_command,
-                       errors=(SourceError, GraphMissingError, cf.CheckpointError))
+                       errors=(SourceError, GraphMissingError, registry.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Grow a published model's embedding table to a graph that gained users, items, categories and brands.
+"""Warm starts: grow a published model to a graph that gained nodes, and choose what a cycle trains on.
 
 Id maps are append-only, so an old node keeps its index within its type; only the offsets of the types in the
 homogeneous table move. Old nodes keep their learned vectors. New nodes start where the graph says they belong:
@@ -8,11 +8,15 @@ item mean when it has none), a new user at the mean of the items they touched.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from trainers.data import InterestGraph
+from core.config import AppConfig
+from trainers.data import InterestGraph, Split, parent_holdout
 from trainers.graph import NodeOffsets, node_offsets
+from trainers.loop import steps_per_pass
 
 TYPES = ("user", "item", "category", "brand")
 
@@ -90,3 +94,28 @@ def extended_state(parent_state: dict, old_counts: dict[str, int], graph: Intere
     old = parent_state["embedding.weight"].detach().cpu().numpy()
     grown = extend_embeddings(old, old_counts, graph, train_user, train_item)
     return {**parent_state, "embedding.weight": torch.from_numpy(grown)}
+
+
+def update_steps(cfg: AppConfig, world: int, pairs: int) -> int:
+    """Optimiser steps of a cycle: `update.epochs` passes over its pairs (new + replay), at most update.max_steps.
+
+    The work follows what is new, as a retrain's follows all the data: a quiet hour costs a few steps, and a
+    small slice is not passed over dozens of times (which overfits it and fails the gate).
+    """
+    per_pass = steps_per_pass(pairs, world, cfg.train.batch_size)
+    return max(1, min(cfg.update.max_steps, math.ceil(cfg.update.epochs * per_pass)))
+
+
+def update_pair_index(graph: InterestGraph, sp: Split, cfg: AppConfig, parent_watermark_ms: int) -> np.ndarray:
+    """Training pairs of a warm start, as indices into the split's training pairs: every pair the parent did not
+    learn from (touched after its watermark, or held out by its split) plus `update.replay_ratio` older pairs per
+    new one, so the model does not forget the rest of the graph."""
+    held = parent_holdout(graph, cfg.train.holdout, cfg.train.holdout_days, parent_watermark_ms)
+    in_train = ~sp.test_mask
+    fresh_edges = (graph.ui_last_ts > parent_watermark_ms) | held
+    fresh = fresh_edges[in_train]
+    new_idx, old_idx = np.flatnonzero(fresh), np.flatnonzero(~fresh)
+    n_replay = min(len(old_idx), int(round(cfg.update.replay_ratio * max(len(new_idx), 1))))
+    rng = np.random.default_rng(cfg.train.seed)
+    replay = rng.choice(old_idx, size=n_replay, replace=False) if n_replay else old_idx[:0]
+    return np.concatenate([new_idx, replay])

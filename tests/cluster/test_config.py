@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import AppConfig, ConfigError, load_config, parse_config
+from core.config import AppConfig, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import AppConfig, load_config
-from cluster.runtime import HIGH_THROUGHPUT_ENV
+from core.config import AppConfig, load_config
+from core.runtime import HIGH_THROUGHPUT_ENV
 from serve_app.app import AppArgs, deployment_options
 
 ROOT = Path(__file__).resolve().parents[2]

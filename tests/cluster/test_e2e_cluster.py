@@ -27,7 +27,7 @@ from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _run(*cmd: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ import yaml
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_main_job_serves_updates_and_stops_cleanly(tmp_path: Path) -> None:

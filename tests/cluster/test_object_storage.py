@@ -10,11 +10,11 @@ import pyarrow.fs as pafs
 import pytest
 import requests
 
+import registry
+from core.storage import Storage
 from datasets.ingest import Request, run_ingest
-from datasets.storage import Storage
 from datasets.synth import generate
 from tests.helpers import free_port, make_config, start_app, stop_app, write_config
-from trainers import checkpoint_format as cf
 
 pytestmark = pytest.mark.slow
 BUCKET = "ig-test"
@@ -54,20 +54,15 @@ def test_ingest_train_publish_and_serve_from_a_bucket(ray_session, s3_endpoint: 
     assert storage.list_files("interactions", suffix=".parquet")  # written to the bucket, not a local folder
 
     first = run_train(cfg, TrainOptions())["version"]
-    assert cf.latest_version(storage) == first  # LATEST is one object, PUT after the version verified
-    assert cf.load_version(storage, first).metrics[f"recall@{cfg.train.k}"] >= 0
+    assert registry.latest_version(storage) == first  # LATEST is one object, PUT after the version verified
+    assert registry.load_version(storage, first).metrics[f"recall@{cfg.train.k}"] >= 0
 
     config = write_config(tmp_path / "cfg.yaml", root=root, data={"root": root, "shards": 2, **s3},
                           serve={"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1, "poll_interval_s": 0.3})
     url = start_app(config, "s3", first)
     try:
-        loaded = cf.load_version(storage, first)
-        second = cf.publish(storage, cf.ModelArtifacts(
-            user_keys=loaded.user_keys, user_vectors=loaded.user_vectors, item_ids=loaded.item_ids,
-            item_vectors=loaded.item_vectors, seen_indptr=loaded.seen_indptr, seen_indices=loaded.seen_indices,
-            popularity=loaded.popularity, state_dict=loaded.load_state()["state_dict"],
-            hparams=loaded.load_state()["hparams"], config_hash=loaded.config_hash, metrics=loaded.metrics,
-            k=loaded.k, node_counts=loaded.node_counts, parent=first, watermark_ms=loaded.watermark_ms))
+        loaded = registry.load_version(storage, first)
+        second = registry.publish(storage, loaded.artifacts())
         deadline = time.time() + 10
         while requests.get(f"{url}/version", timeout=10).json()["version"] != second:
             assert time.time() < deadline, "the replica did not swap to the version published in the bucket"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cluster.config import parse_config
-from cluster.runtime import detected_cpus, embedded_cpus
+from core.config import parse_config
+from core.runtime import detected_cpus, embedded_cpus
 
 
 def test_short_jobs_keep_rays_own_count_and_an_explicit_count_always_wins() -> None:

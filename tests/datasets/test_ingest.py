@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -120,15 +121,23 @@ def synthetic_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {"base": base, "logs": logs, "root": root, "info": info, "first": first}
 
 
-def test_synthetic_log_accounting_and_rerun_adds_nothing(synthetic_run: dict) -> None:
+def _own_root(synthetic_run: dict, tmp_path: Path) -> Path:
+    """A copy of the module's ingested root, for a test that adds to it (the logs stay shared, read-only)."""
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_run["root"], root)
+    return root
+
+
+def test_synthetic_log_accounting_and_rerun_adds_nothing(synthetic_run: dict, tmp_path: Path) -> None:
     first = synthetic_run["first"]
     _identity(first)
     assert first["input_rows"] == synthetic_run["info"]["events"]
     assert first["rejected"]["total"] == 0
-    again = _ingest(synthetic_run["root"], synthetic_run["logs"] / "*.csv")
+    root = _own_root(synthetic_run, tmp_path)
+    again = _ingest(root, synthetic_run["logs"] / "*.csv")
     assert again["input_rows"] == 0 and again["accepted"] == 0 and again["skipped_files"] == first["files"]
     assert again["total_users"] == first["total_users"] and again["total_items"] == first["total_items"]
-    assert read_dir(synthetic_run["root"] / "interactions").num_rows == first["accepted"]
+    assert read_dir(root / "interactions").num_rows == first["accepted"]
 
 
 def test_no_raw_user_id_anywhere_under_root(synthetic_run: dict) -> None:
@@ -174,19 +183,20 @@ def test_shards_partition_users_and_graph_aggregates_pairs(synthetic_run: dict) 
 
 
 def test_new_file_adds_exactly_its_rows_and_keeps_old_indices(synthetic_run: dict, tmp_path: Path) -> None:
-    root = synthetic_run["root"]
+    root = _own_root(synthetic_run, tmp_path)
     before = {n: dict(zip(*read_dir(root / "idmaps" / n).select(["key", "idx"]).to_pydict().values(), strict=True))
               for n in ("user", "item")}
     rows_before = read_dir(root / "interactions").num_rows
     now_s = int(time.time())
-    extra = synthetic_run["logs"] / "extra.csv"
+    extra = tmp_path / "later" / "extra.csv"
+    extra.parent.mkdir()
     new_rows = [f"shopper-newcomer{i:04d},item-new-{i % 3},purchase,{now_s - 60 - i},cat-new,brand-new,5,s" for i in
                 range(25)]
     old_user = pacsv.read_csv(next(synthetic_run["logs"].glob("events-*.csv"))).column("user_id")[0].as_py()
     new_rows.append(f"{old_user},item-new-0,cart,{now_s - 30},cat-new,brand-new,5,s")
     new_rows.append(new_rows[0])  # an exact duplicate
     extra.write_text(HEADER + "\n".join(new_rows) + "\n")
-    summary = _ingest(root, synthetic_run["logs"] / "*.csv")
+    summary = _ingest(root, extra)
     _identity(summary)
     assert summary["files"] == 1 and summary["input_rows"] == 27
     assert summary["accepted"] == 26 and summary["duplicates"] == 1
@@ -196,12 +206,11 @@ def test_new_file_adds_exactly_its_rows_and_keeps_old_indices(synthetic_run: dic
         after = dict(zip(*read_dir(root / "idmaps" / n).select(["key", "idx"]).to_pydict().values(), strict=True))
         assert all(after[k] == v for k, v in before[n].items())
         assert sorted(after.values()) == list(range(len(after)))
-    extra.unlink()
 
 
 def test_gone_run_leaves_nothing_counted(synthetic_run: dict, tmp_path: Path) -> None:
     """Files of a run that died before committing are removed by the next run, not counted."""
-    root = synthetic_run["root"]
+    root = _own_root(synthetic_run, tmp_path)
     shard = next((root / "interactions").iterdir())
     stray = shard / "part-r20990101T000000-deadbeef.parquet"
     pq.write_table(read_dir(shard).slice(0, 5), stray)

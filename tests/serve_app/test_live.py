@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
+import registry
+from core.storage import Storage
 from datasets import idmaps
 from datasets.ingest import Request, run_ingest
 from datasets.pseudonym import pseudonymise
-from datasets.storage import Storage
 from tests.helpers import (
     N_CATS,
     N_ITEMS,
@@ -28,7 +29,6 @@ from tests.helpers import (
     toy_seen,
     write_config,
 )
-from trainers import checkpoint_format as cf
 
 pytestmark = pytest.mark.slow
 ADMIN = "test-admin-token"  # set for Ray workers by tests/conftest.py
@@ -65,6 +65,22 @@ def live(ray_session, tmp_path_factory: pytest.TempPathFactory):
     stop_app("live", str(root))
 
 
+@pytest.fixture
+def toy(live: dict) -> str:
+    """The toy model (known geometry, watermark before anything posted live) served on both replicas."""
+    version = publish_toy_version(live["storage"], seed=1, parent=registry.latest_version(live["storage"]),
+                                  watermark_ms=SEED_TS + 1000)
+    _serve_version(live["url"], version)
+    return version
+
+
+def _serve_version(url: str, version: str) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline and {a["version"] for a in _from_both_replicas(f"{url}/version")} != {version}:
+        time.sleep(0.2)
+    assert {a["version"] for a in _from_both_replicas(f"{url}/version")} == {version}
+
+
 def _now_events(user: str, items: list[int], event: str = "purchase") -> list[dict]:
     now = int(time.time() * 1000)
     return [{"user_id": user, "item_id": f"item-{i}", "event": event, "ts": now, "category_id": f"cat-{i % N_CATS}"}
@@ -88,50 +104,49 @@ def _live_files(storage: Storage) -> list[str]:
     return storage.list_files("raw", "live", suffix=".parquet")
 
 
-def test_posted_events_change_a_known_users_answers_on_every_replica_within_a_second(live: dict) -> None:
+def test_posted_events_change_a_known_users_answers_on_every_replica_at_once(live: dict, toy: str) -> None:
     url = live["url"]
     before = requests.get(f"{url}/recommend/user-4", params={"k": 5}, timeout=10).json()
     assert before["path"] == "personalised" and _cats(before).most_common(1)[0][0] == 4 % N_CATS
     posted = [2, 5, 8]  # category 2; user-4 likes category 1
-    started = time.time()
     r = requests.post(f"{url}/events", json=_now_events("user-4", posted), timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["accepted"] == 3 and r.json()["applied_everywhere"]
-    answers = _from_both_replicas(f"{url}/recommend/user-4?k=5")
-    elapsed = time.time() - started
-    assert elapsed < 1.0, f"took {elapsed:.2f} s from POST to an answer from every replica"
-    for body in answers:
+    # Applied everywhere when the POST answers: the very next answers, from either replica, already show it (how
+    # long that takes is bench.freshness's figure).
+    for body in _from_both_replicas(f"{url}/recommend/user-4?k=5"):
         assert body["path"] == "personalised"
         assert _cats(body)[2] >= 3, body  # the new category now leads, whichever replica answered
         assert not {int(x["item_id"].split("-")[1]) for x in body["items"]} & set(posted)  # posted = seen
 
 
-def test_a_new_user_with_three_events_gets_folded_recommendations(live: dict) -> None:
+def test_a_new_user_with_three_events_gets_folded_recommendations(live: dict, toy: str) -> None:
     url = live["url"]
-    started = time.time()
     assert requests.post(f"{url}/events", json={"events": _now_events("brand-new", [0, 3, 6], "view")},
                          timeout=10).status_code == 200
-    bodies = [requests.get(f"{url}/recommend/brand-new", params={"k": 6}, timeout=10).json() for _ in range(6)]
-    assert time.time() - started < 1.0
-    for body in bodies:
+    for body in _from_both_replicas(f"{url}/recommend/brand-new?k=6"):
         assert body["path"] == "folded"
         assert _cats(body) == Counter({0: 6}), body
         assert not {x["item_id"] for x in body["items"]} & {"item-0", "item-3", "item-6"}
 
 
-def test_a_version_whose_watermark_covers_the_live_events_stops_folding_them(live: dict) -> None:
+def test_a_version_whose_watermark_covers_the_live_events_stops_folding_them(live: dict, toy: str) -> None:
     url, storage = live["url"], live["storage"]
-    assert _cats(requests.get(f"{url}/recommend/user-4", params={"k": 5}, timeout=10).json())[2] >= 3
-    covering = publish_toy_version(storage, seed=1, parent=cf.latest_version(storage),
+    # user-10 likes category 1; their purchases in category 2 lead their answers while they are live.
+    assert requests.post(f"{url}/events", json=_now_events("user-10", [2, 5, 8]), timeout=10).json()["accepted"]
+    assert requests.post(f"{url}/events", json=_now_events("covered-newcomer", [0, 3, 6]), timeout=10).ok
+    assert _cats(requests.get(f"{url}/recommend/user-10", params={"k": 5}, timeout=10).json())[2] >= 3
+    covering = publish_toy_version(storage, seed=1, parent=registry.latest_version(storage),
                                    watermark_ms=int(time.time() * 1000) + 60_000)
-    deadline = time.time() + 10
-    while time.time() < deadline and {a["version"] for a in _from_both_replicas(f"{url}/version")} != {covering}:
-        time.sleep(0.2)
-    for body in _from_both_replicas(f"{url}/recommend/user-4?k=5"):
-        assert body["version"] == covering and body["path"] == "personalised"
-        assert _cats(body).most_common(1)[0][0] == 4 % N_CATS  # back to what the model alone says
-    for body in _from_both_replicas(f"{url}/recommend/brand-new"):
-        assert body["path"] == "popular"  # this toy model never learned brand-new, and its events are covered
+    try:
+        _serve_version(url, covering)
+        for body in _from_both_replicas(f"{url}/recommend/user-10?k=5"):
+            assert body["version"] == covering and body["path"] == "personalised"
+            assert _cats(body).most_common(1)[0][0] == 10 % N_CATS  # back to what the model alone says
+        for body in _from_both_replicas(f"{url}/recommend/covered-newcomer"):
+            assert body["path"] == "popular"  # the toy model never learned them, and their events are covered
+    finally:  # later tests post events of now: serve a version that does not cover them
+        _serve_version(url, publish_toy_version(storage, seed=1, parent=covering, watermark_ms=SEED_TS + 1000))
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
@@ -187,7 +202,7 @@ def test_deletion_needs_the_token_acts_at_once_and_reaches_the_next_version(live
     assert summary["purged_users"] == 1 and summary["purged_rows"] == 3
     assert key not in read_dir(Path(live["root"]) / "interactions").column("user_key").to_pylist()
     published = run_train(live["cfg"], TrainOptions(num_workers=1, epochs=2))
-    version = cf.load_version(storage, published["version"])
+    version = registry.load_version(storage, published["version"])
     assert key not in version.user_keys and pseudonymise("user-4", TEST_KEY) in version.user_keys
     users = pq.read_table(storage.path("checkpoints", "versions", published["version"], "embeddings",
                                        "users.parquet"))
@@ -195,11 +210,14 @@ def test_deletion_needs_the_token_acts_at_once_and_reaches_the_next_version(live
 
 
 def test_acknowledged_events_survive_a_restart_and_reach_the_next_update(live: dict) -> None:
-    """Runs after the deletion test, whose training published a real model to warm-start from."""
     from ray import serve
 
     from serve_app.live_state import kill_shards
+    from trainers.train import TrainOptions, run_train
     from trainers.update import run_update
+
+    run_ingest(live["cfg"], Request(source=None, fmt="events", holdout=None))  # what earlier tests posted
+    run_train(live["cfg"], TrainOptions(num_workers=1, epochs=2))  # a real model to warm-start from
 
     r = requests.post(f"{live['url']}/events", json=_now_events("durable-shopper", [10, 11]), timeout=10)
     assert r.status_code == 200
@@ -207,7 +225,7 @@ def test_acknowledged_events_survive_a_restart_and_reach_the_next_update(live: d
     kill_shards(live["root"], 2)
     port = int(live["url"].rsplit(":", 1)[1])
     serve.shutdown()
-    assert start_app(live["config"], "live", cf.latest_version(live["storage"]), port=port) == live["url"]
+    assert start_app(live["config"], "live", registry.latest_version(live["storage"]), port=port) == live["url"]
     summary = run_update(live["cfg"])
     assert summary["mode"] == "warm" and summary["ingested"]["accepted"] == 2
     rows = read_dir(Path(live["root"]) / "interactions").to_pylist()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,10 +11,10 @@ import pyarrow as pa
 import pytest
 import requests
 
+import registry
+from core.storage import Storage
 from datasets import idmaps
-from datasets.storage import Storage
-from tests.helpers import N_CATS, N_USERS, publish_toy_version, start_app, stop_app, write_config
-from trainers import checkpoint_format as cf
+from tests.helpers import N_CATS, N_USERS, LoadThreads, publish_toy_version, start_app, stop_app, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +38,8 @@ def test_recommend_personalised_without_seen_items(served: dict) -> None:
     r = requests.get(f"{served['url']}/recommend/user-4", params={"k": 10}, timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["path"] == "personalised" and body["version"] == served["first"] and len(body["items"]) == 10
+    assert body["path"] == "personalised" and len(body["items"]) == 10
+    assert body["version"] == registry.latest_version(served["storage"])
     ids = [int(x["item_id"].split("-")[1]) for x in body["items"]]
     seen = {(4 % N_CATS) + N_CATS * j for j in range(3)}
     assert not set(ids) & seen
@@ -90,35 +90,28 @@ def test_hot_swap_under_load_and_a_corrupt_version_is_refused(served: dict) -> N
     url, storage = served["url"], served["storage"]
     statuses: Counter = Counter()
     answered: list[str] = []
-    stop = threading.Event()
 
-    def client() -> None:
-        while not stop.is_set():
-            r = requests.get(f"{url}/recommend/user-{len(answered) % N_USERS}", params={"k": 5}, timeout=10)
-            statuses[r.status_code] += 1
-            if r.status_code == 200:
-                answered.append(r.json()["version"])
+    def client(i: int) -> None:
+        r = requests.get(f"{url}/recommend/user-{len(answered) % N_USERS}", params={"k": 5}, timeout=10)
+        statuses[r.status_code] += 1
+        if r.status_code == 200:
+            answered.append(r.json()["version"])
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    current = cf.latest_version(storage)
-    new = publish_toy_version(storage, seed=2, parent=current)
-    published_at = time.time()
-    while time.time() - published_at < 5 and set(_versions_seen(url, 10)) != {new}:
-        time.sleep(0.1)
-    converged_s = time.time() - published_at
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join()
+    with LoadThreads(4, client):
+        time.sleep(1.0)
+        current = registry.latest_version(storage)
+        new = publish_toy_version(storage, seed=2, parent=current)
+        deadline = time.time() + 30  # generous: how fast a swap converges is bench.serve's figure
+        while time.time() < deadline and set(_versions_seen(url, 10)) != {new}:
+            time.sleep(0.1)
+        assert set(_versions_seen(url, 10)) == {new}
+        time.sleep(1.0)
     assert set(statuses) == {200}, statuses
-    assert converged_s < 5 and answered[-1] == new
+    assert answered[-1] == new
 
     # A damaged version: copied from a good one, one byte of its user vectors changed, then made LATEST.
     versions = storage.path("checkpoints", "versions")
-    bad = "v" + str(cf.version_number(new) + 1).zfill(6)
+    bad = "v" + str(registry.version_number(new) + 1).zfill(6)
     shutil.copytree(f"{versions}/{new}", f"{versions}/{bad}")
     target = Path(f"{versions}/{bad}/embeddings/users.parquet")
     data = bytearray(target.read_bytes())
@@ -141,22 +134,16 @@ def test_autoscaling_up_under_load_and_back_down(served: dict) -> None:
         return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
 
     assert replicas() == 1
-    stop = threading.Event()
 
-    def client() -> None:
-        while not stop.is_set():
-            requests.get(f"{served['url']}/recommend/user-2", params={"k": 20}, timeout=10)
+    def client(i: int) -> None:
+        r = requests.get(f"{served['url']}/recommend/user-2", params={"k": 20}, timeout=10)
+        assert r.status_code == 200, r.text
 
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    for t in threads:
-        t.start()
-    peak, deadline = 1, time.time() + 40
-    while time.time() < deadline and peak < 2:
-        peak = max(peak, replicas())
-        time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    with LoadThreads(8, client):
+        peak, deadline = 1, time.time() + 40
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, replicas())
+            time.sleep(0.5)
     assert peak == 2
     deadline = time.time() + 60
     while time.time() < deadline and replicas() > 1:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cluster.config import AppConfig
+import registry
+from core.config import AppConfig
+from core.storage import Storage
 from datasets.ingest import Request, run_ingest
-from datasets.storage import Storage
 from datasets.synth import generate
 from tests.helpers import make_config
-from trainers import checkpoint_format as cf
+from trainers.faults import Fault, InjectFaults
 from trainers.loop import LocalSession, run_worker
-from trainers.train import TrainOptions, run_train, worker_config
+from trainers.train import TrainOptions, run_train, worker_inputs
 
 TRAIN = {"epochs": 4, "batch_size": 512, "lr": 0.01, "embedding_dim": 32, "num_layers": 2, "holdout_days": 1.0}
 
@@ -31,7 +33,7 @@ def small_graph(ray_session, tmp_path_factory: pytest.TempPathFactory) -> AppCon
 
 def test_loop_in_process_learns_and_reports_final_embeddings(small_graph: AppConfig, tmp_path: Path) -> None:
     session = LocalSession(out_dir=str(tmp_path))
-    run_worker(worker_config(small_graph, TrainOptions(epochs=3), time.time()), session)
+    run_worker(worker_inputs(small_graph, TrainOptions(epochs=3), time.time()), session)
     assert [r["epoch"] for r in session.reports] == [0, 1, 2]
     assert session.reports[-1]["final"] and not session.reports[0]["final"]
     assert session.reports[-1]["loss"] < session.reports[0]["loss"]
@@ -42,11 +44,9 @@ def test_loop_in_process_learns_and_reports_final_embeddings(small_graph: AppCon
 
 def test_time_budget_stops_cleanly(small_graph: AppConfig, tmp_path: Path) -> None:
     session = LocalSession(out_dir=str(tmp_path))
-    config = worker_config(small_graph, TrainOptions(epochs=1000), time.time())
-    config["deadline"] = time.time() + 2.0
-    started = time.time()
-    run_worker(config, session)
-    assert time.time() - started < 30
+    inputs = replace(worker_inputs(small_graph, TrainOptions(epochs=1000), time.time()), deadline=time.time() + 2.0)
+    run_worker(inputs, session)
+    # Stopped by the deadline, long before its 1,000 epochs, and still evaluated and saved its final state.
     assert session.reports[-1]["final"] and session.reports[-1]["epoch"] < 999
     assert "recall@20" in session.reports[-1]
 
@@ -55,8 +55,8 @@ def test_time_budget_stops_cleanly(small_graph: AppConfig, tmp_path: Path) -> No
 def test_two_worker_run_publishes_a_version_that_beats_popularity(small_graph: AppConfig) -> None:
     summary = run_train(small_graph, TrainOptions(num_workers=2))
     storage = Storage(small_graph.data.root)
-    assert summary["version"] == cf.latest_version(storage)
-    loaded = cf.load_version(storage, summary["version"])
+    assert summary["version"] == registry.latest_version(storage)
+    loaded = registry.load_version(storage, summary["version"])
     assert loaded.manifest["extra"]["num_workers"] == 2
     assert loaded.user_vectors.shape[1] == 32 and loaded.item_vectors.shape[0] == len(loaded.item_ids)
     model, popular = summary["metrics"]["recall@20"], summary["popularity_metrics"]["recall@20"]
@@ -67,13 +67,13 @@ def test_two_worker_run_publishes_a_version_that_beats_popularity(small_graph: A
 @pytest.mark.slow
 def test_killed_worker_is_replaced_and_the_run_publishes(small_graph: AppConfig, tmp_path: Path) -> None:
     storage = Storage(small_graph.data.root)
-    before = cf.latest_version(storage)
+    before = registry.latest_version(storage)
     marker = tmp_path / "killed"
     summary = run_train(small_graph, TrainOptions(num_workers=2),
-                        fault={"rank": 1, "epoch": 2, "marker": str(marker)})
+                        session_wrapper=InjectFaults((Fault(rank=1, epoch=2, marker=str(marker)),)))
     assert marker.exists(), "the fault hook never fired"
-    assert summary["version"] != before and summary["version"] == cf.latest_version(storage)
-    history = cf.load_version(storage, summary["version"]).manifest["extra"]["history"]
+    assert summary["version"] != before and summary["version"] == registry.latest_version(storage)
+    history = registry.load_version(storage, summary["version"]).manifest["extra"]["history"]
     # Resumed from the checkpoint of epoch 1: every epoch appears once, in order.
     assert [h["epoch"] for h in history] == list(range(TRAIN["epochs"]))
 
@@ -98,5 +98,5 @@ def test_loop_runs_on_the_device_the_session_gives(small_graph: AppConfig, tmp_p
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     session = DeviceSession(out_dir=str(tmp_path))
-    run_worker(worker_config(small_graph, TrainOptions(epochs=1), time.time()), session)
+    run_worker(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()), session)
     assert session.reports[-1]["final"] and np.load(Path(session.last_checkpoint) / "embeddings.npz")["items"].ndim == 2

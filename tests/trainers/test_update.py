@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,13 +16,14 @@ import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 
-from cluster.config import AppConfig
+import registry
+from core.config import AppConfig
+from core.storage import Storage
 from datasets.ingest import Request, run_ingest
 from datasets.pseudonym import pseudonymise
-from datasets.storage import Storage
 from datasets.synth import generate
 from tests.helpers import make_config
-from trainers import checkpoint_format as cf
+from trainers.faults import Fault, InjectFaults
 from trainers.train import TrainOptions, run_train
 from trainers.update import run_every, run_update
 
@@ -50,15 +52,28 @@ def trained(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"cfg": cfg, "logs": logs, "first": first, "base": base}
 
 
+@pytest.fixture
+def own(trained: dict, tmp_path: Path) -> dict:
+    """This test's copy of the trained root (Ray Train's run folders left behind), whose source is a folder of its
+    own for new events: tests that add events or versions never see each other's."""
+    root, new = tmp_path / "root", tmp_path / "new"
+    shutil.copytree(trained["cfg"].data.root, root, ignore=shutil.ignore_patterns("train_runs"))
+    new.mkdir()
+    (new / "events-none.csv").write_text(HEADER)  # a configured source must match a file
+    cfg = trained["cfg"].model_copy(deep=True)
+    cfg.data.root, cfg.data.source.path = str(root), str(new / "*.csv")
+    return {"cfg": cfg, "new": new}
+
+
 def _catalogue(logs: Path) -> dict[str, str]:
     table = pacsv.read_csv(sorted(logs.glob("events-*.csv"))[0])
     return dict(zip(table.column("item_id").to_pylist(), table.column("category_id").to_pylist(), strict=False))
 
 
-def test_update_publishes_a_child_with_new_users_and_items(trained: dict) -> None:
-    cfg: AppConfig = trained["cfg"]
+def test_update_publishes_a_child_with_new_users_and_items(trained: dict, own: dict) -> None:
+    cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
-    parent = cf.load_latest(storage)
+    parent = registry.load_latest(storage)
     catalogue = _catalogue(trained["logs"])
     by_cat: dict[str, list[str]] = {}
     for item, cat in catalogue.items():
@@ -70,7 +85,7 @@ def test_update_publishes_a_child_with_new_users_and_items(trained: dict) -> Non
     rows = [f"shopper-brandnew{u},{item},view,{now_s + 3 * j + u},{target},,," for u in range(3)
             for j, item in enumerate(touched)]
     rows += [f"shopper-brandnew0,item-fresh-{n},view,{now_s + 50 + n},cat-fresh,brand-fresh,1.0," for n in range(3)]
-    (trained["logs"] / "events-new.csv").write_text(HEADER + "\n".join(rows) + "\n")
+    (own["new"] / "events-new.csv").write_text(HEADER + "\n".join(rows) + "\n")
 
     summary = run_update(cfg)
 
@@ -82,8 +97,8 @@ def test_update_publishes_a_child_with_new_users_and_items(trained: dict) -> Non
     assert {"setup", "eval_parent", "eval"} <= set(t["worker"])
     spent = t["ingest"] + t["prepare"] + t["ray_train"] + t["publish"]
     assert 0 < t["worker_loop"] < t["ray_train"] and spent <= summary["seconds"] + 0.01
-    child = cf.load_version(storage, summary["version"])
-    assert child.parent == parent.version and cf.latest_version(storage) == child.version
+    child = registry.load_version(storage, summary["version"])
+    assert child.parent == parent.version and registry.latest_version(storage) == child.version
     assert child.user_keys[: len(parent.user_keys)] == parent.user_keys
     assert child.item_ids[: len(parent.item_ids)] == parent.item_ids
     assert {f"item-fresh-{n}" for n in range(3)} <= set(child.item_ids)
@@ -96,21 +111,21 @@ def test_update_publishes_a_child_with_new_users_and_items(trained: dict) -> Non
     assert in_target >= 5 and in_target / 10 > 2 * share, (in_target, share, top)
 
 
-def test_degraded_update_is_refused_and_latest_stays(trained: dict) -> None:
-    cfg: AppConfig = trained["cfg"].model_copy(deep=True)
+def test_degraded_update_is_refused_and_latest_stays(own: dict) -> None:
+    cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
-    before = cf.latest_version(storage)
+    before = registry.latest_version(storage)
     now_s = int(time.time()) - 60
-    (trained["logs"] / "events-more.csv").write_text(
+    (own["new"] / "events-more.csv").write_text(
         HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
     cfg.update.lr = 50.0  # forces the model off a cliff
     summary = run_update(cfg)
     assert summary["version"] is None and "below" in summary["reason"], summary
-    assert cf.latest_version(storage) == before
+    assert registry.latest_version(storage) == before
 
 
-def test_every_mode_survives_a_crashed_cycle(trained: dict) -> None:
-    cfg: AppConfig = trained["cfg"]
+def test_every_mode_survives_a_crashed_cycle(own: dict) -> None:
+    cfg: AppConfig = own["cfg"]
     raw = Path(cfg.data.root) / "raw"
     raw.mkdir(exist_ok=True)
     broken = raw / "broken.parquet"
@@ -127,36 +142,36 @@ def test_every_mode_survives_a_crashed_cycle(trained: dict) -> None:
     assert "error" not in lines[1] and lines[1]["cycle"] == 2
 
 
-def test_resident_workers_survive_a_failed_cycle_and_a_lost_worker(trained: dict, tmp_path: Path) -> None:
+def test_resident_workers_survive_a_failed_cycle_and_a_lost_worker(own: dict, tmp_path: Path) -> None:
     """--every keeps one Ray Train run across cycles: a cycle that raises on a worker is reported and the group
     replaced; a worker that dies mid-cycle has its cycle run again by the replacement group, which publishes."""
-    cfg: AppConfig = trained["cfg"]
+    cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
-    before = cf.latest_version(storage)
+    before = registry.latest_version(storage)
     runs = Path(cfg.data.root) / "train_runs"
     earlier = set(runs.glob("resident-*"))
     now_s = int(time.time()) - 30
-    (trained["logs"] / "events-resident.csv").write_text(
+    (own["new"] / "events-resident.csv").write_text(
         HEADER + "\n".join(f"shopper-resident{u},item-{u % 40},cart,{now_s + u},,,," for u in range(25)) + "\n")
     raised, died = tmp_path / "raised", tmp_path / "died"
-    faults = [{"rank": 0, "epoch": 0, "marker": str(raised), "raise": True},
-              {"rank": 0, "epoch": 0, "marker": str(died)}]
+    faults = InjectFaults((Fault(rank=0, epoch=0, marker=str(raised), raise_error=True),
+                           Fault(rank=0, epoch=0, marker=str(died))))
     lines: list[dict] = []
     failures = run_every(cfg, 0.1, threading.Event(), max_cycles=2, emit=lambda line: lines.append(json.loads(line)),
-                         fault=faults)
+                         session_wrapper=faults)
     assert failures == 1 and raised.exists() and died.exists()
     assert "injected fault" in lines[0]["error"], lines[0]
     assert lines[1]["version"] is not None and lines[1]["parent"] == before and lines[1]["resident"], lines[1]
-    assert cf.latest_version(storage) == lines[1]["version"]
+    assert registry.latest_version(storage) == lines[1]["version"]
     # Both cycles, and both replacement groups, belonged to one Ray Train run.
     assert len(set(runs.glob("resident-*")) - earlier) == 1
 
 
-def test_resident_ddp_group_runs_cycle_after_cycle_and_outlives_a_lost_rank(trained: dict, tmp_path: Path) -> None:
+def test_resident_ddp_group_runs_cycle_after_cycle_and_outlives_a_lost_rank(own: dict, tmp_path: Path) -> None:
     """Two ranks (DDP over gloo) kept across cycles. Rank 1 dies in the first cycle: that cycle either runs again on
     the replacement group or fails with the survivor's collective error; either way the job goes on, and the next
     cycle publishes on the same Ray Train run."""
-    cfg: AppConfig = trained["cfg"].model_copy(deep=True)
+    cfg: AppConfig = own["cfg"]
     cfg.train.num_workers, cfg.train.cpus_per_worker = 2, 0.5  # leaves a CPU of the test Ray for ingestion
     storage = Storage(cfg.data.root)
     runs = Path(cfg.data.root) / "train_runs"
@@ -164,7 +179,7 @@ def test_resident_ddp_group_runs_cycle_after_cycle_and_outlives_a_lost_rank(trai
     now_s = int(time.time()) - 20
 
     def arrive(tag: str) -> None:
-        (trained["logs"] / f"events-{tag}.csv").write_text(
+        (own["new"] / f"events-{tag}.csv").write_text(
             HEADER + "\n".join(f"shopper-{tag}{u},item-{u % 30},click,{now_s + u},,,," for u in range(20)) + "\n")
 
     arrive("ddp-a")
@@ -176,18 +191,18 @@ def test_resident_ddp_group_runs_cycle_after_cycle_and_outlives_a_lost_rank(trai
         arrive(f"ddp-{len(lines)}")  # something new for the next cycle
 
     run_every(cfg, 0.1, threading.Event(), max_cycles=2, emit=emit,
-              fault={"rank": 1, "epoch": 0, "marker": str(died)})
+              session_wrapper=InjectFaults((Fault(rank=1, epoch=0, marker=str(died)),)))
     assert died.exists()
     assert lines[0]["version"] is not None or "rank" in lines[0]["error"], lines[0]
     assert lines[1]["version"] is not None and lines[1]["resident"], lines[1]
-    assert cf.latest_version(storage) == lines[1]["version"]
-    assert cf.load_version(storage, lines[1]["version"]).manifest["extra"]["num_workers"] == 2
+    assert registry.latest_version(storage) == lines[1]["version"]
+    assert registry.load_version(storage, lines[1]["version"]).manifest["extra"]["num_workers"] == 2
     assert len(set(runs.glob("resident-*")) - earlier) == 1
 
 
-def test_every_mode_stops_cleanly_on_sigterm(trained: dict, tmp_path: Path) -> None:
+def test_every_mode_stops_cleanly_on_sigterm(own: dict, tmp_path: Path) -> None:
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(f"data:\n  root: {trained['cfg'].data.root}\n  shards: 4\n")
+    cfg_file.write_text(f"data:\n  root: {own['cfg'].data.root}\n  shards: 4\n")
     proc = subprocess.Popen([sys.executable, "-m", "trainers.update", "--config", str(cfg_file), "--every", "1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     first = proc.stdout.readline()
@@ -196,3 +211,24 @@ def test_every_mode_stops_cleanly_on_sigterm(trained: dict, tmp_path: Path) -> N
     assert json.loads(first)["cycle"] == 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
+
+
+def test_a_version_published_by_the_old_code_warm_starts_a_child(ray_session, tmp_path: Path) -> None:
+    """A root written before the registry package (format-1 version, tests/fixtures/legacy_root) keeps working:
+    an update grows its model and publishes a child in the current format."""
+    root = tmp_path / "root"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "legacy_root", root)
+    new = tmp_path / "new"
+    new.mkdir()
+    now_s = int(time.time()) - 120
+    (new / "events-later.csv").write_text(HEADER + "\n".join(
+        f"shopper-after-upgrade{u},item-late-{u % 3},view,{now_s + u},cat-late,,," for u in range(12)) + "\n")
+    cfg = make_config(root, data={"shards": 2, "source": {"path": str(new / "*.csv"), "format": "events"}},
+                      train={"num_workers": 1, "batch_size": 256, "holdout_days": 1.0},
+                      update={"tolerance": 1.0})  # lineage and format here; quality is the bench's
+    summary = run_update(cfg)
+    assert summary["mode"] == "warm" and summary["parent"] == "v000001", summary
+    assert summary["version"] == "v000002", summary
+    child = registry.load_version(Storage(str(root)), "v000002")
+    assert child.format == registry.FORMAT and child.parent == "v000001"
+    assert "cat-late" in child.category_ids and child.category_vectors.shape[0] == len(child.category_ids)

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from cluster.config import AppConfig, ConfigError, load_config
+from core.config import AppConfig, ConfigError, load_config
 
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,

@@ -1,4 +1,7 @@
-"""The storage layout under data.root (DESIGN 3.2), on a local folder or an object store, through pyarrow.fs."""
+"""The storage layout under data.root (DESIGN 3.2), on a local folder or an object store, through pyarrow.fs.
+
+`storage_for(cfg)` is the one way to build a `Storage` from the config, so the endpoint and region never get lost.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from core.config import AppConfig
+
 RAW = "raw"
 STATE = "state"
 REJECTS = "rejects"
@@ -21,6 +26,7 @@ IDMAPS = "idmaps"
 GRAPH = "graph"
 CHECKPOINTS = "checkpoints"
 TMP = "tmp"
+TRAIN_RUNS = "train_runs"  # Ray Train's own run folders (checkpoints of runs in progress)
 
 
 def filesystem_for(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -131,3 +137,11 @@ class Storage:
             self.fs.delete_dir(path)
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(path)
+
+
+def storage_for(cfg: AppConfig) -> Storage:
+    """The storage of `data.root` with its endpoint and region; a local root is made absolute, so the same value
+    means the same folder in a Ray worker whose working directory differs."""
+    d = cfg.data
+    root = d.root if d.root.startswith("s3://") else os.path.abspath(d.root)
+    return Storage(root, d.s3_endpoint, d.s3_region)

@@ -22,15 +22,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from datasets.storage import Storage
-from trainers import checkpoint_format as cf
+import registry
+import registry.writer
+from core.storage import Storage
 
 N_USERS, N_ITEMS, DIM = 5, 7, 4
 MODES = ["local", "object_store"]
-ALL_FILES = [cf.USERS, cf.ITEMS, cf.SEEN, cf.POPULARITY, cf.MODEL, cf.CURVE]
+ALL_FILES = [registry.USERS, registry.ITEMS, registry.CATEGORIES, registry.BRANDS, registry.SEEN, registry.POPULARITY,
+             registry.MODEL, registry.CURVE]
 
 
-def _artifacts(seed: int = 0, **overrides) -> cf.ModelArtifacts:
+def _artifacts(seed: int = 0, **overrides) -> registry.ModelArtifacts:
     rng = np.random.default_rng(seed)
     fields = dict(
         user_keys=[f"user-{seed}-{i}" for i in range(N_USERS)],
@@ -46,20 +48,23 @@ def _artifacts(seed: int = 0, **overrides) -> cf.ModelArtifacts:
         }),
         state_dict={"embedding.weight": torch.from_numpy(rng.normal(size=(N_USERS + N_ITEMS, DIM)).astype(np.float32))},
         hparams={"dim": DIM, "layers": 3},
-        config_hash=cf.config_hash({"seed": seed}),
+        config_hash=registry.config_hash({"seed": seed}),
         metrics={"recall@20": 0.18, "ndcg@20": 0.15},
         k=20,
         node_counts={"user": N_USERS, "item": N_ITEMS, "category": 3, "brand": 2},
+        category_ids=["cat-a", "cat-b", "cat-c"],
+        brand_ids=["brand-a", "brand-b"],
+        category_vectors=rng.normal(size=(3, DIM)).astype(np.float32),
         watermark_ms=1_700_000_000_000 + seed,
         extra={"epochs": 3, "seconds": 1.5},
         curve_png=b"\x89PNG fake curve " + bytes([seed % 256]),
     )
     fields.update(overrides)
-    return cf.ModelArtifacts(**fields)
+    return registry.ModelArtifacts(**fields)
 
 
-def _publish(storage: Storage, artifacts: cf.ModelArtifacts, mode: str = "local") -> str:
-    return cf._publish(storage, artifacts, object_store=mode == "object_store")
+def _publish(storage: Storage, artifacts: registry.ModelArtifacts, mode: str = "local") -> str:
+    return registry.writer._publish(storage, artifacts, object_store=mode == "object_store")
 
 
 def _folder(storage: Storage, version: str) -> Path:
@@ -71,13 +76,13 @@ def _rewrite(storage: Storage, version: str, rel: str, data: bytes, fix_hash: bo
     folder = _folder(storage, version)
     (folder / rel).write_bytes(data)
     if fix_hash:
-        manifest = json.loads((folder / cf.MANIFEST).read_text())
+        manifest = json.loads((folder / registry.MANIFEST).read_text())
         manifest["files"][rel] = hashlib.sha256(data).hexdigest()
-        (folder / cf.MANIFEST).write_text(json.dumps(manifest))
+        (folder / registry.MANIFEST).write_text(json.dumps(manifest))
 
 
 def _edit_manifest(storage: Storage, version: str, edit) -> None:
-    path = _folder(storage, version) / cf.MANIFEST
+    path = _folder(storage, version) / registry.MANIFEST
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
@@ -100,14 +105,16 @@ def storage(tmp_path: Path) -> Storage:
 @pytest.mark.parametrize("mode", MODES)
 def test_publish_then_load_gives_back_what_was_published(storage: Storage, mode: str):
     art = _artifacts(seed=3)
+    before = time.time()
     version = _publish(storage, art, mode)
+    after = time.time()
 
     assert version == "v000001"
     assert Path(storage.path("checkpoints", "LATEST")).read_text().strip() == "v000001"
-    assert cf.latest_version(storage) == "v000001"
-    assert cf.list_versions(storage) == ["v000001"]
+    assert registry.latest_version(storage) == "v000001"
+    assert registry.list_versions(storage) == ["v000001"]
 
-    loaded = cf.load_version(storage, version)
+    loaded = registry.load_version(storage, version)
     assert loaded.version == "v000001"
     assert loaded.user_keys == art.user_keys and loaded.item_ids == art.item_ids
     assert loaded.user_vectors.dtype == np.float32 and loaded.user_vectors.shape == (N_USERS, DIM)
@@ -135,12 +142,12 @@ def test_publish_then_load_gives_back_what_was_published(storage: Storage, mode:
     assert m["watermark_ms"] == 1_700_000_000_003 and m["config_hash"] == art.config_hash
     assert m["extra"] == {"epochs": 3, "seconds": 1.5}
     created = m["created_at"]
-    assert created.endswith("+00:00") and abs(time.time() - _iso_ts(created)) < 300
+    assert created.endswith("+00:00") and before - 1 <= _iso_ts(created) <= after + 1  # stamped while publishing
     assert set(m["files"]) == set(ALL_FILES)
     for rel, sha in m["files"].items():
         assert hashlib.sha256((_folder(storage, version) / rel).read_bytes()).hexdigest() == sha
     # Nothing is left behind beside the version: staging is gone.
-    assert not [p for p in Path(storage.path("checkpoints")).iterdir() if p.name.startswith(cf.STAGING_PREFIX)]
+    assert not [p for p in Path(storage.path("checkpoints")).iterdir() if p.name.startswith(registry.STAGING_PREFIX)]
 
 
 def _iso_ts(text: str) -> float:
@@ -152,9 +159,9 @@ def _iso_ts(text: str) -> float:
 def test_embeddings_readable_without_this_module(storage: Storage):
     """DESIGN 3.3: anyone can score with a dot product from the Parquet files alone."""
     art = _artifacts()
-    version = cf.publish(storage, art)
-    users = pq.read_table(_folder(storage, version) / cf.USERS)
-    items = pq.read_table(_folder(storage, version) / cf.ITEMS)
+    version = registry.publish(storage, art)
+    users = pq.read_table(_folder(storage, version) / registry.USERS)
+    items = pq.read_table(_folder(storage, version) / registry.ITEMS)
     assert users.schema.names == ["user_key", "vector"] and items.schema.names == ["item_id", "vector"]
     assert users.schema.field("vector").type.value_type == pa.float32()
     u = np.array(users["vector"].to_pylist(), dtype=np.float32)
@@ -167,54 +174,54 @@ def test_second_publish_gets_next_version_with_parent(storage: Storage, mode: st
     first = _publish(storage, _artifacts(seed=1), mode)
     second = _publish(storage, _artifacts(seed=2, parent=first), mode)
     assert (first, second) == ("v000001", "v000002")
-    assert cf.latest_version(storage) == "v000002"
-    assert cf.list_versions(storage) == ["v000001", "v000002"]
-    loaded = cf.load_version(storage, second)
+    assert registry.latest_version(storage) == "v000002"
+    assert registry.list_versions(storage) == ["v000001", "v000002"]
+    loaded = registry.load_version(storage, second)
     assert loaded.parent == "v000001"
     assert loaded.user_keys[0] == "user-2-0"
-    assert cf.load_latest(storage).version == "v000002"
+    assert registry.load_latest(storage).version == "v000002"
 
 
 def test_parent_must_be_a_published_version(storage: Storage):
     with pytest.raises(ValueError, match="v000009"):
-        cf.publish(storage, _artifacts(parent="v000009"))
-    assert cf.list_versions(storage) == [] and cf.latest_version(storage) is None
+        registry.publish(storage, _artifacts(parent="v000009"))
+    assert registry.list_versions(storage) == [] and registry.latest_version(storage) is None
 
 
 def test_nothing_published_yet(storage: Storage):
-    assert cf.latest_version(storage) is None
-    assert cf.list_versions(storage) == []
-    assert cf.load_latest(storage) is None
+    assert registry.latest_version(storage) is None
+    assert registry.list_versions(storage) == []
+    assert registry.load_latest(storage) is None
 
 
 def test_damaged_latest_is_an_error_and_the_next_publish_repairs_it(storage: Storage):
-    cf.publish(storage, _artifacts())
+    registry.publish(storage, _artifacts())
     Path(storage.path("checkpoints", "LATEST")).write_text("garbage\n")
-    with pytest.raises(cf.CheckpointError, match="LATEST"):
-        cf.latest_version(storage)
-    assert cf.publish(storage, _artifacts()) == "v000002"
-    assert cf.latest_version(storage) == "v000002"
+    with pytest.raises(registry.CheckpointError, match="LATEST"):
+        registry.latest_version(storage)
+    assert registry.publish(storage, _artifacts()) == "v000002"
+    assert registry.latest_version(storage) == "v000002"
 
 
 def test_latest_read_strips_whitespace(storage: Storage):
-    cf.publish(storage, _artifacts())
+    registry.publish(storage, _artifacts())
     Path(storage.path("checkpoints", "LATEST")).write_text(" v000001\n")
-    assert cf.latest_version(storage) == "v000001"
+    assert registry.latest_version(storage) == "v000001"
 
 
 # ---------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("rel", [cf.USERS, cf.ITEMS, cf.POPULARITY])
+@pytest.mark.parametrize("rel", [registry.USERS, registry.ITEMS, registry.POPULARITY])
 @pytest.mark.parametrize("verify", [True, False])
 def test_truncated_parquet_is_refused(storage: Storage, rel: str, verify: bool):
-    version = cf.publish(storage, _artifacts())
+    version = registry.publish(storage, _artifacts())
     path = _folder(storage, version) / rel
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     # Without verify the checksum is not looked at: the Parquet reader must still refuse it cleanly.
-    with pytest.raises(cf.CheckpointError) as info:
-        cf.load_version(storage, version, verify=verify)
+    with pytest.raises(registry.CheckpointError) as info:
+        registry.load_version(storage, version, verify=verify)
     message = str(info.value)
     assert "v000001" in message and rel in message and "\n" not in message
     if verify:
@@ -223,81 +230,82 @@ def test_truncated_parquet_is_refused(storage: Storage, rel: str, verify: bool):
 
 @pytest.mark.parametrize("rel", ALL_FILES)
 def test_altered_byte_is_refused(storage: Storage, rel: str):
-    version = cf.publish(storage, _artifacts())
-    cf.load_version(storage, version)  # intact, it loads
+    version = registry.publish(storage, _artifacts())
+    registry.load_version(storage, version)  # intact, it loads
     path = _folder(storage, version) / rel
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(cf.CheckpointError, match=rf"v000001: {rel} fails its checksum"):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError, match=rf"v000001: {rel} fails its checksum"):
+        registry.load_version(storage, version)
 
 
 def test_load_state_checks_model_again(storage: Storage):
-    version = cf.publish(storage, _artifacts())
-    loaded = cf.load_version(storage, version)
-    path = _folder(storage, version) / cf.MODEL
+    version = registry.publish(storage, _artifacts())
+    loaded = registry.load_version(storage, version)
+    path = _folder(storage, version) / registry.MODEL
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(cf.CheckpointError, match="model.pt fails its checksum"):
+    with pytest.raises(registry.CheckpointError, match="model.pt fails its checksum"):
         loaded.load_state()
 
 
 def test_manifest_listing_a_missing_file_is_refused(storage: Storage):
-    version = cf.publish(storage, _artifacts())
+    version = registry.publish(storage, _artifacts())
     _edit_manifest(storage, version, lambda m: m["files"].__setitem__("extra/notes.txt", "0" * 64))
-    with pytest.raises(cf.CheckpointError, match="v000001: extra/notes.txt is listed in manifest.json but missing"):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError,
+                       match="v000001: extra/notes.txt is listed in manifest.json but missing"):
+        registry.load_version(storage, version)
 
 
 def test_deleted_file_is_refused(storage: Storage):
-    version = cf.publish(storage, _artifacts())
-    (_folder(storage, version) / cf.CURVE).unlink()
-    with pytest.raises(cf.CheckpointError, match="curve.png is listed in manifest.json but missing"):
-        cf.load_version(storage, version)
-    (_folder(storage, version) / cf.SEEN).unlink()
-    with pytest.raises(cf.CheckpointError, match="seen.npz"):
-        cf.load_version(storage, version, verify=False)
+    version = registry.publish(storage, _artifacts())
+    (_folder(storage, version) / registry.CURVE).unlink()
+    with pytest.raises(registry.CheckpointError, match="curve.png is listed in manifest.json but missing"):
+        registry.load_version(storage, version)
+    (_folder(storage, version) / registry.SEEN).unlink()
+    with pytest.raises(registry.CheckpointError, match="seen.npz"):
+        registry.load_version(storage, version, verify=False)
 
 
 def test_unlisted_file_is_refused(storage: Storage):
-    version = cf.publish(storage, _artifacts())
+    version = registry.publish(storage, _artifacts())
     (_folder(storage, version) / "embeddings" / "stray.parquet").write_bytes(b"x")
-    with pytest.raises(cf.CheckpointError, match="embeddings/stray.parquet is in the folder but not listed"):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError, match="embeddings/stray.parquet is in the folder but not listed"):
+        registry.load_version(storage, version)
 
 
 def test_manifest_must_list_every_required_file(storage: Storage):
-    version = cf.publish(storage, _artifacts())
-    _edit_manifest(storage, version, lambda m: m["files"].pop(cf.SEEN))
-    (_folder(storage, version) / cf.SEEN).unlink()
-    with pytest.raises(cf.CheckpointError, match="does not list seen.npz"):
-        cf.load_version(storage, version)
+    version = registry.publish(storage, _artifacts())
+    _edit_manifest(storage, version, lambda m: m["files"].pop(registry.SEEN))
+    (_folder(storage, version) / registry.SEEN).unlink()
+    with pytest.raises(registry.CheckpointError, match="does not list seen.npz"):
+        registry.load_version(storage, version)
 
 
 def test_missing_or_broken_manifest_is_refused(storage: Storage):
-    version = cf.publish(storage, _artifacts())
-    manifest = _folder(storage, version) / cf.MANIFEST
+    version = registry.publish(storage, _artifacts())
+    manifest = _folder(storage, version) / registry.MANIFEST
     good = manifest.read_bytes()
 
     manifest.write_text("{not json")
-    with pytest.raises(cf.CheckpointError, match="v000001: manifest.json is not valid JSON"):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError, match="v000001: manifest.json is not valid JSON"):
+        registry.load_version(storage, version)
 
     manifest.write_bytes(good.replace(b'"v000001"', b'"v000007"'))
-    with pytest.raises(cf.CheckpointError, match="names version 'v000007'"):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError, match="names version 'v000007'"):
+        registry.load_version(storage, version)
 
     _edit_manifest(storage, version, lambda m: m.pop("metrics"))
-    with pytest.raises(cf.CheckpointError, match="missing keys"):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError, match="missing keys"):
+        registry.load_version(storage, version)
 
     manifest.unlink()
-    with pytest.raises(cf.CheckpointError, match="v000001: manifest.json is missing"):
-        cf.load_version(storage, version)
-    assert cf.list_versions(storage) == []
+    with pytest.raises(registry.CheckpointError, match="v000001: manifest.json is missing"):
+        registry.load_version(storage, version)
+    assert registry.list_versions(storage) == []
 
-    with pytest.raises(cf.CheckpointError, match="not a version name"):
-        cf.load_version(storage, "../secrets")
+    with pytest.raises(registry.CheckpointError, match="not a version name"):
+        registry.load_version(storage, "../secrets")
 
 
 def _wider_items() -> bytes:
@@ -326,30 +334,30 @@ def _popularity(items, cats) -> bytes:
 
 
 @pytest.mark.parametrize(("rel", "data", "expect"), [
-    (cf.ITEMS, _wider_items(), "width 4, embeddings/items.parquet vectors 3"),
-    (cf.USERS, _ragged_users(), "embeddings/users.parquet: vectors do not all have the same"),
-    (cf.SEEN, _seen([0, 1, 1, 1, 1, 1], [7]), r"seen.npz: item indices outside \[0, 7\)"),
-    (cf.SEEN, _seen([0, 1, 1, 1], [0]), "seen.npz: indptr has 4 entries, expected users"),
-    (cf.SEEN, _seen([0, 2, 1, 1, 1, 1], [0]), "seen.npz: indptr is not a valid CSR"),
-    (cf.POPULARITY, _popularity([0, 9], [0, 0]), r"item_idx outside \[0, 7\)"),
-    (cf.POPULARITY, _popularity([0, 0], [0, 0]), "item_idx repeats"),
-    (cf.POPULARITY, _popularity([0, 1], [0, 3]), r"category_idx outside \[-1, 3\)"),
+    (registry.ITEMS, _wider_items(), "width 4, embeddings/items.parquet vectors 3"),
+    (registry.USERS, _ragged_users(), "embeddings/users.parquet: vectors do not all have the same"),
+    (registry.SEEN, _seen([0, 1, 1, 1, 1, 1], [7]), r"seen.npz: item indices outside \[0, 7\)"),
+    (registry.SEEN, _seen([0, 1, 1, 1], [0]), "seen.npz: indptr has 4 entries, expected users"),
+    (registry.SEEN, _seen([0, 2, 1, 1, 1, 1], [0]), "seen.npz: indptr is not a valid CSR"),
+    (registry.POPULARITY, _popularity([0, 9], [0, 0]), r"item_idx outside \[0, 7\)"),
+    (registry.POPULARITY, _popularity([0, 0], [0, 0]), "item_idx repeats"),
+    (registry.POPULARITY, _popularity([0, 1], [0, 3]), r"category_idx outside \[-1, 3\)"),
 ])
 def test_well_formed_files_with_wrong_shapes_are_refused(storage: Storage, rel: str, data: bytes, expect: str):
-    version = cf.publish(storage, _artifacts())
+    version = registry.publish(storage, _artifacts())
     _rewrite(storage, version, rel, data, fix_hash=True)
-    with pytest.raises(cf.CheckpointError, match=expect):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError, match=expect):
+        registry.load_version(storage, version)
 
 
 def test_row_counts_must_match_node_counts(storage: Storage):
-    version = cf.publish(storage, _artifacts())
+    version = registry.publish(storage, _artifacts())
     _edit_manifest(storage, version, lambda m: m["node_counts"].__setitem__("user", N_USERS + 1))
-    with pytest.raises(cf.CheckpointError, match="users.parquet has 5 rows, node_counts.user is 6"):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError, match="users.parquet has 5 rows, node_counts.user is 6"):
+        registry.load_version(storage, version)
     _edit_manifest(storage, version, lambda m: m["node_counts"].update(user=N_USERS, item=N_ITEMS - 1))
-    with pytest.raises(cf.CheckpointError, match="items.parquet has 7 rows, node_counts.item is 6"):
-        cf.load_version(storage, version)
+    with pytest.raises(registry.CheckpointError, match="items.parquet has 7 rows, node_counts.item is 6"):
+        registry.load_version(storage, version)
 
 
 @pytest.mark.parametrize(("override", "expect"), [
@@ -368,8 +376,8 @@ def test_row_counts_must_match_node_counts(storage: Storage):
 ])
 def test_invalid_artifacts_are_refused_before_writing(storage: Storage, override: dict, expect: str):
     with pytest.raises(ValueError, match=expect):
-        cf.publish(storage, _artifacts(**override))
-    assert cf.list_versions(storage) == []
+        registry.publish(storage, _artifacts(**override))
+    assert registry.list_versions(storage) == []
     assert not Path(storage.path("checkpoints", "versions")).exists() or \
         not any(Path(storage.path("checkpoints", "versions")).iterdir())
 
@@ -380,17 +388,17 @@ def test_publish_refuses_what_it_could_not_write_faithfully(storage: Storage, mo
 
     def flaky(self, path, data):
         data = bytes(data)
-        if path.endswith(cf.ITEMS):
+        if path.endswith(registry.ITEMS):
             data = data[:-20]  # a silently short write
         original(self, path, data)
 
     monkeypatch.setattr(Storage, "write_bytes_atomic", flaky)
-    with pytest.raises(cf.CheckpointError, match="items.parquet fails its checksum"):
+    with pytest.raises(registry.CheckpointError, match="items.parquet fails its checksum"):
         _publish(storage, _artifacts(), mode)
     monkeypatch.undo()
-    assert cf.list_versions(storage) == [] and cf.latest_version(storage) is None
+    assert registry.list_versions(storage) == [] and registry.latest_version(storage) is None
     leftovers = [p.name for p in Path(storage.path("checkpoints")).iterdir()]
-    assert not [n for n in leftovers if n.startswith(cf.STAGING_PREFIX)]
+    assert not [n for n in leftovers if n.startswith(registry.STAGING_PREFIX)]
     assert _publish(storage, _artifacts(), mode) == "v000001"
 
 
@@ -410,25 +418,25 @@ def test_latest_only_moves_forward(storage: Storage, mode: str):
 def test_empty_version_folder_is_never_renamed_onto(storage: Storage):
     empty = _folder(storage, "v000001")
     empty.mkdir(parents=True)
-    assert cf.publish(storage, _artifacts()) == "v000002"
+    assert registry.publish(storage, _artifacts()) == "v000002"
     assert empty.is_dir() and not any(empty.iterdir())
-    assert cf.list_versions(storage) == ["v000002"] and cf.latest_version(storage) == "v000002"
+    assert registry.list_versions(storage) == ["v000002"] and registry.latest_version(storage) == "v000002"
 
 
 def test_partial_object_store_version_is_invisible_and_skipped(storage: Storage):
     version = _publish(storage, _artifacts(), "object_store")
     # An upload that died before its manifest: files present, manifest absent.
     shutil.copytree(_folder(storage, version), _folder(storage, "v000002"))
-    (_folder(storage, "v000002") / cf.MANIFEST).unlink()
-    assert cf.list_versions(storage) == ["v000001"]
-    with pytest.raises(cf.CheckpointError, match="v000002: manifest.json is missing"):
-        cf.load_version(storage, "v000002")
+    (_folder(storage, "v000002") / registry.MANIFEST).unlink()
+    assert registry.list_versions(storage) == ["v000001"]
+    with pytest.raises(registry.CheckpointError, match="v000002: manifest.json is missing"):
+        registry.load_version(storage, "v000002")
     assert _publish(storage, _artifacts(), "object_store") == "v000003"
-    assert cf.list_versions(storage) == ["v000001", "v000003"]
+    assert registry.list_versions(storage) == ["v000001", "v000003"]
 
 
 def test_object_store_claim_left_by_a_crash_is_skipped(storage: Storage):
-    claims = Path(storage.path("checkpoints", cf.CLAIMS))
+    claims = Path(storage.path("checkpoints", registry.CLAIMS))
     claims.mkdir(parents=True)
     (claims / "v000001.deadbeef").write_bytes(b"")
     assert _publish(storage, _artifacts(), "object_store") == "v000002"
@@ -437,16 +445,16 @@ def test_object_store_claim_left_by_a_crash_is_skipped(storage: Storage):
 
 def test_local_claim_survives_a_stale_number(storage: Storage, monkeypatch):
     """Whatever number the listing suggests, an existing version folder is never reused."""
-    assert cf.publish(storage, _artifacts(seed=1)) == "v000001"
+    assert registry.publish(storage, _artifacts(seed=1)) == "v000001"
     empty = _folder(storage, "v000002")
     empty.mkdir()  # Linux rename would silently replace an empty directory
-    monkeypatch.setattr(cf, "_next_local_number", lambda versions: 1)
-    assert cf.publish(storage, _artifacts(seed=3)) == "v000003"
-    assert cf.publish(storage, _artifacts(seed=4)) == "v000004"
-    assert cf.load_version(storage, "v000001").user_keys[0] == "user-1-0"
+    monkeypatch.setattr(registry.writer, "_next_local_number", lambda versions: 1)
+    assert registry.publish(storage, _artifacts(seed=3)) == "v000003"
+    assert registry.publish(storage, _artifacts(seed=4)) == "v000004"
+    assert registry.load_version(storage, "v000001").user_keys[0] == "user-1-0"
     assert not any(empty.iterdir())
-    assert cf.list_versions(storage) == ["v000001", "v000003", "v000004"]
-    assert cf.latest_version(storage) == "v000004"
+    assert registry.list_versions(storage) == ["v000001", "v000003", "v000004"]
+    assert registry.latest_version(storage) == "v000004"
 
 
 def test_object_store_claims_resolve_a_collision(storage: Storage, monkeypatch):
@@ -455,7 +463,7 @@ def test_object_store_claims_resolve_a_collision(storage: Storage, monkeypatch):
     together = threading.Barrier(2)
     calls = {"n": 0}
     lock = threading.Lock()
-    original = cf._object_numbers
+    original = registry.writer._object_numbers
 
     def listed_together(st):
         numbers = original(st)
@@ -466,7 +474,7 @@ def test_object_store_claims_resolve_a_collision(storage: Storage, monkeypatch):
             together.wait(timeout=30)  # both have listed; neither has claimed yet
         return numbers
 
-    monkeypatch.setattr(cf, "_object_numbers", listed_together)
+    monkeypatch.setattr(registry.writer, "_object_numbers", listed_together)
     results: dict[int, str] = {}
     errors: list[BaseException] = []
 
@@ -484,11 +492,11 @@ def test_object_store_claims_resolve_a_collision(storage: Storage, monkeypatch):
     assert not errors, errors
     assert sorted(results.values()) == ["v000001", "v000002"]
     for writer, version in results.items():
-        loaded = cf.load_version(storage, version)
+        loaded = registry.load_version(storage, version)
         assert loaded.extra == {"writer": writer}
         np.testing.assert_array_equal(loaded.user_vectors, _artifacts(seed=writer).user_vectors)
-    assert cf.latest_version(storage) == "v000002"
-    assert not list(Path(storage.path("checkpoints", cf.CLAIMS)).iterdir())
+    assert registry.latest_version(storage) == "v000002"
+    assert not list(Path(storage.path("checkpoints", registry.CLAIMS)).iterdir())
 
 
 def _publisher(root: str, writer: int, rounds: int, mode: str, barrier, out: str) -> None:
@@ -523,14 +531,14 @@ def test_concurrent_publishers_get_distinct_increasing_versions(storage: Storage
 
     def reader():
         while not stop.is_set():
-            latest = cf.latest_version(storage)
-            complete = cf.list_versions(storage)
+            latest = registry.latest_version(storage)
+            complete = registry.list_versions(storage)
             observed.append(latest)
             if latest is not None:
                 assert latest in complete, f"LATEST names {latest}, complete versions are {complete}"
             for v in complete:
                 if v not in checked:
-                    cf.load_version(storage, v)  # a listed version is whole, never partial
+                    registry.load_version(storage, v)  # a listed version is whole, never partial
                     checked.add(v)
             time.sleep(0.002)
 
@@ -550,48 +558,48 @@ def test_concurrent_publishers_get_distinct_increasing_versions(storage: Storage
 
     mine, theirs = (json.loads(Path(o).read_text()) for o in outs)
     for got in (mine, theirs):
-        assert [cf.version_number(v) for v in got] == sorted(cf.version_number(v) for v in got)
+        assert [registry.version_number(v) for v in got] == sorted(registry.version_number(v) for v in got)
         assert len(set(got)) == rounds
-    everything = sorted(mine + theirs, key=cf.version_number)
+    everything = sorted(mine + theirs, key=registry.version_number)
     assert len(set(everything)) == 2 * rounds
-    assert cf.list_versions(storage) == everything
-    assert cf.latest_version(storage) == everything[-1]
+    assert registry.list_versions(storage) == everything
+    assert registry.latest_version(storage) == everything[-1]
     if mode == "local":
-        assert everything == [cf.version_name(n) for n in range(1, 2 * rounds + 1)]
-        numbers = [cf.version_number(v) for v in observed if v is not None]
+        assert everything == [registry.version_name(n) for n in range(1, 2 * rounds + 1)]
+        numbers = [registry.version_number(v) for v in observed if v is not None]
         assert numbers == sorted(numbers), "LATEST moved backwards"
     # Each version holds exactly what its publisher wrote: no mixing of two publishers' files.
     for writer, got in ((0, mine), (1, theirs)):
         for seq, version in enumerate(got):
-            loaded = cf.load_version(storage, version)
+            loaded = registry.load_version(storage, version)
             assert loaded.extra == {"writer": writer, "seq": seq}
             np.testing.assert_array_equal(loaded.user_vectors, _artifacts(seed=100 * writer + seq).user_vectors)
-    assert not [p for p in Path(storage.path("checkpoints")).iterdir() if p.name.startswith(cf.STAGING_PREFIX)]
+    assert not [p for p in Path(storage.path("checkpoints")).iterdir() if p.name.startswith(registry.STAGING_PREFIX)]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
 def test_config_hash_is_canonical():
-    a = cf.config_hash({"train": {"lr": 0.001, "dim": 64}, "data": {"root": "/x"}})
-    b = cf.config_hash({"data": {"root": "/x"}, "train": {"dim": 64, "lr": 0.001}})
-    c = cf.config_hash({"data": {"root": "/x"}, "train": {"dim": 64, "lr": 0.002}})
+    a = registry.config_hash({"train": {"lr": 0.001, "dim": 64}, "data": {"root": "/x"}})
+    b = registry.config_hash({"data": {"root": "/x"}, "train": {"dim": 64, "lr": 0.001}})
+    c = registry.config_hash({"data": {"root": "/x"}, "train": {"dim": 64, "lr": 0.002}})
     assert a == b != c
     assert len(a) == 16 and int(a, 16) >= 0
-    assert cf.config_hash({"root": Path("/x")}) == cf.config_hash({"root": "/x"})
+    assert registry.config_hash({"root": Path("/x")}) == registry.config_hash({"root": "/x"})
 
 
 def test_version_names():
-    assert cf.version_name(42) == "v000042"
-    assert cf.version_number("v000042") == 42
-    assert cf.version_number(cf.version_name(1_234_567)) == 1_234_567
+    assert registry.version_name(42) == "v000042"
+    assert registry.version_number("v000042") == 42
+    assert registry.version_number(registry.version_name(1_234_567)) == 1_234_567
     for bad in ("v42", "000042", "v00004x", "LATEST"):
         with pytest.raises(ValueError):
-            cf.version_number(bad)
+            registry.version_number(bad)
 
 
 def test_remove_stale_staging(storage: Storage):
-    cf.publish(storage, _artifacts())
+    registry.publish(storage, _artifacts())
     checkpoints = Path(storage.path("checkpoints"))
     old, fresh = checkpoints / ".staging-old", checkpoints / ".staging-fresh"
     for d in (old, fresh):
@@ -600,6 +608,6 @@ def test_remove_stale_staging(storage: Storage):
     long_ago = time.time() - 3 * 86400
     for p in (old, old / "embeddings", old / "embeddings" / "users.parquet"):
         os.utime(p, (long_ago, long_ago))
-    assert cf.remove_stale_staging(storage, older_than_s=86400) == 1
+    assert registry.remove_stale_staging(storage, older_than_s=86400) == 1
     assert not old.exists() and fresh.exists()
-    assert cf.list_versions(storage) == ["v000001"]
+    assert registry.list_versions(storage) == ["v000001"]

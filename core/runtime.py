@@ -8,7 +8,7 @@ import os
 
 import ray
 
-from cluster.config import AppConfig
+from core.config import AppConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,39 @@
+"""The checkpoint registry: the contract between training and serving (DESIGN 3.3).
+
+`registry.format` (file names, manifest, bytes <-> arrays), `registry.writer` (publish and commit, local disk and
+object stores), `registry.reader` (LATEST, versions, verified loads), `registry.retention` (what gets removed).
+Trainers publish through it and serving reads through it; it imports neither.
+"""
+
+from registry.format import (
+    BRANDS,
+    CATEGORIES,
+    CLAIMS,
+    CURVE,
+    FORMAT,
+    ITEMS,
+    LATEST,
+    MANIFEST,
+    MODEL,
+    POPULARITY,
+    POPULARITY_SCHEMA,
+    SEEN,
+    STAGING_PREFIX,
+    USERS,
+    VERSIONS,
+    CheckpointError,
+    ModelArtifacts,
+    config_hash,
+    version_name,
+    version_number,
+)
+from registry.reader import LoadedVersion, latest_version, list_versions, load_latest, load_version, read_manifest
+from registry.retention import remove_stale_staging
+from registry.writer import publish
+
+__all__ = [
+    "BRANDS", "CATEGORIES", "CLAIMS", "CURVE", "FORMAT", "ITEMS", "LATEST", "MANIFEST", "MODEL", "POPULARITY",
+    "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USERS", "VERSIONS", "CheckpointError", "LoadedVersion",
+    "ModelArtifacts", "config_hash", "latest_version", "list_versions", "load_latest", "load_version", "publish",
+    "read_manifest", "remove_stale_staging", "version_name", "version_number",
+]

@@ -1,0 +1,412 @@
+"""The published version format (DESIGN 3.3, 3.7): file names, the manifest, and bytes <-> arrays.
+
+Layout under `<data.root>/checkpoints/`:
+
+    versions/vNNNNNN/      one complete version: manifest.json and every file it lists with its sha256
+        manifest.json      format, version, parent, created_at, watermark_ms, config_hash, metrics, k, node_counts,
+                           extra, files
+        model.pt           torch.save({"state_dict": ..., "hparams": ...}), for warm starts
+        embeddings/users.parquet       user_key string, vector list<float32>; row i is user index i
+        embeddings/items.parquet       item_id string, vector list<float32>; row i is item index i
+        embeddings/categories.parquet  category_id string, vector list<float32>; row i is category index i
+        embeddings/brands.parquet      brand_id string, vector list<float32>; row i is brand index i
+        seen.npz           CSR of each user's seen items: indptr int64 [users + 1], indices int32
+        popularity.parquet item_idx int32, score float32, category_idx int32 (-1 when none)
+        curve.png          training curve (optional, opaque here)
+    LATEST                 the newest complete version's folder name, e.g. "v000042"
+    .staging-<uuid>/       a version being written; readers never look here
+    .lock                  local disk: flock serialising version claims and LATEST
+    .claims/               object stores: version-number claims (see registry.writer)
+
+A version carries everything serving needs. Format 1 (before categories and brands were carried) has no
+`format` key and no categories/brands files; it still loads (registry.reader).
+
+Pure: no Ray, no torch_geometric; torch is imported only where model.pt is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+FORMAT = 2  # what this code writes; a manifest without "format" is format 1
+
+VERSIONS = "versions"
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+MODEL = "model.pt"
+USERS = "embeddings/users.parquet"
+ITEMS = "embeddings/items.parquet"
+CATEGORIES = "embeddings/categories.parquet"
+BRANDS = "embeddings/brands.parquet"
+SEEN = "seen.npz"
+POPULARITY = "popularity.parquet"
+CURVE = "curve.png"
+REQUIRED_FILES = (MODEL, USERS, ITEMS, SEEN, POPULARITY)  # format 1; format 2 adds CATEGORIES and BRANDS
+NODE_TYPES = ("user", "item", "category", "brand")
+STAGING_PREFIX = ".staging-"
+CLAIMS = ".claims"
+LOCK = ".lock"
+
+USER_KEY = "user_key"
+ITEM_ID = "item_id"
+CATEGORY_ID = "category_id"
+BRAND_ID = "brand_id"
+VECTOR = "vector"
+POPULARITY_SCHEMA = pa.schema([("item_idx", pa.int32()), ("score", pa.float32()), ("category_idx", pa.int32())])
+
+VERSION_RE = re.compile(r"^v(\d{6,})$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MANIFEST_KEYS = ("version", "parent", "created_at", "watermark_ms", "config_hash", "metrics", "k", "node_counts",
+                  "extra", "files")
+
+
+class CheckpointError(Exception):
+    """A version that is missing, incomplete or corrupt: readers refuse it and keep what they have."""
+
+
+def version_name(number: int) -> str:
+    return f"v{number:06d}"
+
+
+def version_number(name: str) -> int:
+    """The number in a version folder name; ValueError for anything else."""
+    m = VERSION_RE.match(name)
+    if m is None:
+        raise ValueError(f"not a version name: {name!r} (expected v followed by 6 digits, e.g. v000042)")
+    return int(m.group(1))
+
+
+def config_hash(model_dump: Mapping[str, Any]) -> str:
+    """sha256 of canonical JSON (sorted keys, no spaces), first 16 hex characters.
+
+    Values JSON cannot hold (paths, enums) hash by str(), so `model_dump()` and `model_dump(mode="json")` agree.
+    """
+    text = json.dumps(model_dump, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+
+@dataclass
+class ModelArtifacts:
+    """Everything one published version holds, as the trainer has it in memory."""
+
+    # Pseudonymised, row i = user index i; None for a deleted user, whose row also has a zero vector and no seen
+    # items (rows stay in place so indices never shift).
+    user_keys: Sequence[str | None] | pa.Array
+    user_vectors: np.ndarray  # float32 [users, d]
+    item_ids: Sequence[str] | pa.Array  # row i = item index i
+    item_vectors: np.ndarray  # float32 [items, d]
+    seen_indptr: np.ndarray  # int64 [users + 1]
+    seen_indices: np.ndarray  # int32 item indices
+    popularity: pa.Table | Mapping[str, Any]  # columns item_idx, score, category_idx (-1 when none)
+    state_dict: Mapping[str, Any]  # model parameters for warm starts
+    hparams: Mapping[str, Any]  # what it takes to rebuild the model around state_dict
+    config_hash: str
+    metrics: Mapping[str, float]  # e.g. {"recall@20": 0.18, "ndcg@20": 0.15}
+    k: int
+    node_counts: Mapping[str, int]  # user, item, category, brand
+    category_ids: Sequence[str] | pa.Array = ()  # row i = category index i (node_counts.category of them)
+    brand_ids: Sequence[str] | pa.Array = ()  # row i = brand index i
+    category_vectors: np.ndarray | None = None  # float32 [categories, d]; None: zeros
+    brand_vectors: np.ndarray | None = None  # float32 [brands, d]; None: zeros
+    parent: str | None = None  # the version this one was warm-started from
+    watermark_ms: int | None = None  # newest event time the training data covers
+    extra: Mapping[str, Any] = field(default_factory=dict)  # free-form: epochs, seconds, ...
+    curve_png: bytes | None = None
+
+
+def version_label(version: str | None) -> str:
+    return f"checkpoint {version or '(staging)'}"
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def check_manifest(manifest: Any, label: str) -> None:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{label}: {MANIFEST}: {what}")
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise bad(f"missing keys {missing}")
+    for key, kinds in (("version", (str,)), ("parent", (str, type(None))), ("created_at", (str,)),
+                       ("watermark_ms", (int, type(None))), ("config_hash", (str,)), ("metrics", (dict,)),
+                       ("k", (int,)), ("node_counts", (dict,)), ("extra", (dict,)), ("files", (dict,))):
+        if not isinstance(manifest[key], kinds) or isinstance(manifest[key], bool):
+            raise bad(f"{key} has the wrong type ({type(manifest[key]).__name__})")
+    for key in ("version", "parent"):
+        if manifest[key] is not None and not VERSION_RE.match(manifest[key]):
+            raise bad(f"{key} {manifest[key]!r} is not a version name")
+    for name, value in manifest["metrics"].items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise bad(f"metrics[{name!r}] is not a number")
+    counts = manifest["node_counts"]
+    for node in NODE_TYPES:
+        if not isinstance(counts.get(node), int) or isinstance(counts.get(node), bool) or counts[node] < 0:
+            raise bad(f"node_counts.{node} is missing or not a count")
+    fmt = manifest.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise bad(f"format {fmt!r} is not a format number")
+    if fmt > FORMAT:
+        raise bad(f"format {fmt} is newer than this code reads (up to {FORMAT}); upgrade the reader")
+    for rel, sha in manifest["files"].items():
+        if not isinstance(sha, str) or not SHA256_RE.match(sha):
+            raise bad(f"files[{rel!r}] is not a sha256 hex digest")
+        if rel == MANIFEST or rel.startswith("/") or ".." in rel.split("/") or "" in rel.split("/"):
+            raise bad(f"files lists an invalid path {rel!r}")
+
+
+def required_files(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The files a version of this manifest's format must list."""
+    return REQUIRED_FILES if manifest.get("format", 1) < 2 else (*REQUIRED_FILES, CATEGORIES, BRANDS)
+
+
+def parse_parquet(data: bytes, label: str, rel: str) -> pa.Table:
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except Exception as e:
+        raise CheckpointError(f"{label}: {rel} is not readable Parquet: {one_line(e)}") from e
+
+
+def parse_embeddings(data: bytes, key_column: str, label: str, rel: str) -> tuple[list[str], np.ndarray]:
+    table = parse_parquet(data, label, rel)
+    names = table.schema.names
+    if key_column not in names or VECTOR not in names:
+        raise CheckpointError(f"{label}: {rel} has columns {names}, expected [{key_column!r}, {VECTOR!r}]")
+    keys_col, vec_col = table[key_column], table[VECTOR]
+    if not pa.types.is_string(keys_col.type):
+        raise CheckpointError(f"{label}: {rel}: {key_column} is {keys_col.type}, expected string")
+    if not pa.types.is_list(vec_col.type) or vec_col.type.value_type != pa.float32():
+        raise CheckpointError(f"{label}: {rel}: {VECTOR} is {vec_col.type}, expected list<float32>")
+    # A null user_key is a deleted user's blanked row (see ModelArtifacts.user_keys); item ids are never null.
+    if (keys_col.null_count and key_column != USER_KEY) or vec_col.null_count:
+        raise CheckpointError(f"{label}: {rel} has null keys or vectors")
+    n = table.num_rows
+    vectors = vec_col.combine_chunks() if vec_col.num_chunks else pa.array([], vec_col.type)
+    lengths = pc.list_value_length(vectors).to_numpy() if n else np.zeros(0, np.int32)
+    width = int(lengths[0]) if n else 0
+    if n and (width < 1 or (lengths != width).any()):
+        raise CheckpointError(f"{label}: {rel}: vectors do not all have the same positive width")
+    flat = vectors.flatten()
+    if flat.null_count:
+        raise CheckpointError(f"{label}: {rel} has null vector components")
+    # A writable copy: callers hand these to torch.from_numpy, which warns on Arrow's read-only buffers.
+    matrix = flat.to_numpy(zero_copy_only=False, writable=True).reshape(n, width)
+    if pc.count_distinct(keys_col).as_py() != n - keys_col.null_count:
+        raise CheckpointError(f"{label}: {rel}: {key_column} values are not unique")
+    return keys_col.to_pylist(), matrix
+
+
+def parse_seen(data: bytes, n_users: int, n_items: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            indptr, indices = npz["indptr"], npz["indices"]
+    except Exception as e:
+        raise CheckpointError(f"{label}: {SEEN} is not a readable npz with indptr and indices: {one_line(e)}") from e
+    if indptr.dtype != np.int64 or indices.dtype != np.int32 or indptr.ndim != 1 or indices.ndim != 1:
+        raise CheckpointError(f"{label}: {SEEN}: expected 1-d int64 indptr and int32 indices, found "
+                              f"{indptr.dtype}{list(indptr.shape)} and {indices.dtype}{list(indices.shape)}")
+    if len(indptr) != n_users + 1:
+        raise CheckpointError(f"{label}: {SEEN}: indptr has {len(indptr)} entries, expected users + 1 = {n_users + 1}")
+    if indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any():
+        raise CheckpointError(f"{label}: {SEEN}: indptr is not a valid CSR row pointer for {len(indices)} indices")
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
+        raise CheckpointError(f"{label}: {SEEN}: item indices outside [0, {n_items})")
+    return indptr, indices
+
+
+def parse_popularity(data: bytes, n_items: int, n_categories: int, label: str) -> pa.Table:
+    table = parse_parquet(data, label, POPULARITY)
+    if not table.schema.equals(POPULARITY_SCHEMA):
+        raise CheckpointError(f"{label}: {POPULARITY}: schema is {table.schema.to_string(show_schema_metadata=False)!r}"
+                              f", expected item_idx int32, score float32, category_idx int32".replace("\n", "; "))
+    table = table.combine_chunks()
+    if any(table[c].null_count for c in POPULARITY_SCHEMA.names):
+        raise CheckpointError(f"{label}: {POPULARITY} has nulls")
+    items, cats = table["item_idx"].to_numpy(), table["category_idx"].to_numpy()
+    if len(items) and (items.min() < 0 or items.max() >= n_items):
+        raise CheckpointError(f"{label}: {POPULARITY}: item_idx outside [0, {n_items})")
+    if len(np.unique(items)) != len(items):
+        raise CheckpointError(f"{label}: {POPULARITY}: item_idx repeats")
+    if len(cats) and (cats.min() < -1 or cats.max() >= n_categories):
+        raise CheckpointError(f"{label}: {POPULARITY}: category_idx outside [-1, {n_categories})")
+    return table
+
+
+
+def encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The version's files as bytes (Arrow buffers or memoryviews, not copied) and its manifest without a version."""
+    user_vectors = _as_matrix(a.user_vectors, "user_vectors")
+    item_vectors = _as_matrix(a.item_vectors, "item_vectors")
+    n_users, n_items = user_vectors.shape[0], item_vectors.shape[0]
+    if user_vectors.shape[1] != item_vectors.shape[1]:
+        raise ValueError(f"user vectors have width {user_vectors.shape[1]}, item vectors {item_vectors.shape[1]}")
+    user_keys = _as_keys(a.user_keys, n_users, "user_keys", nullable=True)
+    item_ids = _as_keys(a.item_ids, n_items, "item_ids")
+    counts = {}
+    for node in NODE_TYPES:
+        value = a.node_counts.get(node)
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"node_counts.{node} must be a count, got {value!r}")
+        counts[node] = int(value)
+    if counts["user"] != n_users or counts["item"] != n_items:
+        raise ValueError(f"node_counts says {counts['user']} users and {counts['item']} items, "
+                         f"the vectors have {n_users} and {n_items}")
+    width = user_vectors.shape[1]
+    attributes = {}
+    for node, rel, key_column, ids, vectors in (
+            ("category", CATEGORIES, CATEGORY_ID, a.category_ids, a.category_vectors),
+            ("brand", BRANDS, BRAND_ID, a.brand_ids, a.brand_vectors)):
+        keys = _as_keys(ids, counts[node], f"{node}_ids")
+        if vectors is None or counts[node] == 0:
+            matrix = np.zeros((counts[node], width), np.float32)
+        else:
+            matrix = _as_matrix(vectors, f"{node}_vectors")
+        if matrix.shape != (counts[node], width):
+            raise ValueError(f"{node}_vectors has shape {matrix.shape}, expected ({counts[node]}, {width})")
+        attributes[rel] = _parquet_bytes(_embedding_table(key_column, keys, matrix))
+    indptr = np.ascontiguousarray(a.seen_indptr, dtype=np.int64)
+    indices_raw = np.asarray(a.seen_indices)
+    if len(indices_raw) and (indices_raw.min() < 0 or indices_raw.max() >= n_items):
+        raise ValueError(f"seen_indices outside [0, {n_items})")
+    indices = np.ascontiguousarray(indices_raw, dtype=np.int32)
+    if indptr.ndim != 1 or len(indptr) != n_users + 1 or indptr[0] != 0 or indptr[-1] != len(indices) \
+            or (np.diff(indptr) < 0).any():
+        raise ValueError(f"seen_indptr is not a CSR row pointer for {n_users} users and {len(indices)} indices")
+    popularity = _as_popularity(a.popularity)
+    if not isinstance(a.k, int | np.integer) or isinstance(a.k, bool) or a.k < 1:
+        raise ValueError(f"k must be a positive int, got {a.k!r}")
+    if a.watermark_ms is not None and (not isinstance(a.watermark_ms, int | np.integer)
+                                       or isinstance(a.watermark_ms, bool)):
+        raise ValueError(f"watermark_ms must be an int or None, got {a.watermark_ms!r}")
+    metrics = {}
+    for name, value in a.metrics.items():
+        if not isinstance(value, int | float | np.number) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
+        metrics[str(name)] = float(value)
+    if a.parent is not None:
+        version_number(a.parent)
+
+    out: dict[str, Any] = {
+        USERS: _parquet_bytes(_embedding_table(USER_KEY, user_keys, user_vectors)),
+        ITEMS: _parquet_bytes(_embedding_table(ITEM_ID, item_ids, item_vectors)),
+        POPULARITY: _parquet_bytes(popularity),
+        MODEL: _model_bytes(a.state_dict, a.hparams),
+        **attributes,
+    }
+    seen = io.BytesIO()
+    np.savez(seen, indptr=indptr, indices=indices)
+    out[SEEN] = seen.getbuffer()
+    if a.curve_png is not None:
+        out[CURVE] = bytes(a.curve_png)
+    manifest = {
+        "format": FORMAT,
+        "version": None,
+        "parent": a.parent,
+        "created_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "watermark_ms": None if a.watermark_ms is None else int(a.watermark_ms),
+        "config_hash": str(a.config_hash),
+        "metrics": metrics,
+        "k": int(a.k),
+        "node_counts": counts,
+        "extra": json.loads(_json_bytes(dict(a.extra), "extra")),
+        "files": {rel: hashlib.sha256(data).hexdigest() for rel, data in sorted(out.items())},
+    }
+    return out, manifest
+
+
+def _as_matrix(x: Any, name: str) -> np.ndarray:
+    m = np.ascontiguousarray(x, dtype=np.float32)
+    if m.ndim != 2 or m.shape[1] < 1:
+        raise ValueError(f"{name} must be a 2-d matrix with at least one column, got shape {m.shape}")
+    if m.size >= 2**31:
+        raise ValueError(f"{name} has {m.size} values; list<float32> offsets are int32, so at most 2**31 - 1")
+    if not np.isfinite(m).all():
+        raise ValueError(f"{name} has NaN or infinite values")
+    return m
+
+
+def _as_keys(keys: Sequence[str | None] | pa.Array, n: int, name: str, nullable: bool = False) -> pa.Array:
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    arr = keys.cast(pa.string()) if isinstance(keys, pa.Array) else pa.array(list(keys), pa.string())
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} entries for {n} vectors")
+    if (arr.null_count and not nullable) or pc.count_distinct(arr).as_py() != n - arr.null_count:
+        raise ValueError(f"{name} has nulls or repeats")
+    return arr
+
+
+def _as_popularity(pop: pa.Table | Mapping[str, Any]) -> pa.Table:
+    table = pop if isinstance(pop, pa.Table) else pa.table({k: np.asarray(v) for k, v in pop.items()})
+    missing = [c for c in POPULARITY_SCHEMA.names if c not in table.schema.names]
+    if missing:
+        raise ValueError(f"popularity lacks columns {missing}")
+    return table.select(POPULARITY_SCHEMA.names).cast(POPULARITY_SCHEMA)
+
+
+def _embedding_table(key_column: str, keys: pa.Array, vectors: np.ndarray) -> pa.Table:
+    n, width = vectors.shape
+    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
+    return pa.table({key_column: keys, VECTOR: pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))})
+
+
+def _parquet_bytes(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _model_bytes(state_dict: Mapping[str, Any], hparams: Mapping[str, Any]) -> memoryview:
+    import torch
+
+    state = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            # torch.save writes a view's whole storage; a slice of a big buffer would bloat the file.
+            if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+                value = value.clone()
+        state[key] = value
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "hparams": dict(hparams)}, buf)
+    return buf.getbuffer()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _json_bytes(value: Any, what: str) -> bytes:
+    try:
+        return json.dumps(value, indent=1, sort_keys=True, allow_nan=False, default=_json_default).encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} is not JSON: {e}") from e
+
+
+
+def final_manifest(manifest: dict[str, Any], number: int) -> bytes:
+    final = {**manifest, "version": version_name(number)}
+    check_manifest(final, version_label(final["version"]))
+    return _json_bytes(final, MANIFEST)
+
+

@@ -1,0 +1,324 @@
+"""Reading published versions: LATEST, the list of versions, manifests, and whole verified versions.
+
+A reader verifies every checksum and shape before it hands a version out, and refuses a damaged one with a
+`CheckpointError` naming the version and the file, so a caller keeps what it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from core.storage import CHECKPOINTS, IDMAPS, Storage
+from registry.format import (
+    BRAND_ID,
+    BRANDS,
+    CATEGORIES,
+    CATEGORY_ID,
+    CURVE,
+    ITEM_ID,
+    ITEMS,
+    LATEST,
+    MANIFEST,
+    MODEL,
+    POPULARITY,
+    SEEN,
+    USER_KEY,
+    USERS,
+    VERSION_RE,
+    VERSIONS,
+    CheckpointError,
+    ModelArtifacts,
+    check_manifest,
+    one_line,
+    parse_embeddings,
+    parse_popularity,
+    parse_seen,
+    required_files,
+    version_label,
+    version_number,
+)
+
+_HASH_CHUNK = 8 << 20
+
+
+@dataclass
+class LoadedVersion:
+    """One verified version, ready to serve: numpy matrices, key lists, seen CSR, popularity; model.pt on demand."""
+
+    version: str
+    manifest: dict[str, Any]
+    user_keys: list[str | None]  # None: a deleted user
+    user_vectors: np.ndarray  # float32 [users, d]
+    item_ids: list[str]
+    item_vectors: np.ndarray  # float32 [items, d]
+    seen_indptr: np.ndarray  # int64 [users + 1]
+    seen_indices: np.ndarray  # int32
+    popularity: pa.Table  # POPULARITY_SCHEMA
+    category_ids: list[str]  # row i = category index i
+    brand_ids: list[str]
+    # Format 1 versions carry no category or brand vectors: None there.
+    category_vectors: np.ndarray | None
+    brand_vectors: np.ndarray | None
+    storage: Storage = field(repr=False)
+    folder: str = field(repr=False)
+
+    @property
+    def parent(self) -> str | None:
+        return self.manifest["parent"]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.manifest["metrics"]
+
+    @property
+    def k(self) -> int:
+        return self.manifest["k"]
+
+    @property
+    def node_counts(self) -> dict[str, int]:
+        return self.manifest["node_counts"]
+
+    @property
+    def watermark_ms(self) -> int | None:
+        return self.manifest["watermark_ms"]
+
+    @property
+    def config_hash(self) -> str:
+        return self.manifest["config_hash"]
+
+    @property
+    def created_at(self) -> str:
+        return self.manifest["created_at"]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.manifest["extra"]
+
+    @property
+    def format(self) -> int:
+        return int(self.manifest.get("format", 1))
+
+    def seen_items(self, user_idx: int) -> np.ndarray:
+        return self.seen_indices[self.seen_indptr[user_idx]:self.seen_indptr[user_idx + 1]]
+
+    def popular_items(self, category_idx: int | None = None) -> np.ndarray:
+        """Item indices by descending score (ties by index), overall or within one category."""
+        table = self.popularity
+        if category_idx is not None:
+            table = table.filter(pc.equal(table["category_idx"], pa.scalar(category_idx, pa.int32())))
+        items = table["item_idx"].to_numpy()
+        scores = table["score"].to_numpy()
+        return items[np.lexsort((items, -scores))]
+
+    def load_state(self, map_location: Any = "cpu") -> dict[str, Any]:
+        """model.pt as {"state_dict": ..., "hparams": ...}, checked against its sha256 again (it is read later)."""
+        import torch
+
+        label = version_label(self.version)
+        data = read_file(self.storage, self.folder, MODEL, self.manifest["files"][MODEL], label, verify=True)
+        try:
+            obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{label}: {MODEL}: cannot load: {one_line(e)}") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict) \
+                or not isinstance(obj.get("hparams"), dict):
+            raise CheckpointError(f"{label}: {MODEL}: expected a dict with 'state_dict' and 'hparams'")
+        return obj
+
+    def artifacts(self, **changes: Any) -> ModelArtifacts:
+        """This version as artifacts to publish again (a hot-swap drill, a version with users blanked), with
+        `changes` applied; its parent is this version unless `changes` says otherwise."""
+        state = self.load_state()
+        fields = dict(
+            user_keys=self.user_keys, user_vectors=self.user_vectors, item_ids=self.item_ids,
+            item_vectors=self.item_vectors, seen_indptr=self.seen_indptr, seen_indices=self.seen_indices,
+            popularity=self.popularity, state_dict=state["state_dict"], hparams=state["hparams"],
+            config_hash=self.config_hash, metrics=self.metrics, k=self.k, node_counts=self.node_counts,
+            category_ids=self.category_ids, brand_ids=self.brand_ids, category_vectors=self.category_vectors,
+            brand_vectors=self.brand_vectors, parent=self.version, watermark_ms=self.watermark_ms,
+            extra=self.extra, curve_png=self.load_curve_png())
+        fields.update(changes)
+        return ModelArtifacts(**fields)
+
+    def load_curve_png(self) -> bytes | None:
+        sha = self.manifest["files"].get(CURVE)
+        if sha is None:
+            return None
+        return read_file(self.storage, self.folder, CURVE, sha, version_label(self.version), verify=True)
+
+
+def latest_version(storage: Storage) -> str | None:
+    """The version LATEST names, or None before the first publish."""
+    path = storage.path(CHECKPOINTS, LATEST)
+    try:
+        text = storage.read_bytes(path).decode("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if not storage.exists(CHECKPOINTS, LATEST):
+            return None
+        raise CheckpointError(f"checkpoints/{LATEST}: cannot read: {one_line(e)}") from e
+    try:
+        version_number(text)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoints/{LATEST}: {e}") from None
+    return text
+
+
+def list_versions(storage: Storage) -> list[str]:
+    """Complete versions (those with a manifest.json), oldest first."""
+    prefix = storage.path(CHECKPOINTS, VERSIONS) + "/"
+    found = set()
+    for path in storage.list_files(CHECKPOINTS, VERSIONS, suffix="/" + MANIFEST):
+        parts = path[len(prefix):].split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST and VERSION_RE.match(parts[0]):
+            found.add(parts[0])
+    return sorted(found, key=version_number)
+
+
+def read_manifest(storage: Storage, version: str) -> dict[str, Any]:
+    """A version's manifest, checked for shape; CheckpointError when missing or malformed."""
+    label = version_label(version)
+    try:
+        version_number(version)
+    except ValueError as e:
+        raise CheckpointError(f"{label}: {e}") from None
+    path = storage.path(CHECKPOINTS, VERSIONS, version, MANIFEST)
+    try:
+        data = storage.read_bytes(path)
+    except OSError as e:
+        raise CheckpointError(f"{label}: {MANIFEST} is missing or unreadable (incomplete version): "
+                              f"{one_line(e)}") from e
+    try:
+        manifest = json.loads(data)
+    except ValueError as e:
+        raise CheckpointError(f"{label}: {MANIFEST} is not valid JSON: {one_line(e)}") from e
+    check_manifest(manifest, label)
+    if manifest["version"] != version:
+        raise CheckpointError(f"{label}: {MANIFEST} names version {manifest['version']!r}, not its folder's")
+    return manifest
+
+
+def load_version(storage: Storage, version: str, verify: bool = True) -> LoadedVersion:
+    """Load one version. With verify, every file must match its sha256 and no file may be missing or unlisted;
+    shapes are always checked. Any failure raises CheckpointError naming the version and the file."""
+    manifest = read_manifest(storage, version)
+    return load_folder(storage, storage.path(CHECKPOINTS, VERSIONS, version), manifest, version_label(version), verify)
+
+
+def load_latest(storage: Storage, verify: bool = True) -> LoadedVersion | None:
+    version = latest_version(storage)
+    return None if version is None else load_version(storage, version, verify)
+
+
+def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: str, verify: bool
+                ) -> LoadedVersion:
+    files: dict[str, str] = manifest["files"]
+    for rel in required_files(manifest):
+        if rel not in files:
+            raise CheckpointError(f"{label}: {MANIFEST} does not list {rel}")
+    if verify:
+        present = {p[len(folder) + 1:] for p in _files_under(storage, folder)} - {MANIFEST}
+        missing = sorted(set(files) - present)
+        if missing:
+            raise CheckpointError(f"{label}: {missing[0]} is listed in {MANIFEST} but missing")
+        unlisted = sorted(present - set(files))
+        if unlisted:
+            raise CheckpointError(f"{label}: {unlisted[0]} is in the folder but not listed in {MANIFEST}")
+
+    def read(rel: str) -> bytes:
+        return read_file(storage, folder, rel, files[rel], label, verify)
+
+    counts = manifest["node_counts"]
+    user_keys, user_vectors = parse_embeddings(read(USERS), USER_KEY, label, USERS)
+    item_ids, item_vectors = parse_embeddings(read(ITEMS), ITEM_ID, label, ITEMS)
+    n_users, n_items = len(user_keys), len(item_ids)
+    if n_users != counts["user"]:
+        raise CheckpointError(f"{label}: {USERS} has {n_users} rows, node_counts.user is {counts['user']}")
+    if n_items != counts["item"]:
+        raise CheckpointError(f"{label}: {ITEMS} has {n_items} rows, node_counts.item is {counts['item']}")
+    width = item_vectors.shape[1] if n_items else user_vectors.shape[1]
+    if user_vectors.shape[1] != item_vectors.shape[1] and n_users and n_items:
+        raise CheckpointError(f"{label}: {USERS} vectors have width {user_vectors.shape[1]}, "
+                              f"{ITEMS} vectors {item_vectors.shape[1]}")
+    attributes: dict[str, tuple[list[str], np.ndarray | None]] = {}
+    for node, rel, key_column in (("category", CATEGORIES, CATEGORY_ID), ("brand", BRANDS, BRAND_ID)):
+        if rel not in files:  # format 1
+            attributes[node] = (_legacy_ids(storage, node, counts[node], label), None)
+            continue
+        ids, vectors = parse_embeddings(read(rel), key_column, label, rel)
+        if len(ids) != counts[node]:
+            raise CheckpointError(f"{label}: {rel} has {len(ids)} rows, node_counts.{node} is {counts[node]}")
+        if len(ids) and vectors.shape[1] != width:
+            raise CheckpointError(f"{label}: {rel} vectors have width {vectors.shape[1]}, {ITEMS} vectors {width}")
+        attributes[node] = (ids, vectors)
+    indptr, indices = parse_seen(read(SEEN), n_users, n_items, label)
+    popularity = parse_popularity(read(POPULARITY), n_items, counts["category"], label)
+    if verify:
+        # model.pt and curve.png are read lazily, but a version that serves must be whole: hash them now, streaming.
+        for rel in sorted(set(files) - {USERS, ITEMS, SEEN, POPULARITY, CATEGORIES, BRANDS}):
+            _check_streamed(storage, folder, rel, files[rel], label)
+    return LoadedVersion(
+        version=manifest["version"] or "", manifest=manifest, user_keys=user_keys, user_vectors=user_vectors,
+        item_ids=item_ids, item_vectors=item_vectors, seen_indptr=indptr, seen_indices=indices,
+        popularity=popularity, category_ids=attributes["category"][0], brand_ids=attributes["brand"][0],
+        category_vectors=attributes["category"][1], brand_vectors=attributes["brand"][1], storage=storage,
+        folder=folder,
+    )
+
+
+def _legacy_ids(storage: Storage, node: str, count: int, label: str) -> list[str]:
+    """Category or brand ids of a format-1 version, which named them only through ingestion's append-only id maps
+    (`idmaps/<node>/*.parquet`, columns key and idx): the first `count` of them are the version's."""
+    if not count:
+        return []
+    paths = storage.list_files(IDMAPS, node, suffix=".parquet")
+    try:
+        tables = [pq.read_table(p, columns=["key", "idx"], filesystem=storage.fs) for p in paths]
+    except (OSError, ValueError, pa.ArrowInvalid) as e:
+        raise CheckpointError(f"{label}: format 1: cannot read the {node} ids it relies on: {one_line(e)}") from e
+    table = pa.concat_tables(tables).sort_by("idx") if tables else None
+    if table is None or table.num_rows < count or table["idx"].to_numpy()[:count].tolist() != list(range(count)):
+        raise CheckpointError(f"{label}: format 1: idmaps/{node} does not hold the version's {count} {node} ids")
+    return table["key"].to_pylist()[:count]
+
+
+def _files_under(storage: Storage, folder: str) -> list[str]:
+    selector = pafs.FileSelector(folder, recursive=True, allow_not_found=True)
+    return [i.path for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+
+def read_file(storage: Storage, folder: str, rel: str, sha: str, label: str, verify: bool) -> bytes:
+    try:
+        data = storage.read_bytes(f"{folder}/{rel}")
+    except OSError as e:
+        raise CheckpointError(f"{label}: {rel} is missing or unreadable: {one_line(e)}") from e
+    if verify:
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha:
+            raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {found[:12]}..., manifest {sha[:12]}...)")
+    return data
+
+
+def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str) -> None:
+    digest = hashlib.sha256()
+    try:
+        with storage.fs.open_input_stream(f"{folder}/{rel}") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as e:
+        raise CheckpointError(f"{label}: {rel} is missing or unreadable: {one_line(e)}") from e
+    if digest.hexdigest() != sha:
+        raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
+                              f"manifest {sha[:12]}...)")
+

@@ -1,0 +1,53 @@
+"""The training state inside a Ray Train checkpoint: one typed record, written and read only here.
+
+A checkpoint directory holds `state.pt` (this record, loaded with `weights_only=True`) and, for the final report
+of a run, `embeddings.npz` (the final embeddings of every node type). A lost worker resumes from the record; the
+driver publishes from both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+EMBEDDINGS_FILE = "embeddings.npz"
+NODE_BLOCKS = ("users", "items", "categories", "brands")
+
+
+@dataclass
+class TrainState:
+    model: dict[str, torch.Tensor]  # the model's state_dict
+    optimiser: dict[str, Any]
+    scheduler: dict[str, Any]
+    epoch: int  # the last epoch this state finished
+    history: list[dict[str, Any]]  # one entry per epoch: epoch, seconds, loss, steps, metrics when evaluated
+    seconds: float  # training seconds so far (a resumed run keeps counting from here)
+    hparams: dict[str, int]  # num_nodes, embedding_dim, num_layers: what rebuilds the model
+    split: dict[str, Any]  # mode, train_pairs, test_pairs
+    steps: int  # optimiser steps taken
+    parent_metrics: dict[str, float] | None = None  # a warm start's parent scored on the same holdout
+    phases: dict[str, float] = field(default_factory=dict)  # where the worker's time went
+
+    def save(self, directory: str) -> None:
+        # Not dataclasses.asdict: it deep-copies every tensor of the model.
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, os.path.join(directory, STATE_FILE))
+
+    @classmethod
+    def load(cls, directory: str) -> TrainState:
+        raw = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        return cls(**raw)
+
+
+def save_embeddings(directory: str, blocks: dict[str, np.ndarray]) -> None:
+    """Final embeddings per node type (float32), keyed by NODE_BLOCKS."""
+    np.savez(os.path.join(directory, EMBEDDINGS_FILE), **{k: np.asarray(blocks[k], np.float32) for k in NODE_BLOCKS})
+
+
+def load_embeddings(directory: str) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(directory, EMBEDDINGS_FILE), allow_pickle=False) as npz:
+        return {k: npz[k] for k in NODE_BLOCKS}

@@ -1,0 +1,32 @@
+"""What one training worker is given: typed, frozen, and shipped across the Ray boundary whole."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from core.config import TrainConfig
+from core.storage import Storage
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A warm-start cycle: where it starts, what it trains on, for how long."""
+
+    init_state: Any  # the grown parent's state_dict, or an ObjectRef to it (large: it goes through the object store)
+    pair_index: Any  # int64 indices into the split's training pairs (new + replayed), or an ObjectRef to them
+    steps: int  # optimiser steps of the cycle: one "epoch" that wraps over its pairs, one checkpoint, no decay
+    eval_parent: bool = True  # score the starting point on the same holdout first: the gate's baseline
+
+
+@dataclass(frozen=True)
+class WorkerInputs:
+    storage: Storage
+    train: TrainConfig  # hyper-parameters as this run uses them (an update overrides epochs, lr and the width)
+    threads: int  # torch threads of this worker
+    deadline: float | None = None  # time.time() at which every rank stops at the same step, evaluates and saves
+    max_steps: int | None = None  # stop after this many optimiser steps
+    warm: WarmStart | None = None
+    # Tests only: wraps the worker's session (fault injection, trainers.faults); None in production.
+    session_wrapper: Callable[[Any], Any] | None = None
