@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale clean
+.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The serving benchmarks drive HTTP load with hey (Debian's package), a compiled client in its own process.
+bench-deps:
+	command -v hey >/dev/null || (apt-get update -q && apt-get install -y -q hey)
+
 bench-ingest: $(STAMP)
 	$(BIN)/python -m bench.ingest $(ARGS)
 
@@ -40,10 +44,10 @@ bench-train-gowalla: $(STAMP)
 bench-warm-start: $(STAMP)
 	$(BIN)/python -m bench.warm_start $(ARGS)
 
-bench-serve: $(STAMP)
+bench-serve: $(STAMP) bench-deps
 	$(BIN)/python -m bench.serve $(ARGS)
 
-bench-freshness: $(STAMP)
+bench-freshness: $(STAMP) bench-deps
 	$(BIN)/python -m bench.freshness $(ARGS)
 
 bench-train-scale: $(STAMP)
@@ -51,3 +55,6 @@ bench-train-scale: $(STAMP)
 
 clean:
 	rm -rf var .pytest_cache
+
+bench-faults: $(STAMP) bench-deps
+	$(BIN)/python -m bench.faults $(ARGS)

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["default", "ha"], default="default")
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
+    os.environ.setdefault("IG_EVENTS_TOKEN", "bench-events-token")  # before Ray starts: replicas inherit it
     if args.mode == "ha":
         from core.runtime import HIGH_THROUGHPUT_ENV
 
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         events = [{"user_id": user, "item_id": items[int(i)], "event": "purchase", "ts": now}
                   for i in rng.choice(len(items), 3, replace=False)]
         sent = time.perf_counter()
-        r = session.post(f"{url}/events", json=events, timeout=30)
+        r = session.post(f"{url}/events", json=events, timeout=30,
+                         headers={"Authorization": f"Bearer {os.environ['IG_EVENTS_TOKEN']}"})
         post_ms.append((time.perf_counter() - sent) * 1000)
         r.raise_for_status()
         while True:

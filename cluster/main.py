@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import signal
 import threading
 import time
@@ -84,9 +86,10 @@ def _known_shoppers(args: argparse.Namespace, n: int = 3) -> list[str]:
 class LiveStream(threading.Thread):
     """Demo shoppers clicking around: POST /events at a steady rate, for new and known shoppers."""
 
-    def __init__(self, url: str, items: list[str], known: list[str], rate: float, stop: threading.Event) -> None:
+    def __init__(self, url: str, items: list[str], known: list[str], rate: float, stop: threading.Event,
+                 token: str) -> None:
         super().__init__(name="live-events", daemon=True)
-        self.url, self.items, self.known, self.rate, self.stop = url, items, known, rate, stop
+        self.url, self.items, self.known, self.rate, self.stop, self.token = url, items, known, rate, stop, token
         self.shoppers = [f"live-shopper-{i}" for i in range(3)] + known
         self.sent = self.failed = 0
 
@@ -97,6 +100,7 @@ class LiveStream(threading.Thread):
 
         rng = random.Random(0)
         session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {self.token}"
         while not self.stop.wait(1.0 / self.rate):
             event = {"user_id": rng.choice(self.shoppers), "item_id": rng.choice(self.items),
                      "event": rng.choice(["view", "view", "click", "cart", "purchase"]),
@@ -116,7 +120,7 @@ def _serve_and_refresh(args: argparse.Namespace, cfg: AppConfig, dashboard: str 
     import registry
     from core.storage import storage_for
     from datasets import idmaps
-    from serve_app.app import AppArgs, build_app
+    from serve_app.app import EVENTS_TOKEN_ENV, AppArgs, build_app
     from serve_app.live_state import kill_shards
     from trainers.update import run_every
 
@@ -130,7 +134,7 @@ def _serve_and_refresh(args: argparse.Namespace, cfg: AppConfig, dashboard: str 
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     items = idmaps.load(storage, "item").column("key").to_pylist()[:500]
     known = _known_shoppers(args)
-    stream = LiveStream(url, items, known, args.live_events_per_s, stop)
+    stream = LiveStream(url, items, known, args.live_events_per_s, stop, os.environ.get(EVENTS_TOKEN_ENV, ""))
     stream.start()
     updates: list[dict] = []
 
@@ -181,7 +185,14 @@ def _main_job(args: argparse.Namespace, cfg: AppConfig) -> dict:
     positive("--update-every", args.update_every)
     positive("--live-events-per-s", args.live_events_per_s)
     positive("--duration-s", args.duration_s)
+    from serve_app.app import EVENTS_TOKEN_ENV
+
     _prepare_source(args, cfg)
+    if not os.environ.get(EVENTS_TOKEN_ENV) and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        # The demo posts live events to its own embedded app, which needs a producer token: one for this run only
+        # (replicas inherit it because it is set before Ray starts). On a cluster the nodes carry the real one.
+        os.environ[EVENTS_TOKEN_ENV] = secrets.token_hex(16)
+        log.info("%s is not set: this run's app takes a one-off producer token", EVENTS_TOKEN_ENV)
     dashboard = ensure_ray(cfg, dashboard=True, long_lived=True)
     try:
         _emit("ingest", **run_ingest(cfg, resolve_request(cfg, args)))
@@ -194,9 +205,10 @@ def _main_job(args: argparse.Namespace, cfg: AppConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.writer_lock import WriterBusy
     from trainers.data import GraphMissingError
 
-    return run_command(build_parser(), argv, _main_job, errors=(SourceError, GraphMissingError))
+    return run_command(build_parser(), argv, _main_job, errors=(SourceError, GraphMissingError, WriterBusy))
 
 
 if __name__ == "__main__":

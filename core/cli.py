@@ -11,6 +11,15 @@ from collections.abc import Callable
 from core.config import AppConfig, ConfigError, load_config
 
 
+class Incomplete(Exception):
+    """The command did its work and committed it, but part of the input needs the operator (a file no adapter could
+    read): the summary still prints, then one line says what; the exit code is 3."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,
                 body: Callable[[argparse.Namespace, AppConfig], dict | None],
                 errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -25,6 +34,10 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,
     except (ConfigError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Incomplete as err:
+        print(json.dumps(err.summary), flush=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     if summary is not None:
         print(json.dumps(summary), flush=True)
     return 0

@@ -57,8 +57,16 @@ class DataConfig(_Section):
         description="edge weight each event type adds to its user-item edge",
     )
     half_life_days: float = Field(14.0, gt=0, description="recency decay of edge weights, in days")
+    recent_half_life_days: float = Field(
+        3.0, gt=0, description="a shorter decay, kept beside the weight: interests rising or fading")
     max_id_length: int = Field(128, ge=1, description="longest accepted user/item/category/brand id")
-    max_future_s: int = Field(86400, ge=0, description="how far ahead of now a timestamp may lie, in seconds")
+    max_future_s: int = Field(
+        300, ge=0, description="clock skew allowed: a timestamp further ahead of now is rejected (timestamp_in_future)")
+    max_edge_weight: float = Field(
+        24.0, gt=0, description="most weight one user's events give one item (edge weight and popularity): three "
+        "purchases")
+    writer_wait_s: float = Field(
+        600.0, ge=0, description="how long an ingestion waits for another writer of data.root before it gives up")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; null: AWS default")
     s3_region: str | None = Field(None, description="S3 region; null: from the environment")
 
@@ -143,6 +151,14 @@ class ServeConfig(_Section):
         4.0, gt=0, description="event weight the trained vector counts as when blended with live events"
     )
     live_wait_s: float = Field(1.0, gt=0, description="how long a write waits for every replica to apply it")
+    live_max_users: int = Field(
+        100_000, ge=1, description="users whose live events a shard holds; the least recently active go first")
+    live_max_share: float = Field(
+        0.8, gt=0, le=1, description="most of a known user's vector their live events may make up")
+    live_log_entries: int = Field(
+        10_000, ge=100, description="changes a shard keeps for replicas catching up (older: a snapshot instead)")
+    live_seal_s: float = Field(
+        30.0, gt=0, description="a live file is ingested once it is this old: later writes are refused (503)")
 
     @model_validator(mode="after")
     def _bounds(self) -> ServeConfig:
@@ -182,11 +198,17 @@ class ClusterConfig(_Section):
     image: str = Field("rayproject/ray:2.60.0-py311", description="container image of the KubeRay pods")
 
 
+class RegistryConfig(_Section):
+    keep_versions: int = Field(
+        10, ge=1, description="published versions kept; older ones are removed after each publish")
+
+
 class AppConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="storage and ingestion")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="pseudonyms and deletion")
     train: TrainConfig = Field(default_factory=TrainConfig, description="full training")
     update: UpdateConfig = Field(default_factory=UpdateConfig, description="warm-start updates")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="published model versions")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the Serve app")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="where Ray runs")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ GRAPH = "graph"
 CHECKPOINTS = "checkpoints"
 TMP = "tmp"
 TRAIN_RUNS = "train_runs"  # Ray Train's own run folders (checkpoints of runs in progress)
+AUDIENCES = "audiences"  # audience exports, per version (pseudonymous keys only)
 
 
 def filesystem_for(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -88,11 +90,14 @@ class Storage:
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                _remove_if_left(tmp)
         else:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
@@ -105,22 +110,32 @@ class Storage:
     def write_json_atomic(self, path: str, value: Any) -> None:
         self.write_bytes_atomic(path, json.dumps(value, indent=1, sort_keys=True).encode())
 
-    def write_parquet(self, path: str, table: pa.Table, durable: bool = False) -> None:
+    def write_parquet(self, path: str, table: pa.Table, durable: bool = False, deadline: float | None = None) -> None:
         """Written under a temporary name and renamed, so a reader never sees half a file; `durable` also syncs it
-        to disk before the rename (what is acknowledged to a caller must survive a crash)."""
+        to disk before the rename (what is acknowledged to a caller must survive a crash). A failed write (a full
+        disk) leaves nothing behind; past `deadline` (time.time()) the write is abandoned before it becomes
+        visible, with TimeoutError."""
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            pq.write_table(table, tmp)
-            if durable:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, path)
+            try:
+                pq.write_table(table, tmp)
+                if durable:
+                    fd = os.open(tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                _check_deadline(deadline, path)
+                os.replace(tmp, path)
+            finally:
+                _remove_if_left(tmp)
         else:
-            pq.write_table(table, path, filesystem=self.fs)
+            buf = pa.BufferOutputStream()  # one PUT: an object appears whole or not at all
+            pq.write_table(table, buf)
+            _check_deadline(deadline, path)
+            with self.fs.open_output_stream(path) as f:
+                f.write(buf.getvalue())
 
     def read_parquet(self, paths: list[str], columns: list[str] | None = None, schema: pa.Schema | None = None
                      ) -> pa.Table:
@@ -137,6 +152,18 @@ class Storage:
             self.fs.delete_dir(path)
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(path)
+
+
+def _remove_if_left(tmp: str) -> None:
+    try:
+        os.remove(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def _check_deadline(deadline: float | None, path: str) -> None:
+    if deadline is not None and time.time() > deadline:
+        raise TimeoutError(f"writing {path} took too long; abandoned before it became visible")
 
 
 def storage_for(cfg: AppConfig) -> Storage:

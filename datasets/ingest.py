@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -19,23 +20,25 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from core.cli import run_command
+from core.cli import Incomplete, run_command
 from core.config import AppConfig
 from core.storage import GRAPH, HOLDOUT, RAW, REJECTS, TMP, Storage, filesystem_for, storage_for
+from core.writer_lock import WriterBusy, exclusive_writer
 from datasets import idmaps
 from datasets import schema as s
 from datasets.adapters import ADAPTERS, Chunk, SourceError, load_attributes, plan_chunks
 from datasets.deletion import purge_users
+from datasets.live_files import live_through_ms, sealed
 from datasets.pseudonym import resolve_key
 from datasets.stage import STAGED_REJECTS, StageBlock, now_ms
 from datasets.state import IngestState, new_run_id, remove_uncommitted
-from datasets.tombstones import load_tombstones
+from datasets.tombstones import load_tombstones, tombstone_files
 from datasets.validate import Rules
 
 log = logging.getLogger("datasets.ingest")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceFile:
     display: str  # absolute local path or s3:// URI: the file's identity in state/ and rejects/
     fs_path: str
@@ -77,7 +80,7 @@ def _expand(pattern: str, fmt: str, split: str, endpoint: str | None, region: st
     return [SourceFile(to_display(i.path), i.path, fmt, split, i.size, i.mtime_ns or 0) for i in infos]
 
 
-def discover(cfg: AppConfig, req: Request, storage: Storage) -> list[SourceFile]:
+def discover(cfg: AppConfig, req: Request, storage: Storage, listed_ms: int) -> list[SourceFile]:
     d = cfg.data
     files: list[SourceFile] = []
     if req.source:
@@ -90,12 +93,17 @@ def discover(cfg: AppConfig, req: Request, storage: Storage) -> list[SourceFile]
         if not found:
             raise SourceError(f"--holdout: no file matches {req.holdout!r}")
         files += found
-    # Files under raw/ (dropped there, or flushed by POST /events) are canonical events.
+    # Files under raw/ (dropped there, or flushed by POST /events) are canonical events; a live file is taken once
+    # it is sealed (datasets.live_files), so what a run covers of the live events is known by arrival.
     raw_root = storage.path(RAW)
     if storage.exists(RAW):
         prefix = "s3://" if not storage.is_local else ""
         found = _expand(prefix + raw_root, "events", "train", d.s3_endpoint, d.s3_region)
-        files += [f for f in found if ".tmp-" not in f.display.rsplit("/", 1)[-1]]  # a write still in progress
+        for f in found:
+            if ".tmp-" in f.display.rsplit("/", 1)[-1]:
+                continue  # a write still in progress
+            if sealed(f.display, listed_ms, cfg.serve.live_seal_s):  # a live file of the last seconds: next run
+                files.append(f)
     return files
 
 
@@ -110,18 +118,30 @@ def _chunk_options(cfg: AppConfig, req: Request, f: SourceFile, attributes: tupl
     }
 
 
-def plan(cfg: AppConfig, req: Request, files: list[SourceFile]) -> list[Chunk]:
+def options_tag(cfg: AppConfig, req: Request, f: SourceFile) -> str:
+    """What an unreadable file was tried with: a change of adapter or options tries it again."""
+    opts = {k: v for k, v in _chunk_options(cfg, req, f, ()).items() if k != "attributes"}
+    return hashlib.sha256(json.dumps([f.fmt, opts], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def plan(cfg: AppConfig, req: Request, files: list[SourceFile]) -> tuple[list[Chunk], dict[SourceFile, str]]:
+    """Chunks of every readable file, and the files no adapter can read at all (with the reason): those are
+    quarantined by the caller, never the cause of a failed run."""
     d = cfg.data
     attributes: tuple = ()
     if req.fmt == "sequence" and cfg.data.source.attributes:
         fs, inner = filesystem_for(cfg.data.source.attributes, d.s3_endpoint, d.s3_region)
         attributes = load_attributes(fs, inner, cfg.data.source.attributes)
     chunks: list[Chunk] = []
+    unreadable: dict[SourceFile, str] = {}
     for f in files:
         fs, _ = filesystem_for(f.display, d.s3_endpoint, d.s3_region)
-        chunks += plan_chunks(fs, f.fs_path, f.display, f.fmt, d.chunk_mb << 20,
-                              **_chunk_options(cfg, req, f, attributes))
-    return chunks
+        try:
+            chunks += plan_chunks(fs, f.fs_path, f.display, f.fmt, d.chunk_mb << 20,
+                                  **_chunk_options(cfg, req, f, attributes))
+        except (SourceError, OSError) as err:
+            unreadable[f] = str(err)
+    return chunks, unreadable
 
 
 def _stage(cfg: AppConfig, storage: Storage, run_id: str, chunks: list[Chunk], tombstones: pa.Array) -> dict:
@@ -150,7 +170,7 @@ def _stage(cfg: AppConfig, storage: Storage, run_id: str, chunks: list[Chunk], t
 
 
 def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int | None, formats: list[str],
-              timings: dict[str, float]) -> dict:
+              runs: list[str], live_through: int | None, timings: dict[str, float]) -> dict:
     import ray
 
     from datasets.shards import append_shard, shard_edges
@@ -173,10 +193,12 @@ def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int |
     mark = time.time()
     if watermark_ms is not None:
         refs = {k: ray.put(v) for k, v in maps.items()}
+        arrival = {run: seq for seq, run in enumerate(runs, start=1)}  # a row's run: when it arrived
         edges_fn = ray.remote(shard_edges)
         edge_results = ray.get([
             edges_fn.remote(storage, sh, refs["user"], refs["item"], refs["category"], refs["brand"],
-                            dict(cfg.data.event_weights), cfg.data.half_life_days, watermark_ms)
+                            dict(cfg.data.event_weights), cfg.data.half_life_days, watermark_ms,
+                            cfg.data.max_edge_weight, arrival, cfg.data.recent_half_life_days)
             for sh in shards
         ])
         for name, file in (("category", s.ITEM_CATEGORY_FILE), ("brand", s.ITEM_BRAND_FILE)):
@@ -192,6 +214,9 @@ def _finalise(cfg: AppConfig, storage: Storage, run_id: str, watermark_ms: int |
             "user_item_edges": sum(r["edges"] for r in edge_results),
             "event_weights": dict(cfg.data.event_weights),
             "half_life_days": cfg.data.half_life_days,
+            "max_edge_weight": cfg.data.max_edge_weight,
+            "runs": len(runs),  # arrival: edges record the last run (1-based) that brought them an event
+            "live_through_ms": live_through,
         })
     timings["graph"] = time.time() - mark
     return {
@@ -212,36 +237,56 @@ def _commit_rejects(storage: Storage, run_id: str) -> None:
 
 
 def run_ingest(cfg: AppConfig, req: Request) -> dict:
-    """Ingest what is new; returns the summary (DESIGN 3.7)."""
+    """Ingest what is new; returns the summary (DESIGN 3.7). One writer at a time per storage root: a concurrent
+    ingestion waits up to data.writer_wait_s, then fails with WriterBusy."""
+    storage = storage_for(cfg)
+    with exclusive_writer(storage, "ingestion", cfg.data.writer_wait_s):
+        return _ingest_locked(cfg, req, storage)
+
+
+def _ingest_locked(cfg: AppConfig, req: Request, storage: Storage) -> dict:
     started = time.time()
     d = cfg.data
-    storage = storage_for(cfg)
     state = IngestState.load(storage)
     remove_uncommitted(storage, state)
     tombstones = load_tombstones(storage)
-    pending = sorted(set(tombstones.to_pylist()) - set(state.purged))
-    files = discover(cfg, req, storage)
+    pending_files = {name: key for name, key in tombstone_files(storage).items()
+                     if name not in set(state.tombstones_applied)}
+    pending = sorted(set(pending_files.values()))
+    timings: dict[str, float] = {}
+    run_id = new_run_id()
+    summary: dict = {"run": run_id}
+    if pending:  # before discovery: raw/ files it rewrites are then seen with their new size
+        mark = time.time()
+        key, _ = resolve_key(cfg.privacy.allow_dev_key)
+        purged = purge_users(storage, pending, d.shards, key, d.source.columns.get(s.USER_ID, s.USER_ID),
+                             d.source.delimiter)
+        for path, (size, mtime_ns) in purged.rewritten.items():
+            if path in state.files:
+                state.files[path].update({"size": size, "mtime_ns": mtime_ns})
+        summary["purged_rows"], summary["purged_users"] = purged.rows, len(pending)
+        timings["purge"] = time.time() - mark
+    listed_ms = now_ms()
+    files = discover(cfg, req, storage, listed_ms)
     new_files, changed = [], []
     for f in files:
         seen = state.files.get(f.display)
-        if seen is None:
+        bad = state.unreadable.get(f.display)
+        if seen is None and (bad is None or (bad["size"], bad["mtime_ns"], bad["options"]) !=
+                             (f.size, f.mtime_ns, options_tag(cfg, req, f))):
             new_files.append(f)
-        elif seen["size"] != f.size or seen["mtime_ns"] != f.mtime_ns:
+        elif seen is not None and (seen["size"] != f.size or seen["mtime_ns"] != f.mtime_ns):
             changed.append(f.display)
     for path in changed:
         log.warning("%s changed since it was ingested; skipped (append new events as new files)", path)
-    timings: dict[str, float] = {}
     mark = time.time()
-    chunks = plan(cfg, req, new_files)
+    chunks, unreadable = plan(cfg, req, new_files)
     timings["plan"] = time.time() - mark
-    run_id = new_run_id()
-    summary: dict = {"run": run_id, "files": len(new_files), "skipped_files": len(files) - len(new_files),
-                     "changed_files": changed}
-    if pending:
-        mark = time.time()
-        summary["purged_rows"] = purge_users(storage, pending, d.shards)
-        summary["purged_users"] = len(pending)
-        timings["purge"] = time.time() - mark
+    for f, reason in unreadable.items():
+        log.error("%s cannot be read and is skipped until it or the adapter options change: %s", f.display, reason)
+    readable = [f for f in new_files if f not in unreadable]
+    summary.update({"files": len(readable), "skipped_files": len(files) - len(new_files), "changed_files": changed,
+                    "unreadable_files": [{"file": f.display, "reason": r} for f, r in unreadable.items()]})
     if chunks or pending:
         from core.runtime import ensure_ray
 
@@ -257,23 +302,30 @@ def run_ingest(cfg: AppConfig, req: Request) -> dict:
     watermark = state.watermark_ms
     if staged["max_ts"] is not None:
         watermark = max(watermark or staged["max_ts"], staged["max_ts"])
+    live_through = max(state.live_through_ms or 0, live_through_ms(listed_ms, cfg.serve.live_seal_s))
     if chunks or pending:  # a purge rebuilds the graph too, so no edge of a deleted user survives it
         mark = time.time()
-        formats = sorted(set(state.formats) | {f.fmt for f in new_files})
-        final = _finalise(cfg, storage, run_id, watermark, formats, timings)
+        formats = sorted(set(state.formats) | {f.fmt for f in readable})
+        final = _finalise(cfg, storage, run_id, watermark, formats, [*state.runs, run_id], live_through, timings)
         _commit_rejects(storage, run_id)
         timings["commit"] = time.time() - mark
-        for f in new_files:
+        for f in readable:
             state.files[f.display] = {"size": f.size, "mtime_ns": f.mtime_ns, "run": run_id}
+            state.unreadable.pop(f.display, None)
         state.runs.append(run_id)
         state.watermark_ms = watermark
+        state.live_through_ms = live_through
         state.formats = formats
-        state.purged = sorted(set(state.purged) | set(pending))
-        state.save(storage)
-        storage.delete(storage.path(TMP, run_id))
+        state.tombstones_applied = sorted(set(state.tombstones_applied) | set(pending_files))
     else:
         counts = {n: idmaps.load(storage, n).num_rows for n in s.NODE_TYPES}
         final = {"accepted": 0, "duplicates": 0, "holdout": 0, "by_event": {}, "before": counts, "after": counts}
+    for f, reason in unreadable.items():
+        state.unreadable[f.display] = {"size": f.size, "mtime_ns": f.mtime_ns, "options": options_tag(cfg, req, f),
+                                       "reason": reason}
+    if chunks or pending or unreadable:
+        state.save(storage)
+        storage.delete(storage.path(TMP, run_id))
     summary.update({
         "input_rows": staged["rows"],
         "accepted": final["accepted"],
@@ -314,11 +366,16 @@ def _ingest_command(args: argparse.Namespace, cfg: AppConfig) -> dict:
     req = resolve_request(cfg, args)
     if req.source is None and not storage_for(cfg).exists(RAW):
         raise SourceError("no source: give --source or data.source.path (or put files under raw/)")
-    return run_ingest(cfg, req)
+    summary = run_ingest(cfg, req)
+    if summary["unreadable_files"]:
+        first = summary["unreadable_files"][0]
+        raise Incomplete(f"{len(summary['unreadable_files'])} file(s) could not be read and are skipped until they "
+                         f"change: {first['reason']}", summary)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, _ingest_command, errors=(SourceError,))
+    return run_command(build_parser(), argv, _ingest_command, errors=(SourceError, WriterBusy))
 
 
 if __name__ == "__main__":

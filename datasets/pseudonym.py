@@ -40,13 +40,28 @@ def resolve_key(allow_dev_key: bool = True) -> tuple[bytes, bool]:
 
 
 def pseudonymise(raw_user_id: str, key: bytes) -> str:
-    return hmac.new(key, raw_user_id.encode("utf-8"), hashlib.sha256).hexdigest()[:KEY_LENGTH]
+    # surrogatepass: a Python str may hold lone surrogates (JSON "\ud800"); valid text encodes exactly as UTF-8, and
+    # such an id still gets a stable key instead of an exception (ingestion and the API refuse it as invalid_utf8).
+    return hmac.new(key, raw_user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:KEY_LENGTH]
+
+
+def _shard_of(user_key: str | None, shards: int) -> int:
+    try:
+        return int(user_key[:8], 16) % shards  # type: ignore[index]
+    except (TypeError, ValueError):
+        pass
+    # Not a pseudonym (validation refuses such keys before anything is stored): any stable shard will do.
+    text = "" if user_key is None else str(user_key)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:4], "big") % shards
 
 
 def shard_of_keys(user_keys: list[str], shards: int) -> np.ndarray:
     """The shard of each user key: ingestion's interaction shards and serving's live-state shards both use it."""
     # The pseudonym is already a uniform hash, so its leading bits spread users evenly.
-    return np.array([int(k[:8], 16) % shards for k in user_keys], dtype=np.int32)
+    try:
+        return np.array([int(k[:8], 16) % shards for k in user_keys], dtype=np.int32)
+    except (TypeError, ValueError):  # something that is no pseudonym: never an exception, key by key
+        return np.array([_shard_of(k, shards) for k in user_keys], dtype=np.int32)
 
 
 def pseudonymise_array(raw: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Array:

@@ -56,6 +56,8 @@ class Reason:
     INVALID_UTF8 = "invalid_utf8"
     BAD_PRICE = "bad_price"  # negative or not a number
     DELETED_USER = "deleted_user"  # tombstoned by DELETE /users
+    BAD_USER_KEY = "bad_user_key"  # a given (already pseudonymised) user_key that is not 32 lowercase hex characters
+    UNREADABLE = "unreadable"  # a chunk or block that could not be processed at all; the detail says why
 
 
 ALL_REASONS = tuple(v for k, v in vars(Reason).items() if not k.startswith("_"))
@@ -122,6 +124,9 @@ WEIGHT = "weight"
 COUNT = "count"
 FIRST_TS = "first_ts"
 LAST_TS = "last_ts"
+LAST_RUN = "last_run"  # arrival: the last ingestion run (1-based, in commit order) that brought the pair an event
+WEIGHT_RECENT = "weight_recent"  # the same sum decayed with data.recent_half_life_days: where interest is heading
+EVENT_COUNTS = tuple(f"n_{e}" for e in EVENT_TYPES)  # the pair's events by type (n_view, ..., n_purchase)
 USER_ITEM_EDGE_SCHEMA = pa.schema(
     [
         (USER_IDX, pa.int64()),
@@ -130,6 +135,9 @@ USER_ITEM_EDGE_SCHEMA = pa.schema(
         (COUNT, pa.int32()),
         (FIRST_TS, pa.timestamp("ms", tz="UTC")),
         (LAST_TS, pa.timestamp("ms", tz="UTC")),
+        (LAST_RUN, pa.int32()),
+        (WEIGHT_RECENT, pa.float32()),
+        *[(name, pa.int32()) for name in EVENT_COUNTS],
     ]
 )
 ITEM_CATEGORY_SCHEMA = pa.schema([(ITEM_IDX, pa.int64()), (CATEGORY_IDX, pa.int64())])

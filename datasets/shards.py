@@ -13,6 +13,7 @@ from core.storage import GRAPH, HOLDOUT, INTERACTIONS, TMP, Storage
 from datasets import idmaps
 from datasets import schema as s
 from datasets.stage import SHARD, STAGED_ACCEPTED
+from datasets.state import run_of
 
 DEDUPE_KEY = (s.USER_KEY, s.ITEM_ID, s.EVENT, s.TS)
 
@@ -78,32 +79,50 @@ def append_shard(storage: Storage, run_id: str, shard: int) -> dict:
 
 
 def shard_edges(storage: Storage, shard: int, users: pa.Table, items: pa.Table, categories: pa.Table,
-                brands: pa.Table, event_weights: dict[str, float], half_life_days: float, watermark_ms: int
-                ) -> dict:
-    """User-item edges of one shard, rebuilt from all its interactions, and its item-attribute pairs."""
+                brands: pa.Table, event_weights: dict[str, float], half_life_days: float, watermark_ms: int,
+                max_edge_weight: float, arrival: dict[str, int], recent_half_life_days: float = 3.0) -> dict:
+    """User-item edges of one shard, rebuilt from all its interactions, and its item-attribute pairs.
+
+    A pair's weight sums its events' weights (by type, decayed by age), capped at `max_edge_weight` so that one user
+    cannot make an item popular alone; `weight_recent` is the same with a shorter half-life. Each pair keeps its
+    events by type, and the last run that brought it one (`arrival` maps a run id to its position: what is new to a
+    version is judged by arrival, not by event time).
+    """
     files = storage.list_files(INTERACTIONS, f"{SHARD}={shard}", suffix=".parquet")
     cols = [s.USER_KEY, s.ITEM_ID, s.EVENT, s.TS, s.CATEGORY_ID, s.BRAND_ID]
-    rows = storage.read_parquet(files, columns=cols, schema=s.INTERACTION_SCHEMA)
+    parts = [storage.read_parquet([f], columns=cols, schema=s.INTERACTION_SCHEMA) for f in files]
+    rows = pa.concat_tables(parts) if parts else s.INTERACTION_SCHEMA.empty_table().select(cols)
+    run = np.repeat(np.array([arrival.get(run_of(f) or "", 0) for f in files], dtype=np.int32),
+                    [p.num_rows for p in parts]) if parts else np.zeros(0, np.int32)
     names = list(event_weights)
     base = pc.take(pa.array([event_weights[n] for n in names], pa.float64()),
                    pc.index_in(rows.column(s.EVENT), value_set=pa.array(names)))
-    age_days = (watermark_ms - rows.column(s.TS).cast(pa.int64()).to_numpy()) / 86_400_000.0
-    weight = pc.fill_null(base, 0.0).to_numpy() * np.power(0.5, np.maximum(age_days, 0.0) / half_life_days)
+    age_days = np.maximum((watermark_ms - rows.column(s.TS).cast(pa.int64()).to_numpy()) / 86_400_000.0, 0.0)
+    base = pc.fill_null(base, 0.0).to_numpy()
+    events = rows.column(s.EVENT)
     table = pa.table({
         s.USER_IDX: idmaps.lookup(users, rows.column(s.USER_KEY)),
         s.ITEM_IDX: idmaps.lookup(items, rows.column(s.ITEM_ID)),
-        s.WEIGHT: pa.array(weight, pa.float64()),
+        s.WEIGHT: pa.array(base * np.power(0.5, age_days / half_life_days), pa.float64()),
+        s.WEIGHT_RECENT: pa.array(base * np.power(0.5, age_days / recent_half_life_days), pa.float64()),
         s.TS: rows.column(s.TS),
+        s.LAST_RUN: pa.array(run, pa.int32()),
+        **{n: pc.cast(pc.equal(events, e), pa.int32()) for n, e in zip(s.EVENT_COUNTS, s.EVENT_TYPES, strict=True)},
     })
     edges = table.group_by([s.USER_IDX, s.ITEM_IDX]).aggregate(
-        [(s.WEIGHT, "sum"), (s.WEIGHT, "count"), (s.TS, "min"), (s.TS, "max")])
+        [(s.WEIGHT, "sum"), (s.WEIGHT, "count"), (s.TS, "min"), (s.TS, "max"), (s.LAST_RUN, "max"),
+         (s.WEIGHT_RECENT, "sum"), *[(n, "sum") for n in s.EVENT_COUNTS]])
     edges = pa.table({
         s.USER_IDX: edges.column(s.USER_IDX),
         s.ITEM_IDX: edges.column(s.ITEM_IDX),
-        s.WEIGHT: edges.column(f"{s.WEIGHT}_sum").cast(pa.float32()),
+        s.WEIGHT: pc.min_element_wise(edges.column(f"{s.WEIGHT}_sum"), max_edge_weight).cast(pa.float32()),
         s.COUNT: edges.column(f"{s.WEIGHT}_count").cast(pa.int32()),
         s.FIRST_TS: edges.column(f"{s.TS}_min"),
         s.LAST_TS: edges.column(f"{s.TS}_max"),
+        s.LAST_RUN: edges.column(f"{s.LAST_RUN}_max"),
+        s.WEIGHT_RECENT: pc.min_element_wise(edges.column(f"{s.WEIGHT_RECENT}_sum"),
+                                             max_edge_weight).cast(pa.float32()),
+        **{n: edges.column(f"{n}_sum").cast(pa.int32()) for n in s.EVENT_COUNTS},
     }, schema=s.USER_ITEM_EDGE_SCHEMA).sort_by([(s.USER_IDX, "ascending"), (s.ITEM_IDX, "ascending")])
     storage.write_parquet(storage.path(GRAPH, s.UI_EDGES, f"{SHARD}={shard}.parquet"), edges)
     pairs = {}

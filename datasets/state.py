@@ -19,16 +19,29 @@ _RUN_IN_NAME = re.compile(r"(r\d{8}T\d{6}-[0-9a-f]{8})\.parquet$")
 
 @dataclass
 class IngestState:
-    files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # path -> size, mtime_ns, rows, run
-    runs: list[str] = field(default_factory=list)
+    files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # path -> size, mtime_ns, run
+    runs: list[str] = field(default_factory=list)  # committed runs in order: a run's position is its arrival
     watermark_ms: int | None = None  # newest accepted event time
     formats: list[str] = field(default_factory=list)  # adapters ever ingested (the trainer picks its split by them)
-    purged: list[str] = field(default_factory=list)  # tombstoned user keys whose stored rows are already gone
+    # Tombstone files (names under state/tombstones/) already applied. Names, not user keys: no file but the
+    # tombstone itself names a deleted user.
+    tombstones_applied: list[str] = field(default_factory=list)
+    # Files no adapter could read: path -> size, mtime_ns, options, reason. Skipped until the file or the adapter
+    # options change, so one bad file neither fails nor stalls later runs.
+    unreadable: dict[str, dict[str, int | str]] = field(default_factory=dict)
+    live_through_ms: int | None = None  # every live event received before this was in a committed run
 
     @classmethod
     def load(cls, storage: Storage) -> IngestState:
         raw = storage.read_json(storage.path(STATE, STATE_FILE), default={})
-        return cls(**raw)
+        legacy_purged = raw.pop("purged", None)  # before tombstones were tracked by file: the deleted users' keys
+        state = cls(**raw)
+        if legacy_purged:
+            from datasets.tombstones import tombstone_files
+
+            keys = set(legacy_purged)
+            state.tombstones_applied = sorted(name for name, key in tombstone_files(storage).items() if key in keys)
+        return state
 
     def save(self, storage: Storage) -> None:
         storage.write_json_atomic(storage.path(STATE, STATE_FILE), asdict(self))

@@ -27,7 +27,17 @@ def add_tombstone(storage: Storage, user_key: str) -> str:
 
 
 def load_tombstones(storage: Storage) -> pa.Array:
+    """Every deleted user's key."""
     files = storage.list_files(STATE, TOMBSTONES, suffix=".parquet")
     if not files:
         return pa.array([], pa.string())
     return pc.unique(storage.read_parquet(files, columns=["user_key"]).column("user_key").combine_chunks())
+
+
+def tombstone_files(storage: Storage) -> dict[str, str]:
+    """Tombstone file name -> the deleted user's key."""
+    out = {}
+    for path in storage.list_files(STATE, TOMBSTONES, suffix=".parquet"):
+        for key in storage.read_parquet([path], columns=["user_key"]).column("user_key").to_pylist():
+            out[path.rsplit("/", 1)[-1]] = key
+    return out

@@ -1,11 +1,13 @@
 """Row validation, shared by ingestion and the live POST /events endpoint: one rule, one reason code.
 
 Works on whole arrow tables of raw strings (RAW_SCHEMA) with vectorised compute; per-row Python only runs for the
-rare values that need it (ISO timestamps, invalid UTF-8).
+rare values that need it (ISO timestamps, invalid UTF-8, numbers arrow's parser refuses). Nothing in a row's content
+raises here: every value ends as accepted or as a reason code.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,9 +21,11 @@ from datasets.schema import Reason
 
 # Lower number wins when a row breaks several rules: the first problem an operator has to fix.
 _PRECEDENCE = (
+    Reason.UNREADABLE,
     Reason.BAD_LINE,
     Reason.INVALID_UTF8,
     Reason.MISSING_USER,
+    Reason.BAD_USER_KEY,
     Reason.MISSING_ITEM,
     Reason.MISSING_EVENT,
     Reason.ID_TOO_LONG,
@@ -31,8 +35,12 @@ _PRECEDENCE = (
     Reason.TIMESTAMP_IN_FUTURE,
     Reason.BAD_PRICE,
 )
+REASON_RANK = {reason: rank for rank, reason in enumerate(_PRECEDENCE)}
 _INT_RE = r"^[+-]?\d{1,19}$"
 _FLOAT_RE = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
+# What `datasets.pseudonym.pseudonymise` makes; a given key must be exactly that shape (its first 8 characters
+# pick the shard, and anything else could be a raw id that must not reach disk).
+USER_KEY_RE = r"^[0-9a-f]{32}$"
 # Integer timestamps below this are seconds, above it milliseconds (1e11 s is year 5138; 1e11 ms is 1973).
 _SECONDS_LIMIT = 100_000_000_000
 
@@ -57,13 +65,64 @@ def _parse_iso(values: list[str | None]) -> list[int | None]:
     for v in values:
         try:
             dt = datetime.fromisoformat(v.replace("Z", "+00:00"))  # type: ignore[union-attr]
-        except (ValueError, AttributeError):
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            out.append(int(dt.timestamp() * 1000))
+        # Dates at the ends of the calendar overflow in timestamp() on some platforms.
+        except (ValueError, TypeError, AttributeError, OverflowError, OSError):
             out.append(None)
-            continue
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)
-        out.append(int(dt.timestamp() * 1000))
     return out
+
+
+def json_field(name: str, value: object) -> tuple[str | None, str | None, str | None]:
+    """A JSON value (a JSONL line's, a POST /events body's) as ingestion's raw text: (text, reason, detail), reason
+    None when the value is usable.
+
+    Strings stay as they are, integers and finite floats become their text. Booleans, lists and objects are no
+    field (bad_line); a string with lone surrogates (JSON "\\ud800") is invalid_utf8; a number that is not finite
+    (NaN, Infinity, 1e999) or has too many digits to write is bad_timestamp in `ts`, bad_price in `price`, and
+    bad_line elsewhere.
+    """
+    if value is None:
+        return None, None, None
+    if isinstance(value, str):
+        if value.isascii():
+            return value, None, None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, Reason.INVALID_UTF8, f"{name} is not valid UTF-8 (a lone surrogate)"
+        return value, None, None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        kind = {list: "a list", dict: "an object", bool: "a boolean"}.get(type(value), type(value).__name__)
+        return None, Reason.BAD_LINE, f"{name} is {kind}, not a string or number"
+    try:
+        if isinstance(value, int):
+            return str(value), None, None
+        if math.isfinite(value):
+            return repr(value), None, None
+        why = f"{name} is not a finite number"
+    except ValueError:  # an int past Python's digit limit for str()
+        why = f"{name} has more digits than can be read"
+    return None, {s.TS: Reason.BAD_TIMESTAMP, s.PRICE: Reason.BAD_PRICE}.get(name, Reason.BAD_LINE), why
+
+
+def _to_float(value: str | None) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def _cast_numbers(text: pa.Array, to: pa.DataType) -> np.ndarray:
+    """float64 of strings that already look like numbers. Arrow's parser refuses some (an int64 past its range):
+    then, and only then, Python parses each value, NaN where it cannot."""
+    try:
+        return pc.cast(text, to).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if to != pa.float64():  # float64 holds every 19-digit integer closely enough to judge it
+            return _cast_numbers(text, pa.float64())
+        return np.array([_to_float(v) for v in text.to_pylist()], dtype=np.float64)
 
 
 def parse_timestamps(raw: pa.Array) -> np.ndarray:
@@ -72,7 +131,7 @@ def parse_timestamps(raw: pa.Array) -> np.ndarray:
     out = np.full(n, np.nan)
     is_int = _np_mask(pc.match_substring_regex(raw, _INT_RE))
     if is_int.any():
-        ints = pc.cast(raw.filter(pa.array(is_int)), pa.int64()).to_numpy().astype(np.float64)
+        ints = _cast_numbers(raw.filter(pa.array(is_int)), pa.int64())
         ints = np.where(np.abs(ints) < _SECONDS_LIMIT, ints * 1000.0, ints)
         out[is_int] = ints
     other = ~is_int & _np_mask(pc.is_valid(raw))
@@ -106,17 +165,29 @@ def validate(raw: pa.Table, rules: Rules, now_ms: int | None = None) -> tuple[pa
     code = np.full(n, len(_PRECEDENCE), dtype=np.int8)  # len(_PRECEDENCE) = accepted
     detail = np.full(n, None, dtype=object)
 
-    def flag(reason: str, mask: np.ndarray, why: str | None = None) -> None:
+    def flag(reason: str, mask: np.ndarray, why: str | np.ndarray | None = None) -> None:
         rank = _PRECEDENCE.index(reason)
         hit = mask & (code > rank)
+        if not hit.any():
+            return
         code[hit] = rank
-        if why is not None:
-            detail[hit] = why
+        # The detail belongs to the winning reason: a reason that takes a row over clears the one before.
+        detail[hit] = why[hit] if isinstance(why, np.ndarray) else why
 
+    # Reasons the reader already found (an unreadable chunk, a line that is not CSV or JSON, a JSON value that is
+    # no usable field), with their detail when the reader gave one (the optional `detail` column).
     pre = cols[s.REASON]
-    for reason in (Reason.BAD_LINE, Reason.INVALID_UTF8):
-        flag(reason, _np_mask(pc.equal(pre, reason)))
+    if pre.null_count < n:
+        pre_detail = cols[s.DETAIL].to_numpy(zero_copy_only=False) if s.DETAIL in cols else None
+        for reason in _PRECEDENCE:
+            hit = _np_mask(pc.equal(pre, reason))
+            if hit.any():
+                flag(reason, hit, pre_detail)
     flag(Reason.MISSING_USER, _np_mask(pc.is_null(cols[s.USER_ID])) & _np_mask(pc.is_null(cols[s.USER_KEY])))
+    given_key = cols[s.USER_KEY]
+    if given_key.null_count < n:
+        flag(Reason.BAD_USER_KEY, _np_mask(pc.invert(pc.match_substring_regex(given_key, USER_KEY_RE))),
+             "user_key is not 32 lowercase hex characters")
     flag(Reason.MISSING_ITEM, _np_mask(pc.is_null(cols[s.ITEM_ID])))
     flag(Reason.MISSING_EVENT, _np_mask(pc.is_null(cols[s.EVENT])))
     for c in (s.USER_ID, s.ITEM_ID, s.CATEGORY_ID, s.BRAND_ID, s.SESSION_ID):
@@ -135,19 +206,20 @@ def validate(raw: pa.Table, rules: Rules, now_ms: int | None = None) -> tuple[pa
     flag(Reason.BAD_PRICE, price_given & ~price_ok, "not a number")
     price = np.full(n, np.nan)
     if price_ok.any():
-        price[price_ok] = pc.cast(price_raw.filter(pa.array(price_ok)), pa.float64()).to_numpy()
+        price[price_ok] = _cast_numbers(price_raw.filter(pa.array(price_ok)), pa.float64())
+    flag(Reason.BAD_PRICE, price_ok & ~np.isfinite(price), "not a finite number")  # "1e999" overflows to inf
     flag(Reason.BAD_PRICE, price_ok & (price < 0), "negative")
 
     ok = code == len(_PRECEDENCE)
     ok_mask = pa.array(ok)
-    ts_ms = np.where(np.isnan(ts), 0, ts).astype(np.int64)
+    ts_ms = ts[ok].astype(np.int64)  # only accepted rows: their times are in range by now
     accepted = pa.table(
         {
             s.USER_ID: cols[s.USER_ID].filter(ok_mask),
             s.USER_KEY: cols[s.USER_KEY].filter(ok_mask),
             s.ITEM_ID: cols[s.ITEM_ID].filter(ok_mask),
             s.EVENT: events.filter(ok_mask),
-            s.TS: pa.array(ts_ms[ok], pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+            s.TS: pa.array(ts_ms, pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
             s.CATEGORY_ID: cols[s.CATEGORY_ID].filter(ok_mask),
             s.BRAND_ID: cols[s.BRAND_ID].filter(ok_mask),
             s.PRICE: pa.array(price[ok], pa.float64(), from_pandas=True),

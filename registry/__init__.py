@@ -27,13 +27,22 @@ from registry.format import (
     version_name,
     version_number,
 )
-from registry.reader import LoadedVersion, latest_version, list_versions, load_latest, load_version, read_manifest
-from registry.retention import remove_stale_staging
+from registry.reader import (
+    LoadedVersion,
+    latest_version,
+    list_versions,
+    load_latest,
+    load_newest_good,
+    load_version,
+    read_manifest,
+)
+from registry.retention import prune, remove_stale_staging
 from registry.writer import publish
 
 __all__ = [
     "BRANDS", "CATEGORIES", "CLAIMS", "CURVE", "FORMAT", "ITEMS", "LATEST", "MANIFEST", "MODEL", "POPULARITY",
     "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USERS", "VERSIONS", "CheckpointError", "LoadedVersion",
-    "ModelArtifacts", "config_hash", "latest_version", "list_versions", "load_latest", "load_version", "publish",
-    "read_manifest", "remove_stale_staging", "version_name", "version_number",
+    "ModelArtifacts", "config_hash", "latest_version", "list_versions", "load_latest", "load_newest_good",
+    "load_version", "publish",
+    "prune", "read_manifest", "remove_stale_staging", "version_name", "version_number",
 ]

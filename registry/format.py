@@ -10,8 +10,11 @@ Layout under `<data.root>/checkpoints/`:
         embeddings/items.parquet       item_id string, vector list<float32>; row i is item index i
         embeddings/categories.parquet  category_id string, vector list<float32>; row i is category index i
         embeddings/brands.parquet      brand_id string, vector list<float32>; row i is brand index i
-        seen.npz           CSR of each user's seen items: indptr int64 [users + 1], indices int32
-        popularity.parquet item_idx int32, score float32, category_idx int32 (-1 when none)
+        seen.npz           CSR of each user's seen items: indptr int64 [users + 1], indices int32; with the evidence
+                           behind each (format 2, optional): weight, weight_recent float32, counts int32 [., 5]
+                           (events by type), last_ts int64
+        popularity.parquet item_idx int32, score float32, category_idx, brand_idx int32 (-1 when none; format 1
+                           has no brand_idx)
         curve.png          training curve (optional, opaque here)
     LATEST                 the newest complete version's folder name, e.g. "v000042"
     .staging-<uuid>/       a version being written; readers never look here
@@ -65,7 +68,13 @@ ITEM_ID = "item_id"
 CATEGORY_ID = "category_id"
 BRAND_ID = "brand_id"
 VECTOR = "vector"
-POPULARITY_SCHEMA = pa.schema([("item_idx", pa.int32()), ("score", pa.float32()), ("category_idx", pa.int32())])
+POPULARITY_SCHEMA = pa.schema([("item_idx", pa.int32()), ("score", pa.float32()), ("category_idx", pa.int32()),
+                               ("brand_idx", pa.int32())])
+_POPULARITY_V1 = pa.schema(list(POPULARITY_SCHEMA)[:3])
+# The evidence behind each seen item (arrays aligned with seen.npz's indices): what interest profiles and
+# explanations are made of. name -> (dtype, extra shape).
+EVIDENCE = {"weight": (np.float32, ()), "weight_recent": (np.float32, ()), "counts": (np.int32, (5,)),
+            "last_ts": (np.int64, ())}
 
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -111,7 +120,7 @@ class ModelArtifacts:
     item_vectors: np.ndarray  # float32 [items, d]
     seen_indptr: np.ndarray  # int64 [users + 1]
     seen_indices: np.ndarray  # int32 item indices
-    popularity: pa.Table | Mapping[str, Any]  # columns item_idx, score, category_idx (-1 when none)
+    popularity: pa.Table | Mapping[str, Any]  # columns item_idx, score, category_idx, brand_idx (-1 when none)
     state_dict: Mapping[str, Any]  # model parameters for warm starts
     hparams: Mapping[str, Any]  # what it takes to rebuild the model around state_dict
     config_hash: str
@@ -124,6 +133,11 @@ class ModelArtifacts:
     brand_vectors: np.ndarray | None = None  # float32 [brands, d]; None: zeros
     parent: str | None = None  # the version this one was warm-started from
     watermark_ms: int | None = None  # newest event time the training data covers
+    # What the training data covers by arrival: ingestion runs (`runs`, a count) and live events received before
+    # `live_through_ms`; serving folds only live events the version does not cover.
+    coverage: Mapping[str, int | None] = field(default_factory=dict)
+    # The evidence behind each seen item, aligned with seen_indices (see EVIDENCE); None: not carried.
+    seen_evidence: Mapping[str, np.ndarray] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form: epochs, seconds, ...
     curve_png: bytes | None = None
 
@@ -161,6 +175,10 @@ def check_manifest(manifest: Any, label: str) -> None:
     for node in NODE_TYPES:
         if not isinstance(counts.get(node), int) or isinstance(counts.get(node), bool) or counts[node] < 0:
             raise bad(f"node_counts.{node} is missing or not a count")
+    coverage = manifest.get("coverage", {})
+    if not isinstance(coverage, dict) or any(
+            not isinstance(v, int | type(None)) or isinstance(v, bool) for v in coverage.values()):
+        raise bad("coverage is not a mapping of counts")
     fmt = manifest.get("format", 1)
     if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
         raise bad(f"format {fmt!r} is not a format number")
@@ -214,10 +232,13 @@ def parse_embeddings(data: bytes, key_column: str, label: str, rel: str) -> tupl
     return keys_col.to_pylist(), matrix
 
 
-def parse_seen(data: bytes, n_users: int, n_items: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+def parse_seen(data: bytes, n_users: int, n_items: int, label: str
+               ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+    """indptr, indices and, when the version carries it, the evidence behind each seen item."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             indptr, indices = npz["indptr"], npz["indices"]
+            evidence = {name: npz[name] for name in EVIDENCE} if all(n in npz.files for n in EVIDENCE) else None
     except Exception as e:
         raise CheckpointError(f"{label}: {SEEN} is not a readable npz with indptr and indices: {one_line(e)}") from e
     if indptr.dtype != np.int64 or indices.dtype != np.int32 or indptr.ndim != 1 or indices.ndim != 1:
@@ -229,14 +250,22 @@ def parse_seen(data: bytes, n_users: int, n_items: int, label: str) -> tuple[np.
         raise CheckpointError(f"{label}: {SEEN}: indptr is not a valid CSR row pointer for {len(indices)} indices")
     if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
         raise CheckpointError(f"{label}: {SEEN}: item indices outside [0, {n_items})")
-    return indptr, indices
+    if evidence is not None:
+        for name, (dtype, shape) in EVIDENCE.items():
+            if evidence[name].dtype != dtype or evidence[name].shape != (len(indices), *shape):
+                raise CheckpointError(f"{label}: {SEEN}: {name} is {evidence[name].dtype}{list(evidence[name].shape)}"
+                                      f", expected {np.dtype(dtype)}{[len(indices), *shape]}")
+    return indptr, indices, evidence
 
 
-def parse_popularity(data: bytes, n_items: int, n_categories: int, label: str) -> pa.Table:
+def parse_popularity(data: bytes, n_items: int, n_categories: int, n_brands: int, label: str) -> pa.Table:
     table = parse_parquet(data, label, POPULARITY)
+    if table.schema.equals(_POPULARITY_V1):  # format 1: no brands
+        table = table.append_column("brand_idx", pa.array(np.full(table.num_rows, -1, np.int32)))
     if not table.schema.equals(POPULARITY_SCHEMA):
         raise CheckpointError(f"{label}: {POPULARITY}: schema is {table.schema.to_string(show_schema_metadata=False)!r}"
-                              f", expected item_idx int32, score float32, category_idx int32".replace("\n", "; "))
+                              f", expected item_idx int32, score float32, category_idx int32, brand_idx int32"
+                              .replace("\n", "; "))
     table = table.combine_chunks()
     if any(table[c].null_count for c in POPULARITY_SCHEMA.names):
         raise CheckpointError(f"{label}: {POPULARITY} has nulls")
@@ -247,6 +276,9 @@ def parse_popularity(data: bytes, n_items: int, n_categories: int, label: str) -
         raise CheckpointError(f"{label}: {POPULARITY}: item_idx repeats")
     if len(cats) and (cats.min() < -1 or cats.max() >= n_categories):
         raise CheckpointError(f"{label}: {POPULARITY}: category_idx outside [-1, {n_categories})")
+    brands = table["brand_idx"].to_numpy()
+    if len(brands) and (brands.min() < -1 or brands.max() >= n_brands):
+        raise CheckpointError(f"{label}: {POPULARITY}: brand_idx outside [-1, {n_brands})")
     return table
 
 
@@ -312,7 +344,7 @@ def encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
         **attributes,
     }
     seen = io.BytesIO()
-    np.savez(seen, indptr=indptr, indices=indices)
+    np.savez(seen, indptr=indptr, indices=indices, **_as_evidence(a.seen_evidence, len(indices)))
     out[SEEN] = seen.getbuffer()
     if a.curve_png is not None:
         out[CURVE] = bytes(a.curve_png)
@@ -327,6 +359,7 @@ def encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
         "k": int(a.k),
         "node_counts": counts,
         "extra": json.loads(_json_bytes(dict(a.extra), "extra")),
+        "coverage": {str(k): None if v is None else int(v) for k, v in dict(a.coverage).items()},
         "files": {rel: hashlib.sha256(data).hexdigest() for rel, data in sorted(out.items())},
     }
     return out, manifest
@@ -354,8 +387,22 @@ def _as_keys(keys: Sequence[str | None] | pa.Array, n: int, name: str, nullable:
     return arr
 
 
+def _as_evidence(evidence: Mapping[str, np.ndarray] | None, nnz: int) -> dict[str, np.ndarray]:
+    if evidence is None:
+        return {}
+    out = {}
+    for name, (dtype, shape) in EVIDENCE.items():
+        value = np.ascontiguousarray(evidence[name], dtype=dtype)
+        if value.shape != (nnz, *shape):
+            raise ValueError(f"seen_evidence[{name!r}] has shape {value.shape}, expected {(nnz, *shape)}")
+        out[name] = value
+    return out
+
+
 def _as_popularity(pop: pa.Table | Mapping[str, Any]) -> pa.Table:
     table = pop if isinstance(pop, pa.Table) else pa.table({k: np.asarray(v) for k, v in pop.items()})
+    if "brand_idx" not in table.schema.names:
+        table = table.append_column("brand_idx", pa.array(np.full(table.num_rows, -1, np.int32)))
     missing = [c for c in POPULARITY_SCHEMA.names if c not in table.schema.names]
     if missing:
         raise ValueError(f"popularity lacks columns {missing}")

@@ -69,6 +69,7 @@ class LoadedVersion:
     # Format 1 versions carry no category or brand vectors: None there.
     category_vectors: np.ndarray | None
     brand_vectors: np.ndarray | None
+    seen_evidence: dict[str, np.ndarray] | None  # aligned with seen_indices (format.EVIDENCE); None: not carried
     storage: Storage = field(repr=False)
     folder: str = field(repr=False)
 
@@ -108,6 +109,11 @@ class LoadedVersion:
     def format(self) -> int:
         return int(self.manifest.get("format", 1))
 
+    @property
+    def coverage(self) -> dict[str, int | None]:
+        """Arrival the version covers (`runs`, `live_through_ms`); empty for versions from before it was recorded."""
+        return self.manifest.get("coverage", {})
+
     def seen_items(self, user_idx: int) -> np.ndarray:
         return self.seen_indices[self.seen_indptr[user_idx]:self.seen_indptr[user_idx + 1]]
 
@@ -146,6 +152,7 @@ class LoadedVersion:
             config_hash=self.config_hash, metrics=self.metrics, k=self.k, node_counts=self.node_counts,
             category_ids=self.category_ids, brand_ids=self.brand_ids, category_vectors=self.category_vectors,
             brand_vectors=self.brand_vectors, parent=self.version, watermark_ms=self.watermark_ms,
+            coverage=self.coverage, seen_evidence=self.seen_evidence,
             extra=self.extra, curve_png=self.load_curve_png())
         fields.update(changes)
         return ModelArtifacts(**fields)
@@ -216,6 +223,32 @@ def load_version(storage: Storage, version: str, verify: bool = True) -> LoadedV
     return load_folder(storage, storage.path(CHECKPOINTS, VERSIONS, version), manifest, version_label(version), verify)
 
 
+def load_newest_good(storage: Storage, newer_than: str | None = None, skip: set[str] | frozenset = frozenset()
+                     ) -> tuple[LoadedVersion | None, dict[str, str]]:
+    """The version LATEST names if it verifies; else (LATEST unreadable, or naming a damaged version) the newest
+    version that verifies. Only versions newer than `newer_than` and not in `skip` are tried. Returns the version
+    (None when none qualifies) and the versions refused on the way, with why: callers log and count them."""
+    refused: dict[str, str] = {}
+    floor = -1 if newer_than is None else version_number(newer_than)
+    try:
+        latest = latest_version(storage)
+    except CheckpointError as err:
+        latest, refused["LATEST"] = None, str(err)
+    if latest is not None and version_number(latest) <= floor:
+        return None, refused  # nothing newer: the normal case, no listing needed
+    candidates = [latest] if latest is not None and latest not in skip else []
+    for attempt in range(2):
+        for version in candidates:
+            try:
+                return load_version(storage, version), refused
+            except CheckpointError as err:
+                refused[version] = str(err)
+        if attempt == 0:  # LATEST failed (or is unusable): the newest of the others that verifies
+            candidates = [v for v in reversed(list_versions(storage))
+                          if version_number(v) > floor and v not in skip and v not in refused]
+    return None, refused
+
+
 def load_latest(storage: Storage, verify: bool = True) -> LoadedVersion | None:
     version = latest_version(storage)
     return None if version is None else load_version(storage, version, verify)
@@ -262,8 +295,8 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         if len(ids) and vectors.shape[1] != width:
             raise CheckpointError(f"{label}: {rel} vectors have width {vectors.shape[1]}, {ITEMS} vectors {width}")
         attributes[node] = (ids, vectors)
-    indptr, indices = parse_seen(read(SEEN), n_users, n_items, label)
-    popularity = parse_popularity(read(POPULARITY), n_items, counts["category"], label)
+    indptr, indices, evidence = parse_seen(read(SEEN), n_users, n_items, label)
+    popularity = parse_popularity(read(POPULARITY), n_items, counts["category"], counts["brand"], label)
     if verify:
         # model.pt and curve.png are read lazily, but a version that serves must be whole: hash them now, streaming.
         for rel in sorted(set(files) - {USERS, ITEMS, SEEN, POPULARITY, CATEGORIES, BRANDS}):
@@ -272,8 +305,8 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         version=manifest["version"] or "", manifest=manifest, user_keys=user_keys, user_vectors=user_vectors,
         item_ids=item_ids, item_vectors=item_vectors, seen_indptr=indptr, seen_indices=indices,
         popularity=popularity, category_ids=attributes["category"][0], brand_ids=attributes["brand"][0],
-        category_vectors=attributes["category"][1], brand_vectors=attributes["brand"][1], storage=storage,
-        folder=folder,
+        category_vectors=attributes["category"][1], brand_vectors=attributes["brand"][1], seen_evidence=evidence,
+        storage=storage, folder=folder,
     )
 
 

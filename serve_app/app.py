@@ -12,9 +12,11 @@ import asyncio
 import hmac
 import logging
 import os
+import time
 from typing import Any
 
 import pyarrow as pa
+import ray
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from ray import serve
@@ -22,6 +24,7 @@ from ray.serve import Application
 
 from core.config import AppConfig, load_config
 from core.storage import storage_for
+from datasets.live_files import live_file_time_ms, write_deadline_s
 from datasets.pseudonym import KEY_ENV, pseudonymise, resolve_key
 from datasets.tombstones import add_tombstone, load_tombstones
 from datasets.validate import Rules
@@ -31,6 +34,8 @@ from serve_app.model_store import ServingModel
 from serve_app.scorer import Scorer
 
 ADMIN_TOKEN_ENV = "IG_ADMIN_TOKEN"
+EVENTS_TOKEN_ENV = "IG_EVENTS_TOKEN"  # producers of POST /events
+SHARD_RETRIES = 12  # about 20 s of backing off while a live shard restarts
 
 log = logging.getLogger("serve_app")
 api = FastAPI(title="interest-graph recommendations")
@@ -57,16 +62,27 @@ def _answer(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _check_admin(authorization: str | None) -> None:
-    """Bearer token from IG_ADMIN_TOKEN, compared in constant time; admin endpoints are off without it."""
-    expected = os.environ.get(ADMIN_TOKEN_ENV, "")
+def _check_bearer(authorization: str | None, env: str, what: str) -> None:
+    """A bearer token from `env`, compared in constant time. Fails closed: without the secret the feature is off."""
+    expected = os.environ.get(env, "")
     if not expected:
-        raise HTTPException(403, f"admin endpoints are disabled: {ADMIN_TOKEN_ENV} is not set on the server")
+        raise HTTPException(403, f"{what} is disabled: {env} is not set on the server")
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise HTTPException(401, "an admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-    given = authorization[7:].strip().encode()
+        raise HTTPException(401, f"{what} needs a bearer token", headers={"WWW-Authenticate": "Bearer"})
+    given = authorization[7:].strip().encode("utf-8", "replace")
     if not hmac.compare_digest(given, expected.encode()):
-        raise HTTPException(403, "the admin token is not valid")
+        raise HTTPException(403, f"the token is not valid for {what}")
+
+
+def _check_admin(authorization: str | None) -> None:
+    _check_bearer(authorization, ADMIN_TOKEN_ENV, "this admin endpoint")
+
+
+def _storage_unavailable(err: OSError, what: str) -> HTTPException:
+    """Disk full, the store down: nothing was stored and the caller should retry; never a 500."""
+    log.error("storing %s failed: %s", what, err)
+    return HTTPException(503, f"{what} could not be stored durably right now ({type(err).__name__}); nothing was "
+                              "stored, retry later", headers={"Retry-After": "5"})
 
 
 # Module-level helpers the class calls must be defined above it: serve.ingress captures it when it is decorated.
@@ -82,19 +98,21 @@ class Recommender:
         s = cfg.serve
         self.max_k, self.max_id = s.max_k, cfg.data.max_id_length
         self.max_events, self.max_body, self.live_wait_s = s.max_events_per_batch, s.max_body_bytes, s.live_wait_s
+        self.write_deadline_s = write_deadline_s(s.live_seal_s)
         self.rules = Rules(max_id_length=cfg.data.max_id_length, max_future_s=cfg.data.max_future_s)
         self.key, self.dev_key = resolve_key(cfg.privacy.allow_dev_key)
         if self.dev_key:
             log.warning("DEVELOPMENT pseudonym key in use: set %s; /healthz says so too", KEY_ENV)
         self.storage = storage_for(cfg)
-        self.shards = shard_handles(self.storage.root, s.live_shards, s.live_max_events_per_user)
+        self.shards = shard_handles(self.storage, s.live_shards, s.live_max_events_per_user, s.live_max_users,
+                                    s.live_log_entries)
         self.live = LiveView(self.shards, s.live_max_events_per_user)
         self.live.deleted.update(load_tombstones(self.storage).to_pylist())  # deletions outlive the shard actors
         self.scorer = Scorer(cfg, on_swap=self._forget_covered)
 
     def _forget_covered(self, model: ServingModel) -> None:
         for shard in self.shards:  # fire and forget: the fold already ignores events the model covers
-            shard.forget_until.remote(model.watermark_ms)
+            shard.forget_covered.remote(model.live_through_ms, model.watermark_ms)
 
     def _k(self, k: int) -> int:
         if k < 1 or k > self.max_k:
@@ -118,8 +136,10 @@ class Recommender:
         return _answer(await self.scorer.similar(item_id, self._k(k)))
 
     @api.post("/events")
-    async def events(self, request: Request) -> dict[str, Any]:
-        """Validate, write durably, then fold in on every replica before answering."""
+    async def events(self, request: Request, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """Validate, write durably, then fold in on every replica before answering. Producers only: the platform's
+        back end holds IG_EVENTS_TOKEN; browsers never post here."""
+        _check_bearer(authorization, EVENTS_TOKEN_ENV, "POST /events")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise HTTPException(413, f"body is {declared} bytes; at most {self.max_body}")
@@ -136,20 +156,41 @@ class Recommender:
         if not checked.accepted.num_rows:
             raise HTTPException(422, {"message": "no event in the batch is valid; nothing was stored",
                                       "accepted": 0, "refused": checked.refused})
-        path = await self._persist(checked.accepted)
+        try:
+            path = await self._persist(checked.accepted)
+        except OSError as err:
+            raise _storage_unavailable(err, "the events") from None
+        received = live_file_time_ms(path) or int(time.time() * 1000)
         grouped: dict[int, dict[str, list[LiveEvent]]] = {}
         for user_key, rows in by_user(checked.accepted).items():
-            grouped.setdefault(self.live.shard_of(user_key), {})[user_key] = [LiveEvent(*r) for r in rows]
-        seqs = await asyncio.gather(*[self.shards[i].add.remote(users) for i, users in grouped.items()])
-        applied = await asyncio.gather(*[self.shards[i].wait_applied.remote(seq, self.live_wait_s)
-                                         for i, seq in zip(grouped, seqs, strict=True)])
+            grouped.setdefault(self.live.shard_of(user_key), {})[user_key] = [LiveEvent(*r, received) for r in rows]
+        applied = await asyncio.gather(*[self._apply(i, users) for i, users in grouped.items()])
         return {"accepted": checked.accepted.num_rows, "refused": checked.refused, "stored": path,
                 "applied_everywhere": all(applied)}
+
+    async def _apply(self, shard: int, users: dict[str, list[LiveEvent]]) -> bool:
+        """Hand durable events to their shard and wait until every replica has them. A shard that is restarting is
+        retried for a while; one that stays away loses nothing (its restart rebuilds from the durable files, and
+        the next update learns them): the write stands, `applied_everywhere` says false."""
+        for attempt in range(SHARD_RETRIES):
+            try:
+                seq = await self.shards[shard].add.remote(users)
+                break
+            except ray.exceptions.RayError as err:
+                if attempt == SHARD_RETRIES - 1:
+                    log.error("live shard %d unavailable; %d users' events are durable but not applied: %s", shard,
+                              len(users), err)
+                    return False
+                await asyncio.sleep(0.25 * (attempt + 1))
+        try:
+            return await self.shards[shard].wait_applied.remote(seq, self.live_wait_s)
+        except ray.exceptions.RayError:  # applied on the shard; whether every replica has it yet is unknown
+            return False
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _persist(self, tables: list[pa.Table]) -> list[str]:
         """Concurrent batches share one durable file (group commit); each answer waits for its file."""
-        path = await asyncio.to_thread(write_live, self.storage, tables, self.scorer.replica)
+        path = await asyncio.to_thread(write_live, self.storage, tables, self.scorer.replica, self.write_deadline_s)
         return [path] * len(tables)
 
     @api.delete("/users/{user_id}")
@@ -157,7 +198,10 @@ class Recommender:
         _check_admin(authorization)
         _check_id("user_id", user_id, self.max_id)
         user_key = pseudonymise(user_id, self.key)
-        await asyncio.to_thread(add_tombstone, self.storage, user_key)
+        try:
+            await asyncio.to_thread(add_tombstone, self.storage, user_key)
+        except OSError as err:
+            raise _storage_unavailable(err, "the deletion") from None
         self.live.apply_delete(user_key)
         shard = self.shards[self.live.shard_of(user_key)]
         seq = await shard.delete.remote(user_key)

@@ -8,9 +8,7 @@ ingestion takes them as already pseudonymised.
 from __future__ import annotations
 
 import json
-import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,10 +18,10 @@ import pyarrow.compute as pc
 
 from core.storage import RAW, Storage
 from datasets import schema as s
+from datasets.live_files import LIVE, live_file_name
 from datasets.pseudonym import pseudonymise_array
-from datasets.validate import Rules, validate
+from datasets.validate import REASON_RANK, Rules, json_field, validate
 
-LIVE = "live"  # raw/live/: files flushed by POST /events
 SOURCE = "POST /events"
 LIVE_SCHEMA = pa.schema([(s.USER_KEY, pa.string()), *[f for f in s.INTERACTION_SCHEMA if f.name != s.USER_KEY]])
 
@@ -43,11 +41,18 @@ class Checked:
 
 
 def parse_batch(body: bytes, max_events: int) -> list[dict]:
-    """A JSON list of event objects, or {"events": [...]}; refuses the whole batch when it is neither."""
+    """A JSON list of event objects, or {"events": [...]}; refuses the whole batch when it is neither.
+
+    Whatever the bytes, the outcome is a list or a `BatchError` (4xx): bytes that decode to no JSON text, invalid
+    JSON, nesting too deep for the parser (RecursionError) and integers past Python's digit limit are all 400.
+    Strings holding lone surrogates (a JSON "\\ud800" escape, or such bytes, which json.loads lets through) do not
+    refuse the body: `check` refuses each event that has one with reason `invalid_utf8`, like a log line with
+    invalid UTF-8, so one bad field never costs the good events of the batch.
+    """
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BatchError(400, f"body is not JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BatchError(400, f"body is not JSON: {_one_line(err)}") from None
     events = doc.get("events") if isinstance(doc, dict) else doc
     if not isinstance(events, list):
         raise BatchError(422, 'body must be a JSON list of events or {"events": [...]}')
@@ -61,26 +66,33 @@ def parse_batch(body: bytes, max_events: int) -> list[dict]:
     return events
 
 
-def _field(value: object) -> tuple[str | None, bool]:
-    """(the value as ingestion's raw string, whether it is usable): numbers as text, bools and nesting not."""
-    if value is None or isinstance(value, str):
-        return value, True
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return repr(value) if isinstance(value, float) else str(value), True
-    return None, False
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field(name: str, value: object) -> tuple[str | None, str | None, str | None]:
+    """(the value as ingestion's raw string, the reason it is refused or None, detail): ingestion's JSON rule
+    (`datasets.validate.json_field`): numbers as text; bools, nesting, NaN/Infinity, unwritable ints and strings
+    with lone surrogates refused, never an exception."""
+    if value is None or (type(value) is str and value.isascii()):
+        return value, None, None  # type: ignore[return-value]
+    return json_field(name, value)
 
 
 def raw_table(events: list[dict]) -> pa.Table:
+    """The batch as ingestion's raw rows (RAW_SCHEMA, plus `detail` when a field was refused here)."""
     n = len(events)
     columns: dict[str, list[str | None]] = {c: [None] * n for c in s.CANONICAL_COLUMNS}
     reason: list[str | None] = [None] * n
+    detail: list[str | None] = [None] * n
     for i, event in enumerate(events):
         for c in s.CANONICAL_COLUMNS:
-            text, ok = _field(event.get(c))
+            text, problem, why = _field(c, event.get(c))
             columns[c][i] = text
-            if not ok:
-                reason[i] = s.Reason.BAD_LINE
-    return pa.table({
+            if problem is not None and (reason[i] is None or REASON_RANK[problem] < REASON_RANK[reason[i]]):
+                reason[i], detail[i] = problem, why
+    table = pa.table({
         **{c: pa.array(v, pa.string()) for c, v in columns.items()},
         s.USER_KEY: pa.nulls(n, pa.string()),
         s.SOURCE: pa.array([SOURCE] * n, pa.string()),
@@ -88,6 +100,9 @@ def raw_table(events: list[dict]) -> pa.Table:
         s.SPLIT: pa.array(["train"] * n, pa.string()),
         s.REASON: pa.array(reason, pa.string()),
     }, schema=s.RAW_SCHEMA)
+    if any(d is not None for d in detail):
+        table = table.append_column(s.DETAIL, pa.array(detail, pa.string()))
+    return table
 
 
 def check(events: list[dict], rules: Rules, key: bytes, is_deleted: Callable[[str], bool]) -> Checked:
@@ -107,14 +122,15 @@ def check(events: list[dict], rules: Rules, key: bytes, is_deleted: Callable[[st
     return Checked(table, sorted(refused, key=lambda r: r["index"]))
 
 
-def write_live(storage: Storage, tables: list[pa.Table], replica: str) -> str:
-    """One durable Parquet file for a group of accepted batches, where the next ingestion finds it."""
-    day = time.strftime("%Y%m%d", time.gmtime())
-    tag = re.sub(r"[^A-Za-z0-9_-]", "-", replica)[-24:]  # Serve's replica ids carry '#' and app names
-    name = f"{time.strftime('%H%M%S', time.gmtime())}-{tag}-{uuid.uuid4().hex[:12]}.parquet"
+def write_live(storage: Storage, tables: list[pa.Table], replica: str, deadline_s: float) -> str:
+    """One durable Parquet file for a group of accepted batches, where the next ingestion finds it. Its name says
+    when it was written (datasets.live_files); a write that takes longer than `deadline_s` is abandoned before it
+    becomes visible (TimeoutError, an OSError): ingestion relies on sealed files being complete."""
+    started = time.time()
+    day, name = live_file_name(replica, started)
     path = storage.path(RAW, LIVE, day, name)
     table = pa.concat_tables(tables).sort_by([(s.TS, "ascending")])
-    storage.write_parquet(path, table, durable=True)
+    storage.write_parquet(path, table, durable=True, deadline=started + deadline_s)
     return path
 
 

@@ -35,7 +35,8 @@ class ServingModel:
     popular_by_category: dict[str, np.ndarray]  # category id -> its item rows by popularity
     item_category: np.ndarray  # category index per item row, -1 when none
     category_index: dict[str, int]
-    watermark_ms: int  # newest event time the model learned from; live events after it are folded in
+    watermark_ms: int  # newest event time the model learned from
+    live_through_ms: int | None  # live events received before this are in the model (None: older versions)
     loaded_s: float
 
     def seen(self, row: int) -> np.ndarray:
@@ -72,6 +73,7 @@ def build_serving_model(loaded: registry.LoadedVersion) -> ServingModel:
         item_category=item_category,
         category_index={k: i for i, k in enumerate(cat_keys)},
         watermark_ms=int(loaded.watermark_ms or 0),
+        live_through_ms=loaded.coverage.get("live_through_ms"),
         loaded_s=0.0,
     )
     object.__setattr__(model, "loaded_s", time.time() - started)
@@ -93,35 +95,52 @@ class ModelWatcher:
         self._warm, self._on_swap, self._on_refuse = warm, on_swap, on_refuse
         self.current: ServingModel | None = None
         self.refused: set[str] = set()
+        self.latest_problem: str | None = None  # why LATEST could not be used, last time it could not
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def poll_once(self) -> bool:
-        """Load LATEST if it is newer than what is served; True when a swap happened."""
-        latest = registry.latest_version(self.storage)
-        if latest is None or latest in self.refused:
-            return False
+        """Swap in the newest version that verifies, if it is newer than what is served; True when a swap happened.
+
+        Normally that is what LATEST names. When LATEST is unreadable or names a damaged version, the newest other
+        version that verifies is served instead (a replica that starts then still serves), and each damaged
+        version is refused once, logged and counted."""
         current = self.current
-        if current is not None and registry.version_number(latest) <= registry.version_number(current.version):
-            return False
         started = time.time()
+        loaded, refused = registry.load_newest_good(self.storage, newer_than=current.version if current else None,
+                                                    skip=self.refused)
+        for version, why in refused.items():
+            if version == "LATEST":  # the pointer itself: said once per distinct problem, nothing to remember
+                if why != self.latest_problem:
+                    log.error("checkpoints/LATEST is unusable (%s); serving the newest version that verifies", why)
+                    self.latest_problem = why
+                    self._refuse(version, why)
+                continue
+            self.refused.add(version)
+            log.error("refused checkpoint %s: %s (still serving %s)", version, why,
+                      current.version if current else "nothing")
+            self._refuse(version, why)
+        if loaded is None:
+            return False
         try:
-            loaded = registry.load_version(self.storage, latest)
             model = build_serving_model(loaded)
             self._warm(model)
-        except (registry.CheckpointError, OSError, ValueError, KeyError) as err:
-            self.refused.add(latest)
-            log.error("refused checkpoint %s: %s (still serving %s)", latest, err,
-                      self.current.version if self.current else "nothing")
-            if self._on_refuse:
-                self._on_refuse(latest, str(err))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            self.refused.add(loaded.version)
+            log.error("refused checkpoint %s: %s (still serving %s)", loaded.version, err,
+                      current.version if current else "nothing")
+            self._refuse(loaded.version, str(err))
             return False
         object.__setattr__(model, "loaded_s", time.time() - started)
         self.current = model  # one reference swap: in-flight requests keep the model they took
-        log.info("serving checkpoint %s (loaded, verified and warmed in %.2f s)", latest, model.loaded_s)
+        log.info("serving checkpoint %s (loaded, verified and warmed in %.2f s)", loaded.version, model.loaded_s)
         if self._on_swap:
             self._on_swap(model)
         return True
+
+    def _refuse(self, version: str, why: str) -> None:
+        if self._on_refuse:
+            self._on_refuse(version, why)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="checkpoint-watcher", daemon=True)

@@ -12,20 +12,35 @@ from serve_app.live_state import LiveEvent
 from serve_app.model_store import ServingModel
 
 
-def fold(model: ServingModel, vector: torch.Tensor | None, rows: np.ndarray, events: Sequence[LiveEvent],
-         event_weights: Mapping[str, float], half_life_s: float, prior_weight: float, now_ms: float) -> torch.Tensor:
-    """The user's vector with their live events folded in: a weighted mean of the touched items' vectors (weight by
-    event type, halved every `half_life_s`), blended with the trained vector in proportion to the events' total
-    weight against `prior_weight`, at the trained vector's length. Without a trained vector: the mean alone."""
+def live_mean(model: ServingModel, rows: np.ndarray, events: Sequence[LiveEvent], event_weights: Mapping[str, float],
+              half_life_s: float, now_ms: float) -> tuple[torch.Tensor, float]:
+    """The weighted mean of the touched items' vectors (weight by event type, halved every `half_life_s`), and the
+    events' total weight."""
     weights = np.array([event_weights.get(e.event, 1.0) * 0.5 ** (max(now_ms - e.ts_ms, 0.0) / 1000 / half_life_s)
                         for e in events], dtype=np.float32)
     total = float(weights.sum())
-    mean = (torch.from_numpy(weights) @ model.items[torch.from_numpy(rows)]) / max(total, 1e-12)
-    if vector is None:
-        return mean
-    alpha = total / (total + prior_weight)
+    return (torch.from_numpy(weights) @ model.items[torch.from_numpy(rows)]) / max(total, 1e-12), total
+
+
+def blend(vector: torch.Tensor, mean: torch.Tensor, total: float, prior_weight: float, max_share: float
+          ) -> torch.Tensor:
+    """The trained vector and the live mean, the mean's share `total / (total + prior_weight)` (at most
+    `max_share`), at the trained vector's length."""
+    alpha = min(total / (total + prior_weight), max_share)
     scale = vector.norm() / mean.norm().clamp_min(1e-12)
     return (1 - alpha) * vector + alpha * scale * mean
+
+
+def fold(model: ServingModel, vector: torch.Tensor | None, rows: np.ndarray, events: Sequence[LiveEvent],
+         event_weights: Mapping[str, float], half_life_s: float, prior_weight: float, now_ms: float,
+         max_share: float = 1.0) -> torch.Tensor:
+    """The user's vector with their live events folded in: their live mean blended with the trained vector; without
+    a trained vector, the mean alone.
+
+    The live share never exceeds `max_share`: however many events arrive for a user, what the model learned of
+    them keeps a part (a burst of posted events cannot take a known user's answers over entirely)."""
+    mean, total = live_mean(model, rows, events, event_weights, half_life_s, now_ms)
+    return mean if vector is None else blend(vector, mean, total, prior_weight, max_share)
 
 
 def top_k(model: ServingModel, scores: torch.Tensor, row: int | None, k: int, exclude_seen: bool,

@@ -20,7 +20,7 @@ from ray import serve
 from core.config import AppConfig
 from core.storage import storage_for
 from serve_app import ranking
-from serve_app.live_state import LiveEvent
+from serve_app.live_state import Coverage, LiveEvent
 from serve_app.model_store import ModelWatcher, ServingModel
 
 log = logging.getLogger("serve_app.scorer")
@@ -49,12 +49,16 @@ class Scorer:
         self.event_weights = dict(cfg.data.event_weights)
         self.half_life_s = cfg.serve.live_half_life_s
         self.prior_weight = cfg.serve.live_prior_weight
+        self.max_share = cfg.serve.live_max_share
         self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", str(os.getpid()))
         self.metrics = Metrics()
         storage = storage_for(cfg)
         self.watcher = ModelWatcher(storage, cfg.serve.poll_interval_s, warm=self._warm, on_swap=self._swapped,
                                     on_refuse=lambda v, why: self.metrics.refused.inc())
-        self.watcher.poll_once()  # a replica started later serves the newest version from its first request
+        try:  # a replica started later serves the newest good version from its first request
+            self.watcher.poll_once()
+        except OSError:  # storage unreachable for now: the watcher's thread keeps trying; requests get 503 till then
+            log.exception("reading checkpoints failed; retrying every %.1f s", cfg.serve.poll_interval_s)
         self.watcher.start()
 
     def _warm(self, model: ServingModel) -> None:
@@ -75,8 +79,8 @@ class Scorer:
 
     async def recommend(self, user_key: str, k: int, exclude_seen: bool, category: str | None,
                         live: list[LiveEvent] | None = None, deleted: bool = False) -> dict[str, Any]:
-        """Top-k for one user. `live`: their events since they arrived (folded in when the model's watermark does
-        not cover them yet); `deleted`: a deleted user, who only gets non-personalised answers."""
+        """Top-k for one user. `live`: their live events (folded in while the served version does not cover them);
+        `deleted`: a deleted user, who only gets non-personalised answers."""
         started = time.perf_counter()
         model = self.watcher.current
         if model is None:
@@ -87,8 +91,8 @@ class Scorer:
             if cat_idx is None or category not in model.popular_by_category:
                 return {"status": 404, "detail": f"category {category!r} does not exist"}
         row = None if deleted else model.user_row.get(user_key)
-        fresh = [] if deleted else [e for e in live or () if e.ts_ms > model.watermark_ms and e.item_id in
-                                    model.item_row]
+        covered = Coverage(model.live_through_ms, model.watermark_ms)
+        fresh = [] if deleted else [e for e in live or () if not covered.covers(e) and e.item_id in model.item_row]
         if row is None and not fresh:
             pool = model.popular if cat_idx is None else model.popular_by_category[category]
             chosen = pool[:k]
@@ -100,7 +104,7 @@ class Scorer:
             if fresh:
                 rows = np.array([model.item_row[e.item_id] for e in fresh], dtype=np.int64)
                 vector = ranking.fold(model, vector, rows, fresh, self.event_weights, self.half_life_s,
-                                      self.prior_weight, time.time() * 1000)
+                                      self.prior_weight, time.time() * 1000, self.max_share)
                 extra_seen = rows
             scores = await self._scores((model, vector))
             rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, extra_seen)

@@ -17,11 +17,12 @@ REAL_DATA_ENV = "IG_REAL_DATA"
 # Tests see one fixed key, set before Ray starts so its workers inherit it.
 os.environ.setdefault("IG_PSEUDONYM_KEY", "test-pseudonym-key")
 os.environ.setdefault("IG_ADMIN_TOKEN", "test-admin-token")
+os.environ.setdefault("IG_EVENTS_TOKEN", "test-events-token")
 # Dummy credentials for the loopback S3 server (moto) of the object-storage tests; never a real account.
 TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
 for _name, _value in TEST_ENV.items():
     os.environ.setdefault(_name, _value)
-PASSED_TO_RAY = ("IG_PSEUDONYM_KEY", "IG_ADMIN_TOKEN", *TEST_ENV)
+PASSED_TO_RAY = ("IG_PSEUDONYM_KEY", "IG_ADMIN_TOKEN", "IG_EVENTS_TOKEN", *TEST_ENV)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

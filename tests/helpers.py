@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -41,6 +42,9 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
+
+# What a producer sends with POST /events (the token tests/conftest.py puts in every Ray worker's environment).
+PRODUCER = {"Authorization": f"Bearer {os.environ.get('IG_EVENTS_TOKEN', '')}"}
 
 # A toy model with known geometry for serving tests: item i is in category i % 3, user u likes category u % 3 and
 # has seen items (u % 3) + 3j for j < 3.

@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "datasets", "trainers", "registry", "serve_app", "cluster")
 # What serve_app may take from ingestion: the shared contracts, never its storage layout (id maps, shards, state).
-SERVE_MAY_USE_FROM_DATASETS = {"datasets.schema", "datasets.validate", "datasets.pseudonym", "datasets.tombstones"}
+SERVE_MAY_USE_FROM_DATASETS = {"datasets.schema", "datasets.validate", "datasets.pseudonym", "datasets.tombstones",
+                               "datasets.live_files"}
 
 
 def _module_name(path: Path) -> str:

@@ -39,6 +39,15 @@ class InterestGraph:
     formats: list[str]
     official_user: np.ndarray  # holdout/ pairs (lightgcn test file); empty when none
     official_item: np.ndarray
+    # Arrival: the last ingestion run (1-based) that brought each pair an event, and how many runs the graph holds;
+    # None for a graph built before arrival was recorded (then "new" falls back to event time).
+    ui_last_run: np.ndarray | None = None
+    runs: int | None = None
+    live_through_ms: int | None = None  # every live event received before this is in the graph
+    # Evidence per pair (None for graphs built before it was kept): the weight with a short half-life (trends), and
+    # the events by type, int32 [pairs, len(EVENT_TYPES)].
+    ui_weight_recent: np.ndarray | None = None
+    ui_event_counts: np.ndarray | None = None
 
 
 @dataclass
@@ -86,6 +95,12 @@ def load_graph(storage: Storage) -> InterestGraph:
         ib_item=_ints(ib, s.ITEM_IDX), ib_brand=_ints(ib, s.BRAND_IDX),
         watermark_ms=int(meta["watermark_ms"]), formats=list(meta.get("formats", [])),
         official_user=official_user, official_item=official_item,
+        ui_last_run=_ints(edges, s.LAST_RUN) if s.LAST_RUN in edges.column_names and "runs" in meta else None,
+        runs=meta.get("runs"), live_through_ms=meta.get("live_through_ms"),
+        ui_weight_recent=(edges.column(s.WEIGHT_RECENT).to_numpy().astype(np.float32)
+                          if s.WEIGHT_RECENT in edges.column_names else None),
+        ui_event_counts=(np.stack([edges.column(n).to_numpy() for n in s.EVENT_COUNTS], axis=1).astype(np.int32)
+                         if all(n in edges.column_names for n in s.EVENT_COUNTS) else None),
     )
 
 

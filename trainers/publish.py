@@ -15,35 +15,57 @@ from datasets.tombstones import load_tombstones
 from trainers.baselines import popularity_metrics
 from trainers.curve import curve_png
 from trainers.data import InterestGraph, load_graph, split
-from trainers.sampling import csr_from_pairs
 from trainers.train_state import TrainState, load_embeddings
 
 
+def _first_of(items: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
+    """Per item, its lowest group index (-1 when it has none): an item in several categories is listed under one."""
+    out = np.full(n, -1, dtype=np.int32)
+    if len(items):
+        order = np.lexsort((-groups, items))
+        out[items[order]] = groups[order]
+    return out
+
+
 def popularity(graph: InterestGraph) -> pa.Table:
-    """Recency-weighted popularity per item, with the item's category (-1 when it has none)."""
+    """Recency-weighted popularity per item, with the item's category and brand (-1 when it has none)."""
     score = np.bincount(graph.ui_item, weights=graph.ui_weight, minlength=graph.num_items).astype(np.float32)
-    category = np.full(graph.num_items, -1, dtype=np.int32)
-    if len(graph.ic_item):
-        # An item in several categories is listed under its first (lowest index).
-        order = np.lexsort((-graph.ic_cat, graph.ic_item))
-        category[graph.ic_item[order]] = graph.ic_cat[order]
     return pa.table({
         "item_idx": pa.array(np.arange(graph.num_items, dtype=np.int32)),
         "score": pa.array(score),
-        "category_idx": pa.array(category),
+        "category_idx": pa.array(_first_of(graph.ic_item, graph.ic_cat, graph.num_items)),
+        "brand_idx": pa.array(_first_of(graph.ib_item, graph.ib_brand, graph.num_items)),
     })
 
 
-def seen_csr(graph: InterestGraph) -> tuple[np.ndarray, np.ndarray]:
-    """Every item each user interacted with, holdout included: serving must not recommend them again."""
-    users = np.concatenate([graph.ui_user, graph.official_user])
-    items = np.concatenate([graph.ui_item, graph.official_item])
-    csr = csr_from_pairs(users, items, graph.num_users, graph.num_items)
-    return csr.indptr.astype(np.int64), csr.indices.astype(np.int32)
+def seen_csr(graph: InterestGraph) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+    """Every item each user interacted with, holdout included (serving must not recommend them again), and the
+    evidence behind each (weights, events by type, last seen) when the graph keeps it; a holdout file's pairs
+    (lightgcn) carry none."""
+    users = np.concatenate([graph.ui_user, graph.official_user]).astype(np.int64)
+    items = np.concatenate([graph.ui_item, graph.official_item]).astype(np.int64)
+    keys, first = np.unique(users * max(graph.num_items, 1) + items, return_index=True)
+    rows = keys // max(graph.num_items, 1)
+    indptr = np.zeros(graph.num_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=graph.num_users), out=indptr[1:])
+    indices = (keys - rows * max(graph.num_items, 1)).astype(np.int32)
+    if graph.ui_event_counts is None or graph.ui_weight_recent is None:
+        return indptr, indices, None
+    n_official = len(graph.official_user)
+
+    def aligned(values: np.ndarray) -> np.ndarray:
+        padded = np.concatenate([values, np.zeros((n_official, *values.shape[1:]), values.dtype)])
+        return padded[first]
+
+    return indptr, indices, {"weight": aligned(graph.ui_weight.astype(np.float32)),
+                             "weight_recent": aligned(graph.ui_weight_recent.astype(np.float32)),
+                             "counts": aligned(graph.ui_event_counts.astype(np.int32)),
+                             "last_ts": aligned(graph.ui_last_ts.astype(np.int64))}
 
 
 def forget(deleted: np.ndarray, user_keys: pa.Array, user_vectors: np.ndarray, indptr: np.ndarray,
-           indices: np.ndarray, model_state: dict) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray, dict]:
+           indices: np.ndarray, model_state: dict, evidence: dict[str, np.ndarray] | None = None
+           ) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray, dict, dict[str, np.ndarray] | None]:
     """Blank tombstoned users' rows: null key, zero vectors, no seen items, zero parameters.
 
     Rows stay in place because row i is user index i for warm starts (indices are append-only); nothing in the
@@ -57,12 +79,14 @@ def forget(deleted: np.ndarray, user_keys: pa.Array, user_vectors: np.ndarray, i
     keep = np.repeat(~np.isin(np.arange(len(lengths)), deleted), lengths)
     lengths[deleted] = 0
     model_state = dict(model_state)
-    name = next(k for k in model_state if k.endswith("embedding.weight"))
-    table = model_state[name].clone()
-    table[torch.from_numpy(deleted)] = 0.0  # users are the first rows of the node table
-    model_state[name] = table
+    for name in [k for k in model_state if k.endswith("embedding.weight")]:
+        table = model_state[name].clone()
+        table[torch.from_numpy(deleted)] = 0.0  # users are the first rows of the node table
+        model_state[name] = table
     new_indptr = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-    return pa.array(keys, pa.string()), user_vectors, new_indptr, indices[keep], model_state
+    if evidence is not None:
+        evidence = {name: values[keep] for name, values in evidence.items()}
+    return pa.array(keys, pa.string()), user_vectors, new_indptr, indices[keep], model_state, evidence
 
 
 def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: str, parent: str | None,
@@ -73,14 +97,13 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: st
     history = state.history
     k = cfg.train.k
     final = next(h for h in reversed(history) if f"recall@{k}" in h)
-    indptr, indices = seen_csr(graph)
+    indptr, indices, evidence = seen_csr(graph)
     user_keys = idmaps.load(storage, "user").column("key").combine_chunks()
     user_vectors, model_state = emb["users"], state.model
-    deleted = np.flatnonzero(pc.fill_null(pc.is_in(user_keys, value_set=load_tombstones(storage)), False)
-                             .to_numpy(zero_copy_only=False))
+    deleted = deleted_rows(user_keys, load_tombstones(storage))
     if len(deleted):
-        user_keys, user_vectors, indptr, indices, model_state = forget(
-            deleted, user_keys, user_vectors, indptr, indices, model_state)
+        user_keys, user_vectors, indptr, indices, model_state, evidence = forget(
+            deleted, user_keys, user_vectors, indptr, indices, model_state, evidence)
     baseline = popularity_metrics(graph, split(graph, cfg.train.holdout, cfg.train.holdout_days), k,
                                   cfg.train.eval_batch_users)
     artifacts = registry.ModelArtifacts(
@@ -105,11 +128,42 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: st
         brand_vectors=emb["brands"],
         parent=parent,
         watermark_ms=graph.watermark_ms,
+        coverage={"runs": graph.runs, "live_through_ms": graph.live_through_ms},
+        seen_evidence=evidence,
         extra={"epochs": history[-1]["epoch"] + 1, "train_seconds": history[-1]["seconds"],
                "split": state.split, "num_workers": num_workers, "history": history,
                "popularity_metrics": baseline, "eval_users": final.get("eval_users")},
         curve_png=curve_png(history, k),
     )
+    return publish_and_prune(cfg, storage, artifacts)
+
+
+def deleted_rows(user_keys: pa.Array, tombstones: pa.Array) -> np.ndarray:
+    """Rows of deleted users: tombstoned keys, and keys the id map already blanked (null)."""
+    hit = pc.or_(pc.fill_null(pc.is_in(user_keys, value_set=tombstones), False), pc.is_null(user_keys))
+    return np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+
+
+def blanked(loaded: registry.LoadedVersion, tombstones: pa.Array) -> registry.ModelArtifacts | None:
+    """The version again with its deleted users blanked, or None when it holds none: what an update publishes
+    when a deletion must reach the next version but training brought nothing publishable."""
+    keys = pa.array(loaded.user_keys, pa.string())
+    deleted = np.flatnonzero(pc.fill_null(pc.is_in(keys, value_set=tombstones), False).to_numpy(zero_copy_only=False))
+    if not len(deleted):
+        return None
+    state = loaded.load_state()
+    user_keys, user_vectors, indptr, indices, model_state, evidence = forget(
+        deleted, keys, loaded.user_vectors, loaded.seen_indptr, loaded.seen_indices, state["state_dict"],
+        loaded.seen_evidence)
+    return loaded.artifacts(user_keys=user_keys, user_vectors=user_vectors, seen_indptr=indptr, seen_indices=indices,
+                            seen_evidence=evidence, state_dict=model_state,
+                            extra={**loaded.extra, "blanked_from": loaded.version})
+
+
+def publish_and_prune(cfg: AppConfig, storage: Storage, artifacts: registry.ModelArtifacts) -> tuple[str, dict]:
+    """Publish, then apply retention: versions past registry.keep_versions go, and so does every older version
+    that still holds a deleted user (the new one holds none)."""
     registry.remove_stale_staging(storage)  # folders of publishers that died mid-write, a day old or more
     version = registry.publish(storage, artifacts)
+    registry.prune(storage, cfg.registry.keep_versions, set(load_tombstones(storage).to_pylist()))
     return version, registry.read_manifest(storage, version)

@@ -36,6 +36,10 @@ IDLE = "idle"  # what a worker's wait returns when no cycle came in time: it ask
 STOP_GRACE_S = 120.0  # how long a cycle under way may still run once the job is told to stop
 
 
+class Stopped(RuntimeError):
+    """The job was told to stop while a cycle waited for its workers: the cycle did not run (not a failure)."""
+
+
 class CycleBoard:
     """Ray actor: one pending cycle at a time, handed to every rank; results by cycle number."""
 
@@ -207,7 +211,7 @@ class ResidentTrainer:
             if self.stop.is_set():
                 stop_seen = stop_seen or time.time()
                 if stoppable or time.time() - stop_seen > STOP_GRACE_S:
-                    raise RuntimeError("stopped while waiting for the resident update workers")
+                    raise Stopped("stopped while waiting for the resident update workers")
         if "error" in result:
             raise RuntimeError(f"update cycle failed on a worker: {result['error']}")
         if result["files"]:

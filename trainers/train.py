@@ -108,8 +108,9 @@ def fitted(cfg: AppConfig, opts: TrainOptions, inputs: WorkerInputs, name: str) 
     local = tempfile.mkdtemp(prefix="ig-final-")
     try:
         yield result.checkpoint.to_directory(local), dict(result.metrics or {})
-    finally:  # a local copy of the final checkpoint (tens of MB); Ray Train keeps its own under train_runs/
+    finally:  # the local copy, and Ray Train's run folder: its checkpoints hold user vectors a deletion must reach
         shutil.rmtree(local, ignore_errors=True)
+        storage_for(cfg).delete(storage_for(cfg).path(TRAIN_RUNS, name))
 
 
 def run_train(cfg: AppConfig, opts: TrainOptions | None = None, parent: str | None = None, **extra: Any) -> dict:

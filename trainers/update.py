@@ -17,15 +17,18 @@ import signal
 import threading
 import time
 import uuid
+from contextlib import ExitStack
 from typing import Any
 
 import registry
 from core.cli import positive, run_command
 from core.config import AppConfig
 from core.storage import storage_for
+from core.writer_lock import WriterBusy, exclusive_writer
 from datasets.adapters import SourceError
 from datasets.ingest import Request, run_ingest
 from trainers.data import GraphMissingError
+from trainers.resident import Stopped
 from trainers.train import TrainOptions
 from trainers.worker_inputs import WarmStart
 
@@ -41,13 +44,21 @@ def run_update(cfg: AppConfig, opts: TrainOptions | None = None, resident: Any =
     """One cycle; returns its JSON summary (`version` null when nothing was published, with `reason`).
 
     With `resident` (a `trainers.resident.ResidentTrainer`) the cycle trains on its waiting workers; without,
-    it starts a Ray Train run of its own. `extra` goes to the workers' inputs (tests: session_wrapper).
+    it starts a Ray Train run of its own. `extra` goes to the workers' inputs (tests: session_wrapper). The cycle
+    holds data.root's writer lock throughout, so no other ingestion changes the graph its workers read.
     """
+    storage = storage_for(cfg)
+    with exclusive_writer(storage, "update cycle", cfg.data.writer_wait_s):
+        return _cycle(cfg, storage, opts, resident, **extra)
+
+
+def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: Any, **extra: Any) -> dict:
     import ray
 
     from core.runtime import ensure_ray
+    from datasets.tombstones import load_tombstones
     from trainers.data import load_graph, split
-    from trainers.publish import publish_from_checkpoint
+    from trainers.publish import blanked, publish_and_prune, publish_from_checkpoint
     from trainers.train import fitted, run_train, worker_inputs
     from trainers.train_state import TrainState
     from trainers.warm_start import extended_state, update_pair_index, update_steps
@@ -55,35 +66,43 @@ def run_update(cfg: AppConfig, opts: TrainOptions | None = None, resident: Any =
     started = time.time()
     # Resident workers were started with their own options: the cycle's step count must use the same world size.
     opts = resident.opts if resident is not None else (opts or TrainOptions())
-    storage = storage_for(cfg)
     ingested = _ingest(cfg)
     timings = {"ingest": round(time.time() - started, 3)}  # where a cycle's time goes (filled in as it runs)
-    base = {"mode": "warm", "timings": timings,
-            "ingested": {k: ingested[k] for k in ("input_rows", "accepted", "new_users", "new_items", "watermark_ms",
-                                                 "timings")}}
-    parent = registry.latest_version(storage)
-    if parent is None:
+    base: dict[str, Any] = {"mode": "warm", "timings": timings, "ingested": {
+        k: ingested[k] for k in ("input_rows", "accepted", "new_users", "new_items", "watermark_ms", "timings",
+                                 "unreadable_files")}}
+    loaded, refused = registry.load_newest_good(storage)
+    if refused:  # a damaged LATEST or version: the newest that verifies is the parent (said and counted)
+        log.error("update cycle: refused %s; parent is %s", refused, loaded.version if loaded else None)
+        base["parent_refused"] = refused
+    if loaded is None:
+        if registry.list_versions(storage):
+            raise registry.CheckpointError(f"no published version verifies: {refused}")
         summary = run_train(cfg, opts, **extra)
         return {**base, **summary, "mode": "full", "seconds": round(time.time() - started, 3)}
-    loaded = registry.load_version(storage, parent)
+    parent = loaded.version
     graph = load_graph(storage)
-    counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
-              "brand": graph.num_brands}
+    tombstones = load_tombstones(storage)
 
-    def unchanged(reason: str) -> dict:  # nothing to learn: no version, the parent's metrics stand
-        return {**base, "version": None, "parent": parent, "reason": reason,
-                "seconds": round(time.time() - started, 3), "metrics": loaded.metrics}
+    def unchanged(reason: str) -> dict:
+        """Nothing to learn: no version (unless the parent holds a deleted user: then it is published again,
+        blanked, so the deletion reaches the served version this cycle)."""
+        out = {**base, "parent": parent, "reason": reason, "metrics": loaded.metrics}
+        forgotten = blanked(loaded, tombstones)
+        if forgotten is None:
+            return {**out, "version": None, "seconds": round(time.time() - started, 3)}
+        version, _ = publish_and_prune(cfg, storage, forgotten)
+        log.info("published %s: %s with its deleted users blanked (%s)", version, parent, reason)
+        return {**out, "version": version, "blanked": True, "seconds": round(time.time() - started, 3)}
 
-    if graph.watermark_ms <= (loaded.watermark_ms or -1) and counts == loaded.node_counts:
-        return unchanged("no new events since the parent")
     mark = time.time()
     sp = split(graph, cfg.train.holdout, cfg.train.holdout_days)
+    pair_index, new_pairs = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0, loaded.coverage.get("runs"))
+    if not new_pairs:
+        return unchanged("no new training pairs since the parent")
     parent_state = loaded.load_state()
     grown = extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user, sp.train_item)
-    pair_index = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0)
     timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
-    if not len(pair_index):  # e.g. only held-out pairs arrived and update.replay_ratio is 0
-        return unchanged("no new training pairs since the parent")
     ensure_ray(cfg)
     warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
                      steps=update_steps(cfg, opts.num_workers or cfg.train.num_workers, len(pair_index)))
@@ -95,7 +114,13 @@ def run_update(cfg: AppConfig, opts: TrainOptions | None = None, resident: Any =
     inputs = worker_inputs(cfg, opts, started, warm=warm, train=train, **extra)
     name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     mark = time.time()
-    with (resident.fitted(inputs) if resident is not None else fitted(cfg, opts, inputs, name)) as (checkpoint_dir, _):
+    with ExitStack() as stack:
+        try:
+            checkpoint_dir, _ = stack.enter_context(
+                resident.fitted(inputs) if resident is not None else fitted(cfg, opts, inputs, name))
+        except Stopped as err:  # told to stop before this cycle's workers were up: the cycle did not run
+            return {**base, "parent": parent, "version": None, "reason": str(err),
+                    "seconds": round(time.time() - started, 3)}
         state = TrainState.load(checkpoint_dir)
         # Worker start-up (none on resident workers), training, evaluation, the checkpoint's way back.
         timings["ray_train"] = round(time.time() - mark, 3)
@@ -107,19 +132,20 @@ def run_update(cfg: AppConfig, opts: TrainOptions | None = None, resident: Any =
         parent_metrics = {f"recall@{k}": state.parent_metrics[f"recall@{k}"],
                           f"ndcg@{k}": state.parent_metrics[f"ndcg@{k}"]}
         floor = (1.0 - cfg.update.tolerance) * parent_metrics[f"recall@{k}"]
-        out = {**base, "parent": parent, "metrics": metrics, "parent_metrics": parent_metrics,
-               "steps": state.steps, "train_pairs": state.split["train_pairs"], "resident": resident is not None}
+        base.update({"metrics": metrics, "parent_metrics": parent_metrics, "steps": state.steps,
+                     "train_pairs": state.split["train_pairs"], "new_pairs": new_pairs,
+                     "resident": resident is not None})
         if metrics[f"recall@{k}"] < floor:
             reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "
                       f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")
             log.warning("update refused: %s", reason)
-            return {**out, "version": None, "reason": reason, "seconds": round(time.time() - started, 3)}
+            return unchanged(reason)
         mark = time.time()
         version, _ = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
                                              num_workers=opts.num_workers or cfg.train.num_workers, graph=graph)
         timings["publish"] = round(time.time() - mark, 3)
     log.info("published %s (parent %s): %s", version, parent, metrics)
-    return {**out, "version": version, "seconds": round(time.time() - started, 3)}
+    return {**base, "parent": parent, "version": version, "seconds": round(time.time() - started, 3)}
 
 
 def run_every(cfg: AppConfig, every_s: float, stop: threading.Event, max_cycles: int | None = None,
@@ -178,7 +204,7 @@ def _update_command(args: argparse.Namespace, cfg: AppConfig) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser(), argv, _update_command,
-                       errors=(SourceError, GraphMissingError, registry.CheckpointError))
+                       errors=(SourceError, GraphMissingError, registry.CheckpointError, WriterBusy))
 
 
 if __name__ == "__main__":

@@ -106,16 +106,25 @@ def update_steps(cfg: AppConfig, world: int, pairs: int) -> int:
     return max(1, min(cfg.update.max_steps, math.ceil(cfg.update.epochs * per_pass)))
 
 
-def update_pair_index(graph: InterestGraph, sp: Split, cfg: AppConfig, parent_watermark_ms: int) -> np.ndarray:
+def update_pair_index(graph: InterestGraph, sp: Split, cfg: AppConfig, parent_watermark_ms: int,
+                      parent_runs: int | None = None) -> tuple[np.ndarray, int]:
     """Training pairs of a warm start, as indices into the split's training pairs: every pair the parent did not
-    learn from (touched after its watermark, or held out by its split) plus `update.replay_ratio` older pairs per
-    new one, so the model does not forget the rest of the graph."""
+    learn from (one that got an event in an ingestion run after the parent's, or held out by its split) plus
+    `update.replay_ratio` older pairs per new one, so the model does not forget the rest of the graph.
+
+    "After the parent" is by arrival, so a late event (an old timestamp ingested now) is learned as new. A parent
+    or a graph from before arrival was recorded falls back to event time against the parent's watermark. Returns
+    the indices and how many of them are new (none: nothing to learn)."""
     held = parent_holdout(graph, cfg.train.holdout, cfg.train.holdout_days, parent_watermark_ms)
     in_train = ~sp.test_mask
-    fresh_edges = (graph.ui_last_ts > parent_watermark_ms) | held
+    if parent_runs is not None and graph.ui_last_run is not None:
+        arrived = graph.ui_last_run > parent_runs
+    else:
+        arrived = graph.ui_last_ts > parent_watermark_ms
+    fresh_edges = arrived | held
     fresh = fresh_edges[in_train]
     new_idx, old_idx = np.flatnonzero(fresh), np.flatnonzero(~fresh)
     n_replay = min(len(old_idx), int(round(cfg.update.replay_ratio * max(len(new_idx), 1))))
     rng = np.random.default_rng(cfg.train.seed)
     replay = rng.choice(old_idx, size=n_replay, replace=False) if n_replay else old_idx[:0]
-    return np.concatenate([new_idx, replay])
+    return np.concatenate([new_idx, replay]), len(new_idx)

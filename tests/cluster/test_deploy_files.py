@@ -73,6 +73,19 @@ def test_launcher_agrees_with_ray_config(launcher: dict, cfg: AppConfig) -> None
     assert f"--num-cpus={c.head_cpus}" in " ".join(launcher["head_start_ray_commands"])
 
 
+def test_launcher_nodes_start_with_token_auth_and_the_secrets(launcher: dict) -> None:
+    """The jobs API runs code with the nodes' secrets: token authentication on every node, the dashboard on the
+    head's loopback, and the secrets from files kept outside the repository, on every node."""
+    head = " ".join(launcher["head_start_ray_commands"])
+    worker = " ".join(launcher["worker_start_ray_commands"])
+    for command in (head, worker):
+        assert "RAY_AUTH_MODE=token" in command and ". ~/interest-graph.env" in command
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    mounts = launcher["file_mounts"]
+    assert "~/.ray/auth_token" in mounts and "~/interest-graph.env" in mounts
+    assert all(not str(src).startswith((".", "/work")) for dst, src in mounts.items() if dst != "~/interest-graph")
+
+
 def test_kuberay_rayservice_agrees_with_ray_config(rayservice: dict, cfg: AppConfig) -> None:
     c = cfg.cluster
     assert rayservice["kind"] == "RayService" and rayservice["apiVersion"] == "ray.io/v1"
@@ -96,9 +109,10 @@ def test_kuberay_rayservice_agrees_with_ray_config(rayservice: dict, cfg: AppCon
         limits = {"cpu": str(group.cpus), "memory": f"{group.memory_gib}Gi",
                   **({"nvidia.com/gpu": str(group.gpus)} if group.gpus else {})}
         assert container["resources"]["limits"] == limits, name
-    for container in [head_container, groups["cpu-workers"]["template"]["spec"]["containers"][0]]:
+    for container in [head_container, *[g["template"]["spec"]["containers"][0] for g in groups.values()]]:
         env = {e["name"]: e.get("value") for e in container["env"]}
-        assert {"IG_PSEUDONYM_KEY", "IG_ADMIN_TOKEN"} <= set(env)
+        # Every group may run replicas (serve.num_gpus puts them on GPU nodes): each carries every secret.
+        assert {"IG_PSEUDONYM_KEY", "IG_ADMIN_TOKEN", "IG_EVENTS_TOKEN"} <= set(env), container["name"]
         ha = {k: env.get(k) for k in HIGH_THROUGHPUT_ENV}
         assert ha == (HIGH_THROUGHPUT_ENV if cfg.serve.high_throughput else dict.fromkeys(HIGH_THROUGHPUT_ENV))
     containers = [c_ for g in [head, *groups.values()] for c_ in g["template"]["spec"]["containers"]]

@@ -29,7 +29,9 @@ def test_main_job_serves_updates_and_stops_cleanly(tmp_path: Path) -> None:
         "data": {"root": str(tmp_path / "data" / "root"), "shards": 2},
         "train": {"num_workers": 1, "embedding_dim": 16, "num_layers": 2, "batch_size": 512, "holdout_days": 1.0},
         "update": {"max_steps": 20},
-        "serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.2, "poll_interval_s": 0.5, "port": port},
+        # Live files are sealed after 3 s (30 s by default), so the 30-second demo's cycles take its live events.
+        "serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.2, "poll_interval_s": 0.5, "port": port,
+                  "live_seal_s": 3.0},
     }))  # no cluster.num_cpus: the long-lived job counts its resident workers, Serve and ingestion itself
     temp_dir = f"/tmp/ig-main-{uuid.uuid4().hex[:6]}"  # this run's Ray, told apart from any other on the machine
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -111,3 +111,129 @@ def test_sequences_take_their_position_as_the_clock_and_attributes_as_category_a
     bad.write_text("[1, 2]")
     with pytest.raises(SourceError, match="must map item ids"):
         load_attributes(FS, str(bad), str(bad))
+
+
+def test_a_quoted_csv_line_that_is_no_record_is_one_bad_line(tmp_path: Path) -> None:
+    """An open quote must not swallow the lines after it; a field past csv's size limit or a carriage return in an
+    unquoted field is that line's problem alone."""
+    path = tmp_path / "ev.csv"
+    path.write_bytes(b"user_id,item_id,event,ts\n"
+                     b'u1,"i1,view,1700000000\n'  # the quote is never closed
+                     b"u2,i2,view,1700000001\n"
+                     b'u3,"' + b"x" * 200_000 + b'",view,1700000002\n'
+                     b'u4,i\r4,"view",1700000003\n'
+                     b'u5,"i5"x,view,1700000004\n'  # text after the closing quote
+                     b'u6,"i,6",view,1700000005\n')
+    table = _read(path, "events")
+    assert table[s.LINE].to_pylist() == [2, 3, 4, 5, 6, 7]
+    assert table[s.REASON].to_pylist() == [Reason.BAD_LINE, None, Reason.BAD_LINE, Reason.BAD_LINE, Reason.BAD_LINE,
+                                           None]
+    assert table.filter(pa.compute.is_null(table[s.REASON]))[s.ITEM_ID].to_pylist() == ["i2", "i,6"]
+
+
+def test_csv_headers_that_cannot_be_read_refuse_the_file_and_a_byte_order_mark_is_no_name(tmp_path: Path) -> None:
+    for i, head in enumerate([b"", b'"user_id,item_id,event,ts', b"user_id,item\rid,event,ts"]):
+        path = tmp_path / f"bad{i}.csv"
+        path.write_bytes(head + b"\nu1,i1,view,1700000000\n")
+        with pytest.raises(SourceError):
+            plan_chunks(FS, str(path), str(path), "events", 1 << 20)
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfuser_id,item_id,event,ts\nu1,i1,view,1700000000\n")
+    assert _read(path, "events")[s.USER_ID].to_pylist() == ["u1"]
+
+
+def test_jsonl_lines_that_break_the_parser_and_values_that_are_no_field(tmp_path: Path) -> None:
+    path = tmp_path / "ev.jsonl"
+    good = {"user_id": "u1", "item_id": "i1", "event": "view", "ts": 1700000000}
+    path.write_bytes(b"[" * 100_000 + b"\n"  # deeper than json's recursion limit
+                     + b'{"ts": ' + b"1" * 5000 + b"}\n"  # past Python's int digit limit
+                     + json.dumps({**good, "user_id": "\ud800"}).encode() + b"\n"
+                     + json.dumps({**good, "ts": float("inf")}).encode() + b"\n"
+                     + json.dumps({**good, "price": 1e308 * 10}).encode() + b"\n"
+                     + json.dumps({**good, "item_id": {"a": 1}}).encode() + b"\n"
+                     + json.dumps({**good, "event": True}).encode() + b"\n"
+                     + json.dumps(good).encode() + b"\n")
+    table = _read(path, "events")
+    assert table[s.REASON].to_pylist() == [Reason.BAD_LINE, Reason.BAD_LINE, Reason.INVALID_UTF8,
+                                           Reason.BAD_TIMESTAMP, Reason.BAD_PRICE, Reason.BAD_LINE, Reason.BAD_LINE,
+                                           None]
+    assert table[s.DETAIL].to_pylist()[3:7] == ["ts is not a finite number", "price is not a finite number",
+                                                "item_id is an object, not a string or number",
+                                                "event is a boolean, not a string or number"]
+
+
+def _invalid_utf8(values: list[bytes]) -> pa.Array:
+    import numpy as np
+
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    data = pa.py_buffer(b"".join(values))  # a string column that is not UTF-8: Parquet lets it through
+    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets), data])
+
+
+def test_parquet_columns_of_any_type_become_text_or_a_reason(tmp_path: Path) -> None:
+    path = tmp_path / "odd.parquet"
+    pq.write_table(pa.Table.from_arrays([
+        _invalid_utf8([b"u1", b"u\xff2", b"u3", b"u4"]),
+        pa.array([{"a": 1}, None, None, None], pa.struct([("a", pa.int64())])),
+        pa.array(["i1", "i2", "i3", "i4"]),
+        pa.array([True, None, None, None]),
+        pa.array([1_700_000_000_000_000_001, 1_700_000_000_000_000_000, None, None], pa.timestamp("ns")),
+        pa.array([None, None, float("nan"), 1.5]),
+        pa.array(["x", "y", "z", "w"]),
+    ], names=["user_id", "item_id", "item_id", "event", "ts", "price", "user_id"]), path)  # names given twice
+    table = _read(path, "events")
+    assert table[s.REASON].to_pylist() == [Reason.BAD_LINE, Reason.INVALID_UTF8, Reason.BAD_PRICE, None]
+    assert table[s.DETAIL].to_pylist()[:3] == ["column item_id: struct<a: int64> values are not text",
+                                               "column user_id: not valid UTF-8", "column price: not a finite number"]
+    assert table[s.USER_ID].to_pylist() == ["u1", "u\ufffd2", "u3", "u4"]  # the first column of a name
+    assert table[s.TS].to_pylist()[:2] == ["1700000000000", "1700000000000"]  # sub-millisecond digits dropped
+    assert table[s.EVENT].null_count == 4 and table[s.PRICE].to_pylist() == [None, None, None, "1.5"]
+
+
+def test_a_parquet_file_damaged_after_planning_is_one_unreadable_row(tmp_path: Path) -> None:
+    path = tmp_path / "late.parquet"
+    pq.write_table(pa.table({"user_id": ["u1"], "item_id": ["i1"], "event": ["view"], "ts": [1700000000]}), path)
+    chunks = plan_chunks(FS, str(path), str(path), "events", 1 << 20)
+    path.write_bytes(path.read_bytes()[:40])
+    table = read_chunk(FS, chunks[0])
+    assert table[s.REASON].to_pylist() == [Reason.UNREADABLE] and table[s.LINE].to_pylist() == [0]
+    assert table[s.DETAIL].to_pylist()[0].startswith(("OSError", "ArrowInvalid"))
+
+
+def test_a_chunk_that_cannot_be_parsed_at_all_is_rejected_line_by_line(tmp_path: Path, monkeypatch) -> None:
+    import datasets.adapters as adapters
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a parser bug\nover two lines")
+
+    monkeypatch.setattr(adapters, "_parse_lists", broken)
+    path = tmp_path / "train.txt"
+    path.write_text("0 1 2\n\n1 3\n")
+    table = _read(path, "lightgcn")
+    assert table[s.LINE].to_pylist() == [1, 3] and table[s.USER_ID].null_count == 2
+    assert table[s.REASON].to_pylist() == [Reason.UNREADABLE] * 2
+    assert table[s.DETAIL].to_pylist() == ["RuntimeError: a parser bug over two lines"] * 2
+    monkeypatch.setattr(adapters, "_parse_events", broken)
+    path = tmp_path / "ev.csv"
+    path.write_text("user_id,item_id,event,ts\nu1,i1,view,1700000000\n")
+    assert _read(path, "events")[s.LINE].to_pylist() == [2]  # the header is still no row
+
+
+def test_attributes_that_no_arrow_string_can_hold_are_left_out(tmp_path: Path) -> None:
+    attrs = tmp_path / "attrs.json"
+    attrs.write_text(json.dumps({"a": ["cat-a"], "b": ["cat-\ud800"], "\udfff": ["cat-c"]}))
+    assert load_attributes(FS, str(attrs), str(attrs)) == (("a", ("cat-a",)),)
+    attrs.write_bytes(b"[" * 100_000)
+    with pytest.raises(SourceError, match="unreadable"):
+        load_attributes(FS, str(attrs), str(attrs))
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_as_a_whole(tmp_path: Path) -> None:
+    import os
+
+    raw = os.fsencode(str(tmp_path)) + b"/log\xff.csv"
+    with open(raw, "wb") as f:
+        f.write(b"1,2,3,pv,1511544070\n")
+    name = os.fsdecode(raw)
+    with pytest.raises(SourceError, match="UTF-8"):
+        plan_chunks(FS, name, name, "taobao", 1 << 20)

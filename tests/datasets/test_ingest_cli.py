@@ -1,4 +1,5 @@
-"""Bad command-line input exits non-zero with one line saying what and where, before touching storage."""
+"""Bad command-line input exits non-zero with one line saying what and where, before touching storage; files no
+adapter can read are quarantined and said in a last line."""
 
 from __future__ import annotations
 
@@ -34,11 +35,20 @@ def test_unknown_format(tmp_path: Path) -> None:
     _one_line_error(_ingest(tmp_path, "--source", str(f), "--format", "xml"), "--format", "xml")
 
 
-def test_unreadable_files(tmp_path: Path) -> None:
+def test_unreadable_files_are_quarantined_and_said_in_one_last_line(tmp_path: Path) -> None:
+    """A file no adapter can read does not fail the run (it would stall every later one): it is quarantined, the
+    summary lists it, and the command exits 3 with one last line saying which and why."""
+    import json
+
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"this is not parquet")
-    _one_line_error(_ingest(tmp_path, "--source", str(broken)), str(broken), "Parquet")
     headless = tmp_path / "headless.csv"
     headless.write_text("who,what\n1,2\n")
-    _one_line_error(_ingest(tmp_path, "--source", str(headless)), str(headless), "user_id")
+    for path, why in ((broken, "Parquet"), (headless, "user_id")):
+        res = _ingest(tmp_path, "--source", str(path))
+        assert res.returncode == 3, res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and str(path) in last and why in last
+        summary = json.loads(res.stdout.strip().splitlines()[-1])
+        assert [u["file"] for u in summary["unreadable_files"]] == [str(path)] and summary["accepted"] == 0
     assert not (tmp_path / "root" / "interactions").exists()

@@ -71,11 +71,48 @@ def test_accepted_rows_are_typed_and_trimmed_and_synonyms_map_to_canonical_event
 
 
 def test_a_row_pseudonymised_before_it_was_written_needs_no_raw_user() -> None:
-    accepted, rejected = validate(_raw([_good(user_id=None, user_key="k" * 32)]), RULES, now_ms=NOW_MS)
+    accepted, rejected = validate(_raw([_good(user_id=None, user_key="0123456789abcdef" * 2)]), RULES, now_ms=NOW_MS)
     assert accepted.num_rows == 1 and rejected.num_rows == 0
+
+
+@pytest.mark.parametrize("key", ["k" * 32, "0123456789ABCDEF" * 2, "0123456789abcdef", "0123456789abcdef" * 2 + "0",
+                                 "+123456789abcdef0123456789abcdef", "zz"])
+def test_a_given_user_key_must_be_a_pseudonym(key: str) -> None:
+    accepted, rejected = validate(_raw([_good(user_id=None, user_key=key)]), RULES, now_ms=NOW_MS)
+    assert accepted.num_rows == 0
+    assert rejected.column(s.REASON).to_pylist() == [Reason.BAD_USER_KEY]
 
 
 def test_timestamps_in_seconds_milliseconds_and_iso() -> None:
     ms = parse_timestamps(pa.array([str(NOW_S), str(NOW_MS), "2026-01-01T00:00:00+00:00", "2026-01-01", "soon", None]))
     assert ms[:4].tolist() == [NOW_MS] * 4
     assert all(v != v for v in ms[4:])  # NaN: unparsable or absent
+
+
+def test_integers_past_int64_and_calendar_extremes_are_judged_not_raised() -> None:
+    ms = parse_timestamps(pa.array(["9223372036854775807", "9223372036854775808", "9999999999999999999",
+                                    "-9999999999999999999", "99999999999999999999", "0001-01-01T00:00:00+23:59",
+                                    "9999-12-31T23:59:59-23:59", "2026-13-45"]))
+    assert ms[:4].tolist() == [9223372036854775807.0, 9223372036854775808.0, 9999999999999999999.0,
+                               -9999999999999999999.0]
+    assert all(v != v for v in (ms[4], ms[7]))  # 20 digits, a month 13: unparsable
+    rows = [_good(ts=t) for t in ("9999999999999999999", "-9999999999999999999", "9" * 20)]
+    _, rejected = validate(_raw(rows), RULES, now_ms=NOW_MS)
+    assert rejected.column(s.REASON).to_pylist() == [Reason.TIMESTAMP_IN_FUTURE, Reason.TIMESTAMP_TOO_OLD,
+                                                     Reason.BAD_TIMESTAMP]
+
+
+@pytest.mark.parametrize("price", ["1e999", "-1e999", "1" * 400, "1.7976931348623157e309"])
+def test_a_price_that_overflows_is_not_a_finite_number(price: str) -> None:
+    _, rejected = validate(_raw([_good(price=price)]), RULES, now_ms=NOW_MS)
+    assert rejected.column(s.REASON).to_pylist() == [Reason.BAD_PRICE]
+    assert rejected.column(s.DETAIL).to_pylist() == ["not a finite number"]
+
+
+def test_a_reason_the_reader_found_keeps_its_detail_unless_an_earlier_rule_wins() -> None:
+    raw = _raw([_good(reason=Reason.UNREADABLE), _good(reason=Reason.BAD_TIMESTAMP),
+                _good(reason=Reason.BAD_TIMESTAMP, user_id=None)])
+    raw = raw.append_column(s.DETAIL, pa.array(["ArrowInvalid: boom", "ts is not a finite number", "stale"]))
+    _, rejected = validate(raw, RULES, now_ms=NOW_MS)
+    assert rejected.column(s.REASON).to_pylist() == [Reason.UNREADABLE, Reason.BAD_TIMESTAMP, Reason.MISSING_USER]
+    assert rejected.column(s.DETAIL).to_pylist() == ["ArrowInvalid: boom", "ts is not a finite number", None]

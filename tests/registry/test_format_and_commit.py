@@ -124,7 +124,9 @@ def test_publish_then_load_gives_back_what_was_published(storage: Storage, mode:
     np.testing.assert_array_equal(loaded.seen_indices, art.seen_indices)
     assert loaded.seen_indptr.dtype == np.int64 and loaded.seen_indices.dtype == np.int32
     np.testing.assert_array_equal(loaded.seen_items(3), [6, 2])
-    assert loaded.popularity.equals(art.popularity)
+    assert loaded.popularity.select(art.popularity.column_names).equals(art.popularity)
+    assert loaded.popularity["brand_idx"].to_pylist() == [-1] * N_ITEMS  # none given: no brand
+    assert loaded.seen_evidence is None  # none given: not carried
     scores = art.popularity["score"].to_numpy()
     assert list(loaded.popular_items()) == list(np.argsort(-scores, kind="stable"))
     cat1 = [i for i in np.argsort(-scores, kind="stable") if i in (1, 4)]

@@ -50,7 +50,7 @@ def test_top_k_keeps_only_the_category_and_returns_fewer_when_fewer_qualify(mode
 
 def test_folding_live_events_moves_the_vector_towards_what_was_touched(model: ServingModel) -> None:
     posted = np.array([2, 5, 8])  # category 2; user 4 likes category 1
-    events = [LiveEvent(f"item-{i}", "purchase", NOW_MS) for i in posted]
+    events = [LiveEvent(f"item-{i}", "purchase", NOW_MS, NOW_MS) for i in posted]
     trained = model.users[4]
     folded = fold(model, trained, posted, events, WEIGHTS, half_life_s=1800, prior_weight=4.0, now_ms=NOW_MS)
     assert torch.isclose(folded.norm(), trained.norm(), rtol=0.2)
@@ -61,10 +61,10 @@ def test_folding_live_events_moves_the_vector_towards_what_was_touched(model: Se
 def test_old_and_light_events_weigh_less(model: ServingModel) -> None:
     trained = model.users[4]
     rows = np.array([2])
-    fresh = fold(model, trained, rows, [LiveEvent("item-2", "purchase", NOW_MS)], WEIGHTS, 1800, 4.0, NOW_MS)
-    stale = fold(model, trained, rows, [LiveEvent("item-2", "purchase", NOW_MS - 36_000_000)], WEIGHTS, 1800, 4.0,
-                 NOW_MS)
-    light = fold(model, trained, rows, [LiveEvent("item-2", "view", NOW_MS)], WEIGHTS, 1800, 4.0, NOW_MS)
+    fresh = fold(model, trained, rows, [LiveEvent("item-2", "purchase", NOW_MS, NOW_MS)], WEIGHTS, 1800, 4.0, NOW_MS)
+    old = LiveEvent("item-2", "purchase", NOW_MS - 36_000_000, NOW_MS)
+    stale = fold(model, trained, rows, [old], WEIGHTS, 1800, 4.0, NOW_MS)
+    light = fold(model, trained, rows, [LiveEvent("item-2", "view", NOW_MS, NOW_MS)], WEIGHTS, 1800, 4.0, NOW_MS)
     target = model.items[2] / model.items[2].norm()
 
     def pull(v: torch.Tensor) -> float:
@@ -75,7 +75,7 @@ def test_old_and_light_events_weigh_less(model: ServingModel) -> None:
 
 def test_a_user_the_model_never_saw_gets_the_mean_of_their_items(model: ServingModel) -> None:
     rows = np.array([0, 3])
-    events = [LiveEvent("item-0", "view", NOW_MS), LiveEvent("item-3", "view", NOW_MS)]
+    events = [LiveEvent("item-0", "view", NOW_MS, NOW_MS), LiveEvent("item-3", "view", NOW_MS, NOW_MS)]
     folded = fold(model, None, rows, events, WEIGHTS, 1800, 4.0, NOW_MS)
     assert torch.allclose(folded, model.items[[0, 3]].mean(dim=0))
 
@@ -93,3 +93,15 @@ def test_serving_model_reads_only_the_version(tmp_path: Path) -> None:
     assert sorted(p.name for p in Path(storage.root).iterdir()) == ["checkpoints"]
     served = build_serving_model(registry.load_latest(storage))
     assert set(served.popular_by_category) == {f"cat-{c}" for c in range(N_CATS)}
+
+
+def test_a_burst_of_posted_events_never_takes_a_known_users_vector_over(model: ServingModel) -> None:
+    """However many purchases are posted for a known user, what the model learned of them keeps its share."""
+    trained = model.users[4]
+    burst = [LiveEvent("item-2", "purchase", NOW_MS, NOW_MS)] * 50
+    rows = np.full(50, 2)
+    capped = fold(model, trained, rows, burst, WEIGHTS, 1800, 4.0, NOW_MS, max_share=0.5)
+    unbounded = fold(model, trained, rows, burst, WEIGHTS, 1800, 4.0, NOW_MS)
+    mean = model.items[2] * trained.norm() / model.items[2].norm()
+    assert torch.allclose(capped, 0.5 * trained + 0.5 * mean, atol=1e-5)
+    assert float((unbounded - mean).norm()) < float((capped - mean).norm())

@@ -149,3 +149,33 @@ def test_autoscaling_up_under_load_and_back_down(served: dict) -> None:
     while time.time() < deadline and replicas() > 1:
         time.sleep(0.5)
     assert replicas() == 1
+
+
+def test_a_new_replica_that_finds_latest_damaged_serves_the_previous_good_version(served: dict, tmp_path: Path
+                                                                                  ) -> None:
+    from ray import serve
+
+    from serve_app.app import AppArgs, build_app
+    from serve_app.live_state import kill_shards
+
+    storage = Storage(str(tmp_path / "root"))
+    good = publish_toy_version(storage, seed=1)
+    Path(storage.path("checkpoints", "LATEST")).write_text("garbage, not a version\n")
+    config = write_config(tmp_path / "cfg.yaml", root=str(tmp_path / "root"),
+                          serve={"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1, "poll_interval_s": 0.2})
+    serve.run(build_app(AppArgs(config_path=str(config))), name="fresh", route_prefix="/fresh")
+    try:
+        deadline = time.time() + 60  # generous: a replica's start is not what this measures
+        health: dict = {}
+        while time.time() < deadline and health.get("version") != good:
+            try:
+                health = requests.get(f"{served['url']}/fresh/healthz", timeout=5).json()
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.3)
+        assert health.get("version") == good, health
+        body = requests.get(f"{served['url']}/fresh/recommend/user-4", params={"k": 5}, timeout=10)
+        assert body.status_code == 200 and body.json()["version"] == good
+    finally:
+        serve.delete("fresh")
+        kill_shards(str(tmp_path / "root"), 2)

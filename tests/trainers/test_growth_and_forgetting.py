@@ -68,13 +68,13 @@ def test_a_warm_start_trains_on_everything_new_plus_replayed_old_pairs() -> None
     pairs += [(u, 40, 7.5) for u in range(5)]
     graph = _graph(40, 41, 0, 0, pairs, item_cat=[])
     sp = split(graph, "last_days", 1.0)
-    index = update_pair_index(graph, sp, cfg, parent_watermark_ms=T0 + 5 * DAY)
+    index, new = update_pair_index(graph, sp, cfg, parent_watermark_ms=T0 + 5 * DAY)
     days = (sp.train_last_ts[index] - T0) / DAY
     train_days = (sp.train_last_ts - T0) / DAY
     assert len(index) == len(set(index.tolist()))
     # Every pair the parent never trained on: the new day and its own held-out days ...
     fresh = (train_days >= 4) & (train_days <= 6)
-    assert set(np.flatnonzero(fresh).tolist()) <= set(index.tolist())
+    assert set(np.flatnonzero(fresh).tolist()) <= set(index.tolist()) and new == fresh.sum()
     # ... plus as many older pairs replayed (replay_ratio 1), and never the new holdout.
     assert (days < 4).sum() == fresh.sum() and not (days == 7.5).any()
 
@@ -84,10 +84,13 @@ def test_deleted_users_are_blanked_in_place() -> None:
     vectors = np.ones((3, 2), np.float32)
     indptr, indices = np.array([0, 2, 3, 5], np.int64), np.array([0, 1, 2, 0, 2], np.int32)
     state = {"embedding.weight": torch.ones(3 + 4, 2)}
-    new_keys, new_vecs, new_ptr, new_idx, new_state = forget(np.array([1]), keys, vectors, indptr, indices, state)
+    evidence = {"weight": np.arange(5, dtype=np.float32)}
+    new_keys, new_vecs, new_ptr, new_idx, new_state, new_evidence = forget(
+        np.array([1]), keys, vectors, indptr, indices, state, evidence)
     assert new_keys.to_pylist() == ["a", None, "c"]
     assert new_vecs[1].tolist() == [0.0, 0.0] and new_vecs[[0, 2]].all()
     assert new_ptr.tolist() == [0, 2, 2, 4] and new_idx.tolist() == [0, 1, 0, 2]
+    assert new_evidence["weight"].tolist() == [0.0, 1.0, 3.0, 4.0]  # the deleted user's evidence went with them
     assert not new_state["embedding.weight"][1].any() and new_state["embedding.weight"][[0, 2, 3]].all()
     assert state["embedding.weight"].all() and vectors.all()  # the caller's arrays are untouched
 
@@ -96,5 +99,7 @@ def test_popularity_and_seen_items_from_the_graph() -> None:
     graph = _graph(2, 3, 2, 0, [(0, 0, 0), (0, 1, 0), (1, 1, 0)], item_cat=[(1, 1), (1, 0), (2, 1)])
     pop = popularity(graph).to_pydict()
     assert pop["score"] == [1.0, 2.0, 0.0] and pop["category_idx"] == [-1, 0, 1]  # an item's lowest category
-    indptr, indices = seen_csr(graph)
+    assert pop["brand_idx"] == [-1, -1, -1]
+    indptr, indices, evidence = seen_csr(graph)
     assert indptr.tolist() == [0, 2, 3] and indices.tolist() == [0, 1, 1]
+    assert evidence is None  # this graph keeps no evidence per pair
