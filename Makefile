@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults clean
+.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,3 +58,6 @@ clean:
 
 bench-faults: $(STAMP) bench-deps
 	$(BIN)/python -m bench.faults $(ARGS)
+
+bench-interests: $(STAMP)
+	IG_REAL_DATA=$${IG_REAL_DATA:-../shared/data} $(BIN)/python -m bench.interests $(ARGS)

@@ -29,6 +29,7 @@ CHECKPOINTS = "checkpoints"
 TMP = "tmp"
 TRAIN_RUNS = "train_runs"  # Ray Train's own run folders (checkpoints of runs in progress)
 AUDIENCES = "audiences"  # audience exports, per version (pseudonymous keys only)
+LAST_INGEST = "last_ingest.json"  # under STATE: the newest ingestion's summary, as operators see it
 
 
 def filesystem_for(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:

@@ -1,9 +1,10 @@
 """Forgetting users: the stored rows of tombstoned users (DELETE /users) are removed from every file that holds them.
 
 Runs at the start of an ingestion that finds tombstones it has not applied yet. It removes their rows from
-interactions/, holdout/ and rejects/, from the live files under raw/live/ and the event files dropped under raw/,
-and blanks their keys in the user id map (the index stays, so no other user's index moves). Each file is rewritten
-atomically without those rows, so an interrupted purge leaves whole files and the next ingestion purges again.
+interactions/, holdout/, rejects/ and the audience exports under audiences/, from the live files under raw/live/ and
+the event files dropped under raw/, and blanks their keys in the user id map (the index stays, so no other user's
+index moves). Each file is rewritten atomically without those rows, so an interrupted purge leaves whole files and
+the next ingestion purges again.
 Published versions are the registry's: a version without the users is published and the older ones retired
 (trainers.publish). What a purge cannot reach is said in the README's privacy section.
 """
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from core.storage import HOLDOUT, IDMAPS, INTERACTIONS, RAW, REJECTS, TRAIN_RUNS, Storage
+from core.storage import AUDIENCES, HOLDOUT, IDMAPS, INTERACTIONS, RAW, REJECTS, TRAIN_RUNS, Storage
 from datasets import schema as s
 from datasets.pseudonym import pseudonymise, shard_of_keys
 from datasets.stage import SHARD
@@ -144,6 +145,8 @@ def purge_users(storage: Storage, user_keys: list[str], shards: int, secret: byt
         for folder in (INTERACTIONS, HOLDOUT):
             paths += storage.list_files(folder, f"{SHARD}={shard}", suffix=".parquet")
     paths += storage.list_files(REJECTS, suffix=".parquet")
+    # Audience exports keep their ranks: a gap is where a deleted shopper was (the campaign list just shortens).
+    paths += storage.list_files(AUDIENCES, suffix=".parquet")
     out.rows = sum(_without(storage, p, keys) for p in paths)
     key_set = set(user_keys)
     for path in storage.list_files(RAW):

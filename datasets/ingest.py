@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 
 from core.cli import Incomplete, run_command
 from core.config import AppConfig
-from core.storage import GRAPH, HOLDOUT, RAW, REJECTS, TMP, Storage, filesystem_for, storage_for
+from core.storage import GRAPH, HOLDOUT, LAST_INGEST, RAW, REJECTS, STATE, TMP, Storage, filesystem_for, storage_for
 from core.writer_lock import WriterBusy, exclusive_writer
 from datasets import idmaps
 from datasets import schema as s
@@ -339,6 +339,8 @@ def _ingest_locked(cfg: AppConfig, req: Request, storage: Storage) -> dict:
         summary[f"total_{plural}"] = final["after"][node]
     summary.update({"shards": d.shards, "watermark_ms": watermark, "seconds": round(time.time() - started, 3),
                     "timings": {k: round(v, 3) for k, v in timings.items()}})
+    if chunks or pending or unreadable:  # what the explorer page shows operators; a run that found nothing keeps it
+        storage.write_json_atomic(storage.path(STATE, LAST_INGEST), {**summary, "finished_ms": now_ms()})
     return summary
 
 

@@ -34,6 +34,7 @@ from registry.reader import (
     load_latest,
     load_newest_good,
     load_version,
+    read_curve,
     read_manifest,
 )
 from registry.retention import prune, remove_stale_staging
@@ -44,5 +45,5 @@ __all__ = [
     "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USERS", "VERSIONS", "CheckpointError", "LoadedVersion",
     "ModelArtifacts", "config_hash", "latest_version", "list_versions", "load_latest", "load_newest_good",
     "load_version", "publish",
-    "prune", "read_manifest", "remove_stale_staging", "version_name", "version_number",
+    "prune", "read_curve", "read_manifest", "remove_stale_staging", "version_name", "version_number",
 ]

@@ -216,6 +216,16 @@ def read_manifest(storage: Storage, version: str) -> dict[str, Any]:
     return manifest
 
 
+def read_curve(storage: Storage, version: str) -> bytes | None:
+    """A version's training curve (PNG, checked against its manifest), or None when it has none."""
+    manifest = read_manifest(storage, version)
+    sha = manifest["files"].get(CURVE)
+    if sha is None:
+        return None
+    return read_file(storage, storage.path(CHECKPOINTS, VERSIONS, version), CURVE, sha, version_label(version),
+                     verify=True)
+
+
 def load_version(storage: Storage, version: str, verify: bool = True) -> LoadedVersion:
     """Load one version. With verify, every file must match its sha256 and no file may be missing or unlisted;
     shapes are always checked. Any failure raises CheckpointError naming the version and the file."""

@@ -13,17 +13,20 @@ import hmac
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import ray
 from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
+import registry
 from core.config import AppConfig, load_config
-from core.storage import storage_for
+from core.storage import LAST_INGEST, STATE, storage_for
 from datasets.live_files import live_file_time_ms, write_deadline_s
 from datasets.pseudonym import KEY_ENV, pseudonymise, resolve_key
 from datasets.tombstones import add_tombstone, load_tombstones
@@ -36,6 +39,10 @@ from serve_app.scorer import Scorer
 ADMIN_TOKEN_ENV = "IG_ADMIN_TOKEN"
 EVENTS_TOKEN_ENV = "IG_EVENTS_TOKEN"  # producers of POST /events
 SHARD_RETRIES = 12  # about 20 s of backing off while a live shard restarts
+EXPLORER = Path(__file__).with_name("explorer.html")
+# The page's own script and styles only; data comes from this origin's API (admin calls carry the token by header).
+EXPLORER_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+                "img-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 log = logging.getLogger("serve_app")
 api = FastAPI(title="interest-graph recommendations")
@@ -96,7 +103,7 @@ class Recommender:
         if root:
             cfg.data.root = root
         s = cfg.serve
-        self.max_k, self.max_id = s.max_k, cfg.data.max_id_length
+        self.max_k, self.max_id, self.max_audience = s.max_k, cfg.data.max_id_length, s.max_audience
         self.max_events, self.max_body, self.live_wait_s = s.max_events_per_batch, s.max_body_bytes, s.live_wait_s
         self.write_deadline_s = write_deadline_s(s.live_seal_s)
         self.rules = Rules(max_id_length=cfg.data.max_id_length, max_future_s=cfg.data.max_future_s)
@@ -121,14 +128,103 @@ class Recommender:
 
     @api.get("/recommend/{user_id}")
     async def recommend(self, user_id: str, k: int = Query(20), category: str | None = Query(None),
-                        exclude_seen: bool = Query(True)) -> dict[str, Any]:
+                        exclude_seen: bool = Query(True), explain: bool = Query(False)) -> dict[str, Any]:
         _check_id("user_id", user_id, self.max_id)
         if category is not None:
             _check_id("category", category, self.max_id)
         user_key = pseudonymise(user_id, self.key)
         return _answer(await self.scorer.recommend(user_key, self._k(k), exclude_seen, category,
                                                    live=self.live.events(user_key),
+                                                   deleted=self.live.is_deleted(user_key), explain=explain))
+
+    @api.get("/interests/{user_id}")
+    async def interests(self, user_id: str, k: int = Query(10)) -> dict[str, Any]:
+        """The shopper's top categories and brands with their evidence and trend, and latent interests."""
+        _check_id("user_id", user_id, self.max_id)
+        user_key = pseudonymise(user_id, self.key)
+        return _answer(await self.scorer.interests(user_key, self._k(k), live=self.live.events(user_key),
                                                    deleted=self.live.is_deleted(user_key)))
+
+    @api.get("/audiences")
+    async def audiences(self, category: str | None = Query(None), brand: str | None = Query(None),
+                        top: int = Query(100), authorization: str | None = Header(None)) -> dict[str, Any]:
+        """The shoppers most drawn to a category or brand (pseudonymous keys only); admin token."""
+        _check_admin(authorization)
+        for kind, value in (("category", category), ("brand", brand)):
+            if value is not None:
+                _check_id(kind, value, self.max_id)
+        if top < 1 or top > self.max_audience:
+            raise HTTPException(400, f"top must be between 1 and {self.max_audience} (larger audiences: the batch "
+                                     f"job, python -m serve_app.audience), got {top}")
+        return _answer(await self.scorer.audience(category, brand, top, frozenset(self.live.deleted)))
+
+    @api.get("/ui", response_class=HTMLResponse)
+    async def ui(self) -> HTMLResponse:
+        """The explorer page for the people who run the system (its admin panels need the admin token)."""
+        return HTMLResponse(EXPLORER.read_text(), headers={"Content-Security-Policy": EXPLORER_CSP,
+                                                           "X-Content-Type-Options": "nosniff",
+                                                           "Cache-Control": "no-store"})
+
+    @api.get("/admin/users/{user_id}/live")
+    async def user_live(self, user_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """The shopper's live events as this replica holds them, newest first, and whether the model covers each."""
+        _check_admin(authorization)
+        _check_id("user_id", user_id, self.max_id)
+        user_key = pseudonymise(user_id, self.key)
+        replica = self.scorer.replica
+        if self.live.is_deleted(user_key):
+            return {"user_key": user_key, "deleted": True, "events": [], "replica": replica}
+        covered = self.scorer.coverage()
+        events = sorted(self.live.events(user_key), key=lambda e: -e.ts_ms)
+        return {"user_key": user_key, "deleted": False, "replica": replica,
+                "events": [{"item_id": e.item_id, "event": e.event, "ts_ms": e.ts_ms, "received_ms": e.received_ms,
+                            "in_model": covered is not None and covered.covers(e)} for e in events]}
+
+    @api.get("/admin/versions")
+    async def versions(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """Published versions, newest first: lineage, metrics, whether a training curve was published."""
+        _check_admin(authorization)
+        return {"versions": await asyncio.to_thread(self._versions), "serving": self.scorer.version()["version"]}
+
+    def _versions(self, limit: int = 50) -> list[dict[str, Any]]:
+        serving = self.scorer.version()["version"]
+        out = []
+        for v in reversed(registry.list_versions(self.storage)[-limit:]):
+            try:
+                m = registry.read_manifest(self.storage, v)
+            except registry.CheckpointError as err:
+                out.append({"version": v, "damaged": str(err), "serving": False})
+                continue
+            out.append({"version": v, "parent": m["parent"], "created_at": m["created_at"], "metrics": m["metrics"],
+                        "node_counts": m["node_counts"], "curve": registry.CURVE in m["files"],
+                        "serving": v == serving, "refused": v in self.scorer.watcher.refused})
+        return out
+
+    @api.get("/admin/versions/{version}/curve.png")
+    async def curve(self, version: str, authorization: str | None = Header(None)) -> Response:
+        _check_admin(authorization)
+        try:
+            registry.version_number(version)
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from None
+        try:
+            png = await asyncio.to_thread(registry.read_curve, self.storage, version)
+        except registry.CheckpointError as err:
+            raise HTTPException(404, str(err)) from None
+        if png is None:
+            raise HTTPException(404, f"version {version} has no training curve")
+        return Response(png, media_type="image/png")
+
+    @api.get("/admin/ingestion")
+    async def ingestion(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """The last ingestion that did something: its counts and rejects by reason."""
+        _check_admin(authorization)
+        try:
+            last = await asyncio.to_thread(self.storage.read_json, self.storage.path(STATE, LAST_INGEST), None)
+        except (OSError, ValueError) as err:  # the store down, a torn file: say so, retry later
+            raise HTTPException(503, f"the ingestion summary cannot be read right now ({type(err).__name__})",
+                                headers={"Retry-After": "5"}) from None
+        return last or {"run": None}
 
     @api.get("/similar/{item_id}")
     async def similar(self, item_id: str, k: int = Query(20)) -> dict[str, Any]:

@@ -138,10 +138,18 @@ class LiveShard:
             return self.seq
 
     async def add(self, by_user: dict[str, list[LiveEvent]]) -> int:
-        """Append events per user (already validated and durable); returns the sequence number to wait for."""
+        """Append events per user (already validated and durable); returns the sequence number to wait for.
+
+        Idempotent: an event this shard already holds is not held again. The events are durable before they get
+        here, so a shard that starts (or restarts) while a write is on its way finds them in the live files, and
+        the writer's add (or its retry) then arrives too; ingestion would drop the copy as a duplicate anyway."""
         seq = self.seq
         for user_key, events in by_user.items():
             if user_key in self.deleted:
+                continue
+            held = set(self.users.get(user_key, ()))
+            events = [e for e in events if e not in held]
+            if not events:
                 continue
             evicted = self._hold(user_key, events)
             seq = await self._commit("add", user_key, events)

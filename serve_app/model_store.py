@@ -35,6 +35,13 @@ class ServingModel:
     popular_by_category: dict[str, np.ndarray]  # category id -> its item rows by popularity
     item_category: np.ndarray  # category index per item row, -1 when none
     category_index: dict[str, int]
+    item_brand: np.ndarray  # brand index per item row, -1 when none
+    user_keys: list[str | None]  # row -> user_key (None: a deleted user)
+    category_ids: list[str]  # category index -> the category's id
+    brand_ids: list[str]
+    category_vectors: np.ndarray | None  # float32 [categories, d]; None in format-1 versions
+    brand_vectors: np.ndarray | None
+    seen_evidence: dict[str, np.ndarray] | None  # aligned with seen_indices (registry EVIDENCE); None: not carried
     watermark_ms: int  # newest event time the model learned from
     live_through_ms: int | None  # live events received before this are in the model (None: older versions)
     loaded_s: float
@@ -54,6 +61,8 @@ def build_serving_model(loaded: registry.LoadedVersion) -> ServingModel:
     order = rows[np.argsort(-scores, kind="stable")]
     item_category = np.full(len(loaded.item_ids), -1, dtype=np.int64)
     item_category[rows] = cat_of
+    item_brand = np.full(len(loaded.item_ids), -1, dtype=np.int64)
+    item_brand[rows] = pop.column("brand_idx").to_numpy()
     by_category: dict[str, np.ndarray] = {}
     ordered_cats = item_category[order]
     for c in np.unique(cat_of[cat_of >= 0]):
@@ -72,6 +81,13 @@ def build_serving_model(loaded: registry.LoadedVersion) -> ServingModel:
         popular_by_category=by_category,
         item_category=item_category,
         category_index={k: i for i, k in enumerate(cat_keys)},
+        item_brand=item_brand,
+        user_keys=loaded.user_keys,
+        category_ids=cat_keys,
+        brand_ids=loaded.brand_ids,
+        category_vectors=loaded.category_vectors,
+        brand_vectors=loaded.brand_vectors,
+        seen_evidence=loaded.seen_evidence,
         watermark_ms=int(loaded.watermark_ms or 0),
         live_through_ms=loaded.coverage.get("live_through_ms"),
         loaded_s=0.0,

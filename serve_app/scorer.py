@@ -7,10 +7,11 @@ exactness) switch to an approximate index (e.g. HNSW/IVF over the same vectors);
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from ray import serve
 
 from core.config import AppConfig
 from core.storage import storage_for
-from serve_app import ranking
+from serve_app import audience, profiles, ranking
 from serve_app.live_state import Coverage, LiveEvent
 from serve_app.model_store import ModelWatcher, ServingModel
 
@@ -77,10 +78,30 @@ class Scorer:
     def observe(self, endpoint: str, path: str, started: float) -> None:
         self.metrics.latency.observe((time.perf_counter() - started) * 1000, tags={"endpoint": endpoint, "path": path})
 
+    def _personal(self, model: ServingModel, user_key: str, live: list[LiveEvent] | None, deleted: bool
+                  ) -> tuple[int | None, list[LiveEvent]]:
+        """The user's row in the model and their live events it does not cover yet; nothing for a deleted user."""
+        if deleted:
+            return None, []
+        covered = Coverage(model.live_through_ms, model.watermark_ms)
+        fresh = [e for e in live or () if not covered.covers(e) and e.item_id in model.item_row]
+        return model.user_row.get(user_key), fresh
+
+    def _vector(self, model: ServingModel, row: int | None, fresh: list[LiveEvent], now_ms: float
+                ) -> tuple[torch.Tensor | None, np.ndarray]:
+        """The vector that scores for this user (trained, folded with their live events) and the live items' rows."""
+        vector = model.users[row] if row is not None else None
+        rows = np.array([model.item_row[e.item_id] for e in fresh], dtype=np.int64)
+        if fresh:
+            vector = ranking.fold(model, vector, rows, fresh, self.event_weights, self.half_life_s,
+                                  self.prior_weight, now_ms, self.max_share)
+        return vector, rows
+
     async def recommend(self, user_key: str, k: int, exclude_seen: bool, category: str | None,
-                        live: list[LiveEvent] | None = None, deleted: bool = False) -> dict[str, Any]:
+                        live: list[LiveEvent] | None = None, deleted: bool = False, explain: bool = False
+                        ) -> dict[str, Any]:
         """Top-k for one user. `live`: their live events (folded in while the served version does not cover them);
-        `deleted`: a deleted user, who only gets non-personalised answers."""
+        `deleted`: a deleted user, who only gets non-personalised answers; `explain`: each item says why."""
         started = time.perf_counter()
         model = self.watcher.current
         if model is None:
@@ -90,29 +111,77 @@ class Scorer:
             cat_idx = model.category_index.get(category)
             if cat_idx is None or category not in model.popular_by_category:
                 return {"status": 404, "detail": f"category {category!r} does not exist"}
-        row = None if deleted else model.user_row.get(user_key)
-        covered = Coverage(model.live_through_ms, model.watermark_ms)
-        fresh = [] if deleted else [e for e in live or () if not covered.covers(e) and e.item_id in model.item_row]
+        row, fresh = self._personal(model, user_key, live, deleted)
         if row is None and not fresh:
             pool = model.popular if cat_idx is None else model.popular_by_category[category]
-            chosen = pool[:k]
-            items = [{"item_id": model.item_ids[i], "score": None} for i in chosen]
+            items = [{"item_id": model.item_ids[i], "score": None} for i in pool[:k]]
+            if explain:
+                for it in items:
+                    it["because"] = [{"source": "popular"}]
             path = "popular"
         else:
-            vector = model.users[row] if row is not None else None
-            extra_seen = np.zeros(0, dtype=np.int64)
-            if fresh:
-                rows = np.array([model.item_row[e.item_id] for e in fresh], dtype=np.int64)
-                vector = ranking.fold(model, vector, rows, fresh, self.event_weights, self.half_life_s,
-                                      self.prior_weight, time.time() * 1000, self.max_share)
-                extra_seen = rows
+            now_ms = time.time() * 1000
+            vector, live_rows = self._vector(model, row, fresh, now_ms)
             scores = await self._scores((model, vector))
-            rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, extra_seen)
+            rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, live_rows)
             items = [{"item_id": model.item_ids[i], "score": round(float(s), 6)} for i, s in zip(rows, vals,
                                                                                                    strict=True)]
+            if explain:
+                why = await asyncio.to_thread(self._explain, model, row, live_rows, fresh, vector, now_ms, rows)
+                for it, because in zip(items, why, strict=True):
+                    it["because"] = because
             path = "personalised" if row is not None else "folded"
         self.observe("recommend", path, started)
         return {"status": 200, "items": items, "version": model.version, "path": path, "replica": self.replica}
+
+    def _explain(self, model: ServingModel, row: int | None, live_rows: np.ndarray, fresh: list[LiveEvent],
+                 vector: torch.Tensor, now_ms: float, rows: list[int]) -> list[list[dict]]:
+        x = profiles.explainer(model, row, live_rows, fresh, vector, self.event_weights, self.half_life_s,
+                               self.prior_weight, now_ms, self.max_share)
+        return [profiles.explain(model, x, r) for r in rows]
+
+    async def interests(self, user_key: str, k: int, live: list[LiveEvent] | None = None, deleted: bool = False
+                        ) -> dict[str, Any]:
+        """The user's interest profile (see `serve_app.profiles`); 404 for a user the model and the live state do
+        not know, and for a deleted one (nothing personal, as for /recommend)."""
+        started = time.perf_counter()
+        model = self.watcher.current
+        if model is None:
+            return {"status": 503, "detail": "no model published yet"}
+        row, fresh = self._personal(model, user_key, live, deleted)
+        if row is None and not fresh:
+            return {"status": 404, "detail": "no interest profile for this user (unknown, or no events yet)"}
+        vector, _ = self._vector(model, row, fresh, time.time() * 1000)
+        ev = profiles.evidence(model, row, fresh, self.event_weights)
+        out = profiles.profile(model, ev, vector, k)
+        path = "personalised" if row is not None else "folded"
+        self.observe("interests", path, started)
+        return {"status": 200, "version": model.version, "path": path, "replica": self.replica, **out}
+
+    async def audience(self, category: str | None, brand: str | None, top: int, deleted: Collection[str] = ()
+                       ) -> dict[str, Any]:
+        """The `top` users most drawn to a category or brand, scored like the audience job (the served version)."""
+        model = self.watcher.current
+        if model is None:
+            return {"status": 503, "detail": "no model published yet"}
+        try:
+            target = audience.target_of(model.version, model.category_ids, model.brand_ids, category, brand)
+        except audience.AudienceError as err:
+            return {"status": 404 if "is not in version" in str(err) else 400, "detail": str(err)}
+        best = await asyncio.to_thread(self._audience, model, target, top, deleted)
+        return {"status": 200, "version": model.version, target.kind: target.name, "top": top,
+                "users": [{"user_key": key, "affinity": round(float(a), 6), "rank": int(r)} for key, a, r in
+                          zip(best["user_key"].to_pylist(), best["affinity"].to_pylist(), best["rank"].to_pylist(),
+                              strict=True)]}
+
+    @staticmethod
+    def _audience(model: ServingModel, target: audience.Target, top: int, deleted: Collection[str]) -> Any:
+        item_attr = model.item_category if target.kind == "category" else model.item_brand
+        vectors = model.category_vectors if target.kind == "category" else model.brand_vectors
+        inputs = audience.scoring_inputs(model.users.numpy(), model.seen_indptr, model.seen_indices,
+                                         model.seen_evidence, item_attr, vectors, target.index)
+        rows = np.arange(len(model.user_keys), dtype=np.int64)
+        return audience.ranked(audience.affinity(rows, **inputs), rows, model.user_keys, top, deleted)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
     async def _scores(self, requests: list[tuple[ServingModel, torch.Tensor]]) -> list[torch.Tensor]:
@@ -142,6 +211,10 @@ class Scorer:
         return {"status": 200, "version": model.version, "path": "personalised", "replica": self.replica,
                 "items": [{"item_id": model.item_ids[i], "score": round(s, 6)}
                           for i, s in zip(rows, vals, strict=True)]}
+
+    def coverage(self) -> Coverage | None:
+        model = self.watcher.current
+        return Coverage(model.live_through_ms, model.watermark_ms) if model else None
 
     def version(self) -> dict[str, Any]:
         model = self.watcher.current

@@ -311,7 +311,9 @@ def test_a_full_disk_answers_503_and_leaves_no_temporary_file(live: dict, tmp_pa
 
 def test_a_deletion_leaves_no_trace_under_the_root(live: dict) -> None:
     """After DELETE /users and the next update, no file under data.root but the tombstone holds the user's key or
-    raw id: not the interactions, rejects, raw drops, live files, id map, graph, versions or Ray Train's runs."""
+    raw id: not the interactions, rejects, raw drops, live files, id map, graph, versions, audience exports or Ray
+    Train's runs."""
+    from serve_app.audience import build_audience
     from trainers.train import TrainOptions, run_train
     from trainers.update import run_update
 
@@ -328,6 +330,8 @@ def test_a_deletion_leaves_no_trace_under_the_root(live: dict) -> None:
     run_ingest(live["cfg"], Request(source=None, fmt="events", holdout=None))
     run_train(live["cfg"], TrainOptions(num_workers=1, epochs=2))
     assert key in registry.load_latest(live["storage"]).user_keys
+    audience = build_audience(live["cfg"], "cat-2", None, 1000)  # an export that takes everybody
+    assert key in pq.read_table(audience["path"])["user_key"].to_pylist()
     assert _post(f"{url}/events", json=_now_events(user, [8])).json()["accepted"] == 1  # acknowledged, not sealed
     ok = requests.delete(f"{url}/users/{user}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
     assert ok.status_code == 200
