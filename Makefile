@@ -1,6 +1,8 @@
 # Two commands for a fresh machine: `make run` (the main job on an embedded local Ray) and `make test`.
 # `make test-fast` is the developer's minute: the tests that need no Ray runtime.
 PY ?= python3.11
+# The slowest tests are listed after every run, so a slow one is noticed.
+PYTEST_ARGS ?= --durations=15
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -1,10 +1,10 @@
 """`python -m bench.freshness`: from POST /events to a changed /recommend answer, p50 and p95 over many users.
 
-Serves the latest Gowalla version (run `bench.train_gowalla` first) with two replicas. Background clients keep
-asking /recommend for random users while the probe, user after user: reads the user's current answer, posts three
-purchases of random items, and asks again until the answer differs. The time from sending the POST to the first
-changed answer is that user's freshness; the POST's own round trip (validated, written durably, applied on every
-replica) is reported too. Prints one JSON object.
+Serves the latest Gowalla version (run `bench.train_gowalla` first) with two replicas. Background load from hey
+(its own process, `bench.load`) keeps asking /recommend, a different user every 5 s, while the probe, user after
+user: reads the user's current answer, posts three purchases of random items, and asks again until the answer
+differs. The time from sending the POST to the first changed answer is that user's freshness; the POST's own round
+trip (validated, written durably, applied on every replica) is reported too. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 import numpy as np
 import requests
 
-from bench.serve import OUT, _free_port, drive
+from bench.load import hey, require_hey
+from bench.serve import OUT, _free_port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--mode", choices=["default", "ha"], default="default")
     args = p.parse_args(argv)
+    require_hey()
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     os.environ.setdefault("IG_EVENTS_TOKEN", "bench-events-token")  # before Ray starts: replicas inherit it
     if args.mode == "ha":
@@ -67,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     background: dict = {}
 
-    def load() -> None:
+    def load() -> None:  # hey in its own process, 5 s at a time, a different user each time
+        n = 0
         while not stop.is_set():
-            background.update(drive(lambda c, n: f"{url}/recommend/{(c * 7919 + n) % len(latest.user_keys)}?k=20",
-                                    args.background_clients, 5.0))
+            background.update(hey(f"{url}/recommend/{(n * 7919) % len(latest.user_keys)}?k=20", 5.0,
+                                  concurrency=args.background_clients))
+            n += 1
 
     loader = threading.Thread(target=load)
     loader.start()

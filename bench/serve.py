@@ -1,9 +1,17 @@
 """`python -m bench.serve`: /recommend throughput and latency against a no-op Serve deployment, same run.
 
-Serves the latest Gowalla version (41k items; run `bench.train_gowalla` first) and a no-op FastAPI deployment
-from the same Serve instance and proxy, and drives each with the same client (N threads, keep-alive). Then a hot
-swap under load: a new version is published while the client runs; failed requests and the seconds until every
-replica serves it. `--mode ha` starts Ray with RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1.
+Serves the latest Gowalla version (29,858 users, 40,981 items, 64 dims) and a no-op FastAPI deployment from the
+same Serve instance and proxy, and drives each with the same load generator: `hey` (compiled, its own process,
+keep-alive connections; `bench.load`), whose own CPU use is reported beside each figure, so the client is seen not
+to be the bottleneck. Then a hot swap under load: a new version is published while hey runs; non-2xx answers and
+the seconds until every replica serves it. `--mode ha` starts Ray with RAY_SERVE_ENABLE_HA_PROXY=1
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1.
+
+Without a Gowalla version under `--root` (`python -m bench.train_gowalla` makes the trained one), `--prepare`
+ingests Gowalla and trains one short epoch: serving cost depends on the sizes (users, items, dimensions, seen
+lists), not on how well the model was trained. Exact scoring costs the same for every user but for the length of
+their seen list, so one user's URL per run is representative; `--users` spreads the load over that many users,
+one hey process each (their connections add up to `--clients`).
 Prints one JSON object per measurement and a final JSON list.
 """
 
@@ -15,11 +23,11 @@ import os
 import socket
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import requests
+
+from bench.load import hey, require_hey
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -30,50 +38,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def drive(url_of, clients: int, seconds: float) -> dict:
-    """Closed-loop load: each client thread sends its next request when the last one returned."""
-    latencies: list[float] = []
-    statuses: Counter = Counter()
-    lock = threading.Lock()
-    stop = time.time() + seconds
+def prepare(root: str, data: Path, epochs: int) -> None:
+    """A Gowalla version to serve, quickly: ingestion, then `epochs` of training."""
+    from bench.train_gowalla import ingest_once
+    from core.config import parse_config
+    from trainers.train import TrainOptions, run_train
 
-    def client(cid: int) -> None:
-        session = requests.Session()
-        n, mine, codes = 0, [], Counter()
-        while time.time() < stop:
-            started = time.perf_counter()
-            try:
-                code = session.get(url_of(cid, n), timeout=30).status_code
-            except requests.RequestException:
-                code = -1
-            mine.append(time.perf_counter() - started)
-            codes[code] += 1
-            n += 1
-        with lock:
-            latencies.extend(mine)
-            statuses.update(codes)
+    cfg = parse_config({"data": {"root": root}, "train": {"batch_size": 8192, "num_workers": 2, "eval_every": 1}})
+    ingest_once(cfg, data)
+    run_train(cfg, TrainOptions(num_workers=2, epochs=epochs))
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    began = time.time()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.time() - began
-    lat = np.array(latencies) * 1000
-    return {"requests": len(lat), "rps": round(len(lat) / wall, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "non_200": sum(v for k, v in statuses.items() if k != 200)}
+
+def load_phase(urls: list[str], clients: int, seconds: float) -> dict:
+    """hey on each URL at once (clients split between them); totals, and the slowest process's percentiles."""
+    per = max(1, clients // len(urls))
+    results: list[dict] = [{} for _ in urls]
+
+    def run(i: int) -> None:
+        results[i] = hey(urls[i], seconds, concurrency=per)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(urls))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if any(not r or r.get("rps") is None for r in results):
+        raise RuntimeError(f"hey gave no summary: {results}")
+    return {"requests": sum(r["requests"] for r in results), "rps": round(sum(r["rps"] for r in results), 1),
+            "p50_ms": max(r["p50_ms"] for r in results), "p99_ms": max(r["p99_ms"] for r in results),
+            "non_2xx": sum(r["non_2xx"] for r in results),
+            "client_cpu_share": round(sum(r["client_cpu_share"] for r in results), 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(OUT / "gowalla-root"))
+    p.add_argument("--data", type=Path, default=Path(os.environ.get("IG_REAL_DATA", "../shared/data")))
+    p.add_argument("--prepare", action="store_true", help="ingest Gowalla and train briefly when --root has none")
+    p.add_argument("--epochs", type=int, default=1, help="--prepare: epochs of training")
     p.add_argument("--mode", choices=["default", "ha"], default="default")
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", type=int, default=8, help="connections in all")
+    p.add_argument("--users", type=int, default=1, help="distinct users (one hey process each)")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--precompute-depth", type=int, help="serve.precompute_depth (default: the config's; 0: off)")
     args = p.parse_args(argv)
+    require_hey()
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     if args.mode == "ha":
         from core.runtime import HIGH_THROUGHPUT_ENV, haproxy_binary
@@ -91,31 +102,40 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.app import AppArgs, build_app
 
     storage = Storage(args.root)
+    if registry.latest_version(storage) is None and args.prepare:
+        prepare(args.root, args.data, args.epochs)
+        ray.shutdown()
     latest = registry.load_latest(storage)
     if latest is None:
-        raise SystemExit(f"no published version under {args.root}: run python -m bench.train_gowalla first")
+        raise SystemExit(f"no published version under {args.root}: run python -m bench.train_gowalla first, or "
+                         "pass --prepare")
     cfg_path = OUT / "serve-bench.yaml"
-    cfg_path.write_text(yaml.safe_dump({"data": {"root": args.root}, "serve": {
-        "min_replicas": args.replicas, "max_replicas": args.replicas, "num_cpus": 0.5,
-        "poll_interval_s": 0.5, "max_ongoing_requests": 64}}))
+    serve_cfg = {"min_replicas": args.replicas, "max_replicas": args.replicas, "num_cpus": 0.5,
+                 "poll_interval_s": 0.5, "max_ongoing_requests": 64}
+    if args.precompute_depth is not None:
+        serve_cfg["precompute_depth"] = args.precompute_depth
+    cfg_path.write_text(yaml.safe_dump({"data": {"root": args.root}, "serve": serve_cfg}))
     ray.init(num_cpus=2, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_noop(), name="noop", route_prefix="/noop")
     serve.run(build_app(AppArgs(config_path=str(cfg_path))), name="ig", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    users = [str(u) for u in range(len(latest.user_keys))]
+    raw_users = [str(u) for u in range(0, len(latest.user_keys), max(1, len(latest.user_keys) // args.users))]
+    recommend = [f"{url}/recommend/{u}?k=20" for u in raw_users[: args.users]]
     for _ in range(50):
-        requests.get(f"{url}/recommend/0", timeout=30)
+        requests.get(recommend[0], timeout=30)
         requests.get(f"{url}/noop/", timeout=30)
+    time.sleep(10)  # the replica's precomputation after its first swap (a few seconds at Gowalla's size)
+    base = {"mode": args.mode, "clients": args.clients, "users": len(recommend), "items": len(latest.item_ids),
+            "precompute_depth": args.precompute_depth}
     results = []
-    for name, url_of in (("noop", lambda c, n: f"{url}/noop/"),
-                         ("recommend", lambda c, n: f"{url}/recommend/{users[(c * 7919 + n) % len(users)]}?k=20")):
-        r = {"mode": args.mode, "endpoint": name, "clients": args.clients, **drive(url_of, args.clients, args.seconds)}
+    for name, urls in (("noop", [f"{url}/noop/"] * len(recommend)), ("recommend", recommend)):
+        r = {**base, "endpoint": name, **load_phase(urls, args.clients, args.seconds)}
         print(json.dumps(r), flush=True)
         results.append(r)
 
-    # Hot swap under load: republish the served model as a new version while the client runs.
+    # Hot swap under load: republish the served model as a new version while hey runs.
     box: dict = {}
 
     def swap() -> None:
@@ -131,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
     swapper = threading.Thread(target=swap)
     swapper.start()
-    r = drive(lambda c, n: f"{url}/recommend/{users[(c * 7919 + n) % len(users)]}?k=20", args.clients, args.seconds)
+    r = load_phase(recommend, args.clients, args.seconds)
     swapper.join()
-    r = {"mode": args.mode, "endpoint": "recommend during hot swap", "clients": args.clients, **r,
-         "swap_to": box.get("version"), "converged_s": box.get("converged_s")}
+    r = {**base, "endpoint": "recommend during hot swap", **r, "swap_to": box.get("version"),
+         "converged_s": box.get("converged_s")}
     print(json.dumps(r), flush=True)
     results.append(r)
     print(json.dumps(results))

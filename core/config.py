@@ -137,6 +137,10 @@ class ServeConfig(_Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per recommender replica")
     poll_interval_s: float = Field(1.0, gt=0, description="how often replicas look at checkpoints/LATEST")
     max_k: int = Field(200, ge=1, description="largest k a request may ask for")
+    precompute_depth: int = Field(
+        50, ge=0, description="best items kept per known user after each swap, answered without scoring (0: off)")
+    precompute_max_users: int = Field(
+        1_000_000, ge=0, description="no precomputed answers past this many users (memory: users x depth x 8 B)")
     max_audience: int = Field(
         1000, ge=1, description="GET /audiences: most shoppers one request may ask for (the batch job has no limit)")
     host: str = Field("127.0.0.1", description="HTTP bind address")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -21,6 +22,7 @@ from ray import serve
 from core.config import AppConfig
 from core.storage import storage_for
 from serve_app import audience, profiles, ranking
+from serve_app.answers import Answers, precompute
 from serve_app.live_state import Coverage, LiveEvent
 from serve_app.model_store import ModelWatcher, ServingModel
 
@@ -52,6 +54,9 @@ class Scorer:
         self.prior_weight = cfg.serve.live_prior_weight
         self.max_share = cfg.serve.live_max_share
         self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", str(os.getpid()))
+        self.precompute_depth, self.precompute_max_users = cfg.serve.precompute_depth, cfg.serve.precompute_max_users
+        self.answers: Answers | None = None  # the served version's precomputed answers, once ready
+        self._cancel_precompute = threading.Event()
         self.metrics = Metrics()
         storage = storage_for(cfg)
         self.watcher = ModelWatcher(storage, cfg.serve.poll_interval_s, warm=self._warm, on_swap=self._swapped,
@@ -70,10 +75,27 @@ class Scorer:
     def _swapped(self, model: ServingModel) -> None:
         from registry import version_number
 
+        self._cancel_precompute.set()  # the previous version's, if still running
+        if 0 < self.precompute_depth and 0 < len(model.users) <= self.precompute_max_users:
+            self._cancel_precompute = threading.Event()
+            threading.Thread(target=self._precompute, args=(model, self._cancel_precompute), name="precompute",
+                             daemon=True).start()
         self.metrics.swaps.inc()
         self.metrics.version.set(version_number(model.version), tags={"replica": self.replica})
         if self._on_swap is not None:
             self._on_swap(model)
+
+    def _precompute(self, model: ServingModel, cancelled: threading.Event) -> None:
+        started = time.time()
+        try:
+            answers = precompute(model, self.precompute_depth, cancelled)
+        except (RuntimeError, MemoryError) as err:  # requests keep being scored exactly
+            log.error("precomputing answers for %s failed: %s", model.version, err)
+            return
+        if answers is not None and self.watcher.current is model:
+            self.answers = answers
+            log.info("precomputed the top %d of %d users for %s in %.2f s", answers.depth, len(answers.rows),
+                     model.version, time.time() - started)
 
     def observe(self, endpoint: str, path: str, started: float) -> None:
         self.metrics.latency.observe((time.perf_counter() - started) * 1000, tags={"endpoint": endpoint, "path": path})
@@ -112,6 +134,15 @@ class Scorer:
             if cat_idx is None or category not in model.popular_by_category:
                 return {"status": 404, "detail": f"category {category!r} does not exist"}
         row, fresh = self._personal(model, user_key, live, deleted)
+        answers = self.answers
+        if (row is not None and not fresh and cat_idx is None and exclude_seen and not explain
+                and answers is not None and answers.version == model.version and k <= answers.depth):
+            rows, vals = answers.top(row, k)  # exact scoring's answer, computed once per version
+            items = [{"item_id": model.item_ids[i], "score": round(float(s), 6)} for i, s in zip(rows, vals,
+                                                                                                   strict=True)]
+            self.observe("recommend", "personalised", started)
+            return {"status": 200, "items": items, "version": model.version, "path": "personalised",
+                    "replica": self.replica}
         if row is None and not fresh:
             pool = model.popular if cat_idx is None else model.popular_by_category[category]
             items = [{"item_id": model.item_ids[i], "score": None} for i in pool[:k]]

@@ -1,0 +1,66 @@
+"""Precomputed answers: each known user's best items of one version, seen items excluded, computed by a replica in
+the background after it swaps the version in.
+
+It is a cache of exact scoring, not a second model: the same vectors, the same exclusions, the same order (ties
+aside), so an answer taken from it equals what `ranking.top_k` returns for the same user. A request uses it only
+when nothing else applies: a known user without live events the version does not cover, no category filter, seen
+items excluded, no explanation asked, and `k` within `serve.precompute_depth`; anything else is scored exactly.
+Requests are answered exactly while it is being computed, so a swap is never delayed by it.
+
+Cost: users x items x dimensions multiply-adds once per version, in blocks of users (Gowalla's 29,858 x 40,981 x
+64: a few seconds on one core), and users x depth x 8 bytes of memory (1M users at depth 50: 400 MB). Past
+`serve.precompute_max_users` it is not computed, and every request is scored exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serve_app.model_store import ServingModel
+
+BLOCK_USERS = 1024  # a block's scores are BLOCK_USERS x items float32 (41k items: 168 MB)
+
+
+@dataclass(frozen=True)
+class Answers:
+    version: str
+    rows: np.ndarray  # int32 [users, depth]: item rows, best first; -1 past the items a user can be shown
+    scores: np.ndarray  # float32 [users, depth]
+
+    @property
+    def depth(self) -> int:
+        return self.rows.shape[1]
+
+    def top(self, row: int, k: int) -> tuple[list[int], list[float]]:
+        rows, scores = self.rows[row, :k], self.scores[row, :k]
+        keep = rows >= 0
+        return rows[keep].tolist(), scores[keep].tolist()
+
+
+def precompute(model: ServingModel, depth: int, cancelled: threading.Event | None = None) -> Answers | None:
+    """Every user's best `depth` items of `model`, seen items excluded; None when cancelled (a newer version)."""
+    users, items = model.users, model.items
+    depth = min(depth, items.shape[0])
+    out_rows = np.full((users.shape[0], depth), -1, np.int32)
+    out_scores = np.zeros((users.shape[0], depth), np.float32)
+    indptr, indices = model.seen_indptr, model.seen_indices
+    for start in range(0, users.shape[0], BLOCK_USERS):
+        if cancelled is not None and cancelled.is_set():
+            return None
+        end = min(start + BLOCK_USERS, users.shape[0])
+        scores = users[start:end] @ items.T
+        counts = np.diff(indptr[start : end + 1])
+        if counts.sum():
+            owner = torch.from_numpy(np.repeat(np.arange(end - start), counts))
+            seen = torch.from_numpy(indices[indptr[start] : indptr[end]].astype(np.int64))
+            scores[owner, seen] = float("-inf")
+        vals, rows = torch.topk(scores, depth, dim=1)
+        rows = rows.to(torch.int32)
+        rows[~torch.isfinite(vals)] = -1
+        out_rows[start:end] = rows.numpy()
+        out_scores[start:end] = vals.numpy()
+    return Answers(model.version, out_rows, out_scores)
