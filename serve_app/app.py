@@ -111,6 +111,7 @@ class Recommender:
         if self.dev_key:
             log.warning("DEVELOPMENT pseudonym key in use: set %s; /healthz says so too", KEY_ENV)
         self.storage = storage_for(cfg)
+        self.explorer = EXPLORER.read_text()  # the page, read once per replica
         self.shards = shard_handles(self.storage, s.live_shards, s.live_max_events_per_user, s.live_max_users,
                                     s.live_log_entries)
         self.live = LiveView(self.shards, s.live_max_events_per_user)
@@ -161,7 +162,7 @@ class Recommender:
     @api.get("/ui", response_class=HTMLResponse)
     async def ui(self) -> HTMLResponse:
         """The explorer page for the people who run the system (its admin panels need the admin token)."""
-        return HTMLResponse(EXPLORER.read_text(), headers={"Content-Security-Policy": EXPLORER_CSP,
+        return HTMLResponse(self.explorer, headers={"Content-Security-Policy": EXPLORER_CSP,
                                                            "X-Content-Type-Options": "nosniff",
                                                            "Cache-Control": "no-store"})
 

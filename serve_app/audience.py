@@ -32,13 +32,18 @@ from core.cli import run_command
 from core.config import AppConfig
 from core.storage import AUDIENCES, Storage, storage_for
 from datasets.tombstones import load_tombstones
+from serve_app.model_store import ServingModel, build_serving_model
 
 log = logging.getLogger("serve_app.audience")
 LATENT = 0.1  # weight of the latent (vector) part against evidence weights of order 1-10: orders the untouched
 
 
 class AudienceError(ValueError):
-    """A request that cannot be answered: an unknown category or brand, no published version."""
+    """A request that cannot be answered: no published version, not exactly one of category and brand."""
+
+
+class UnknownTarget(AudienceError):
+    """The category or brand is not in the version."""
 
 
 @dataclass(frozen=True)
@@ -48,14 +53,13 @@ class Target:
     name: str
 
 
-def target_of(version: str, category_ids: list[str], brand_ids: list[str], category: str | None,
-              brand: str | None) -> Target:
+def target_of(model: ServingModel, category: str | None, brand: str | None) -> Target:
     if (category is None) == (brand is None):
         raise AudienceError("give exactly one of category and brand")
     kind, name = ("category", category) if category is not None else ("brand", brand)
-    names = category_ids if kind == "category" else brand_ids
+    names = model.category_ids if kind == "category" else model.brand_ids
     if name not in names:
-        raise AudienceError(f"{kind} {name!r} is not in version {version}")
+        raise UnknownTarget(f"{kind} {name!r} is not in version {model.version}")
     return Target(kind, names.index(name), name)
 
 
@@ -78,24 +82,15 @@ def affinity(users: np.ndarray, user_vectors: np.ndarray, indptr: np.ndarray, in
     return out
 
 
-def scoring_inputs(user_vectors: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-                   evidence: dict[str, np.ndarray] | None, item_attr: np.ndarray, attr_vectors: np.ndarray | None,
-                   target: int) -> dict[str, Any]:
-    """The keyword arguments of `affinity` for one target, from a version's arrays (the job's and a replica's)."""
-    return {"user_vectors": user_vectors, "indptr": indptr, "indices": indices,
-            "recent": evidence["weight_recent"] if evidence is not None else None, "item_attr": item_attr,
-            "target": target,
-            "target_vector": None if attr_vectors is None else attr_vectors[target].astype(np.float64)}
-
-
-def _inputs(version: registry.LoadedVersion, target: Target) -> dict[str, Any]:
-    pop = version.popularity
-    item_attr = np.full(len(version.item_ids), -1, np.int32)
-    column = "category_idx" if target.kind == "category" else "brand_idx"
-    item_attr[pop["item_idx"].to_numpy()] = pop[column].to_numpy()
-    vectors = version.category_vectors if target.kind == "category" else version.brand_vectors
-    return scoring_inputs(version.user_vectors, version.seen_indptr, version.seen_indices, version.seen_evidence,
-                          item_attr, vectors, target.index)
+def inputs_for(model: ServingModel, target: Target) -> dict[str, Any]:
+    """The keyword arguments of `affinity` for one target, from the version as served (the job's and a replica's)."""
+    is_category = target.kind == "category"
+    vectors = model.category_vectors if is_category else model.brand_vectors
+    evidence = model.seen_evidence
+    return {"user_vectors": model.users.numpy(), "indptr": model.seen_indptr, "indices": model.seen_indices,
+            "recent": evidence["weight_recent"] if evidence is not None else None,
+            "item_attr": model.item_category if is_category else model.item_brand, "target": target.index,
+            "target_vector": None if vectors is None else vectors[target.index].astype(np.float64)}
 
 
 def ranked(scores: np.ndarray, rows: np.ndarray, keys: list[str | None], top: int,
@@ -128,6 +123,12 @@ class _BlockScorer:
                 "affinity": best["affinity"].to_numpy()}
 
 
+def audience_of(model: ServingModel, target: Target, top: int, deleted: Collection[str] = ()) -> pa.Table:
+    """Every user of the model scored at once, the best `top` kept (a replica's small audiences)."""
+    rows = np.arange(len(model.user_keys), dtype=np.int64)
+    return ranked(affinity(rows, **inputs_for(model, target)), rows, model.user_keys, top, deleted)
+
+
 def audience_path(storage: Storage, version: str, target: Target, top: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", target.name)[:80]
     return storage.path(AUDIENCES, version, f"{target.kind}={safe}-top{top}.parquet")
@@ -145,11 +146,12 @@ def build_audience(cfg: AppConfig, category: str | None, brand: str | None, top:
     loaded = registry.load_version(storage, version) if version else registry.load_latest(storage)
     if loaded is None:
         raise AudienceError("no published version yet")
-    target = target_of(loaded.version, loaded.category_ids, loaded.brand_ids, category, brand)
+    model = build_serving_model(loaded)
+    target = target_of(model, category, brand)
     ensure_ray(cfg)
     deleted = frozenset(load_tombstones(storage).to_pylist())  # deleted since the version was trained
-    inputs_ref, keys_ref, deleted_ref = ray.put(_inputs(loaded, target)), ray.put(loaded.user_keys), ray.put(deleted)
-    n = len(loaded.user_keys)
+    inputs_ref, keys_ref, deleted_ref = ray.put(inputs_for(model, target)), ray.put(model.user_keys), ray.put(deleted)
+    n = len(model.user_keys)
     parts = (ray.data.range(n, override_num_blocks=max(1, min(blocks, n)))
              .map_batches(_BlockScorer, fn_constructor_args=(inputs_ref, keys_ref, deleted_ref, top), batch_size=None,
                           batch_format="numpy", concurrency=1)
@@ -157,9 +159,9 @@ def build_audience(cfg: AppConfig, category: str | None, brand: str | None, top:
     candidates = pa.concat_tables([t for t in ray.get(parts) if t.num_rows])
     keys = candidates["user_key"].to_pylist()
     best = ranked(candidates["affinity"].to_numpy().astype(np.float64), np.arange(len(keys)), keys, top)
-    path = audience_path(storage, loaded.version, target, top)
+    path = audience_path(storage, model.version, target, top)
     storage.write_parquet(path, best, durable=True)
-    return {"version": loaded.version, target.kind: target.name, "top": top, "users_scored": n,
+    return {"version": model.version, target.kind: target.name, "top": top, "users_scored": n,
             "audience": best.num_rows, "path": path, "seconds": round(time.time() - started, 3)}
 
 

@@ -196,23 +196,14 @@ class Scorer:
         if model is None:
             return {"status": 503, "detail": "no model published yet"}
         try:
-            target = audience.target_of(model.version, model.category_ids, model.brand_ids, category, brand)
+            target = audience.target_of(model, category, brand)
         except audience.AudienceError as err:
-            return {"status": 404 if "is not in version" in str(err) else 400, "detail": str(err)}
-        best = await asyncio.to_thread(self._audience, model, target, top, deleted)
+            return {"status": 404 if isinstance(err, audience.UnknownTarget) else 400, "detail": str(err)}
+        best = await asyncio.to_thread(audience.audience_of, model, target, top, deleted)
         return {"status": 200, "version": model.version, target.kind: target.name, "top": top,
                 "users": [{"user_key": key, "affinity": round(float(a), 6), "rank": int(r)} for key, a, r in
                           zip(best["user_key"].to_pylist(), best["affinity"].to_pylist(), best["rank"].to_pylist(),
                               strict=True)]}
-
-    @staticmethod
-    def _audience(model: ServingModel, target: audience.Target, top: int, deleted: Collection[str]) -> Any:
-        item_attr = model.item_category if target.kind == "category" else model.item_brand
-        vectors = model.category_vectors if target.kind == "category" else model.brand_vectors
-        inputs = audience.scoring_inputs(model.users.numpy(), model.seen_indptr, model.seen_indices,
-                                         model.seen_evidence, item_attr, vectors, target.index)
-        rows = np.arange(len(model.user_keys), dtype=np.int64)
-        return audience.ranked(audience.affinity(rows, **inputs), rows, model.user_keys, top, deleted)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
     async def _scores(self, requests: list[tuple[ServingModel, torch.Tensor]]) -> list[torch.Tensor]:

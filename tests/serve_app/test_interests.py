@@ -141,17 +141,14 @@ def test_a_posted_click_is_in_the_profile_on_every_replica_at_once(app: dict) ->
     url = app["url"]
     before = _get(f"{url}/interests/bob").json()
     assert "cat-4" not in {c["category"] for c in before["categories"]}
-    started = time.monotonic()
     answer = _post(url, [_event("bob", "item-10", "click", int(time.time() * 1000))])  # item-10: cat-4
     assert answer["applied_everywhere"] is True
     answers = _from_both_replicas(f"{url}/interests/bob")
-    elapsed = time.monotonic() - started
     for a in answers:  # the very first answer of each replica after the POST returned already has it
         cats = {c["category"]: c for c in a.json()["categories"]}
         assert "cat-4" in cats and cats["cat-4"]["live_events"] == 1 and cats["cat-4"]["events"] == {"click": 1}, (
             answer, [x.json() for x in _from_both_replicas(f"{url}/admin/users/bob/live", headers=ADMIN)])
         assert "cat-4" not in {c["category"] for c in a.json()["latent"]["categories"]}
-    assert elapsed < 30, elapsed  # a generous bound; the 1 s figure is the freshness bench's
 
 
 def test_unknown_and_deleted_shoppers_get_404_and_bad_input_4xx(app: dict) -> None:
