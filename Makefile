@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests clean
+.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests bench-catalogue clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,3 +63,6 @@ bench-faults: $(STAMP) bench-deps
 
 bench-interests: $(STAMP)
 	IG_REAL_DATA=$${IG_REAL_DATA:-../shared/data} $(BIN)/python -m bench.interests $(ARGS)
+
+bench-catalogue: $(STAMP) bench-deps
+	$(BIN)/python -m bench.catalogue $(ARGS)

@@ -1,7 +1,8 @@
 """The checkpoint registry: the contract between training and serving (DESIGN 3.3).
 
 `registry.format` (file names, manifest, bytes <-> arrays), `registry.writer` (publish and commit, local disk and
-object stores), `registry.reader` (LATEST, versions, verified loads), `registry.retention` (what gets removed).
+object stores), `registry.reader` (LATEST, versions, verified loads), `registry.retention` (what gets removed),
+`registry.item_index` (the approximate index over item vectors a large version carries).
 Trainers publish through it and serving reads through it; it imports neither.
 """
 
@@ -11,6 +12,7 @@ from registry.format import (
     CLAIMS,
     CURVE,
     FORMAT,
+    INDEX,
     ITEMS,
     LATEST,
     MANIFEST,
@@ -41,7 +43,7 @@ from registry.retention import prune, remove_stale_staging
 from registry.writer import publish
 
 __all__ = [
-    "BRANDS", "CATEGORIES", "CLAIMS", "CURVE", "FORMAT", "ITEMS", "LATEST", "MANIFEST", "MODEL", "POPULARITY",
+    "BRANDS", "CATEGORIES", "CLAIMS", "CURVE", "FORMAT", "INDEX", "ITEMS", "LATEST", "MANIFEST", "MODEL", "POPULARITY",
     "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USERS", "VERSIONS", "CheckpointError", "LoadedVersion",
     "ModelArtifacts", "config_hash", "latest_version", "list_versions", "load_latest", "load_newest_good",
     "load_version", "publish",

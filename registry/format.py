@@ -16,6 +16,8 @@ Layout under `<data.root>/checkpoints/`:
         popularity.parquet item_idx int32, score float32, category_idx, brand_idx int32 (-1 when none; format 1
                            has no brand_idx)
         curve.png          training curve (optional, opaque here)
+        index/items.faiss  approximate nearest-neighbour index over the item vectors (optional: catalogues of at
+                           least serve.index_min_items; see registry.item_index)
     LATEST                 the newest complete version's folder name, e.g. "v000042"
     .staging-<uuid>/       a version being written; readers never look here
     .lock                  local disk: flock serialising version claims and LATEST
@@ -57,6 +59,7 @@ BRANDS = "embeddings/brands.parquet"
 SEEN = "seen.npz"
 POPULARITY = "popularity.parquet"
 CURVE = "curve.png"
+INDEX = "index/items.faiss"
 REQUIRED_FILES = (MODEL, USERS, ITEMS, SEEN, POPULARITY)  # format 1; format 2 adds CATEGORIES and BRANDS
 NODE_TYPES = ("user", "item", "category", "brand")
 STAGING_PREFIX = ".staging-"
@@ -140,6 +143,7 @@ class ModelArtifacts:
     seen_evidence: Mapping[str, np.ndarray] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form: epochs, seconds, ...
     curve_png: bytes | None = None
+    item_index: bytes | None = None  # registry.item_index.build over item_vectors; None: scored exactly
 
 
 def version_label(version: str | None) -> str:
@@ -348,6 +352,8 @@ def encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
     out[SEEN] = seen.getbuffer()
     if a.curve_png is not None:
         out[CURVE] = bytes(a.curve_png)
+    if a.item_index is not None:
+        out[INDEX] = a.item_index
     manifest = {
         "format": FORMAT,
         "version": None,

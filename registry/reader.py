@@ -25,6 +25,7 @@ from registry.format import (
     CATEGORIES,
     CATEGORY_ID,
     CURVE,
+    INDEX,
     ITEM_ID,
     ITEMS,
     LATEST,
@@ -72,6 +73,7 @@ class LoadedVersion:
     seen_evidence: dict[str, np.ndarray] | None  # aligned with seen_indices (format.EVIDENCE); None: not carried
     storage: Storage = field(repr=False)
     folder: str = field(repr=False)
+    item_index: Any = field(default=None, repr=False)  # faiss index over item_vectors (registry.item_index); None
 
     @property
     def parent(self) -> str | None:
@@ -154,6 +156,10 @@ class LoadedVersion:
             brand_vectors=self.brand_vectors, parent=self.version, watermark_ms=self.watermark_ms,
             coverage=self.coverage, seen_evidence=self.seen_evidence,
             extra=self.extra, curve_png=self.load_curve_png())
+        if self.item_index is not None and "item_vectors" not in changes:  # the same items: the same index
+            from registry.item_index import serialize
+
+            fields["item_index"] = serialize(self.item_index)
         fields.update(changes)
         return ModelArtifacts(**fields)
 
@@ -305,18 +311,23 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         if len(ids) and vectors.shape[1] != width:
             raise CheckpointError(f"{label}: {rel} vectors have width {vectors.shape[1]}, {ITEMS} vectors {width}")
         attributes[node] = (ids, vectors)
+    index = None
+    if INDEX in files:
+        from registry.item_index import parse
+
+        index = parse(read(INDEX), item_vectors, label)
     indptr, indices, evidence = parse_seen(read(SEEN), n_users, n_items, label)
     popularity = parse_popularity(read(POPULARITY), n_items, counts["category"], counts["brand"], label)
     if verify:
         # model.pt and curve.png are read lazily, but a version that serves must be whole: hash them now, streaming.
-        for rel in sorted(set(files) - {USERS, ITEMS, SEEN, POPULARITY, CATEGORIES, BRANDS}):
+        for rel in sorted(set(files) - {USERS, ITEMS, SEEN, POPULARITY, CATEGORIES, BRANDS, INDEX}):
             _check_streamed(storage, folder, rel, files[rel], label)
     return LoadedVersion(
         version=manifest["version"] or "", manifest=manifest, user_keys=user_keys, user_vectors=user_vectors,
         item_ids=item_ids, item_vectors=item_vectors, seen_indptr=indptr, seen_indices=indices,
         popularity=popularity, category_ids=attributes["category"][0], brand_ids=attributes["brand"][0],
         category_vectors=attributes["category"][1], brand_vectors=attributes["brand"][1], seen_evidence=evidence,
-        storage=storage, folder=folder,
+        storage=storage, folder=folder, item_index=index,
     )
 
 

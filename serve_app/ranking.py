@@ -1,5 +1,5 @@
-"""A request's arithmetic, without Ray or HTTP: folding live events into a user's vector, and exact top-k with
-exclusions and a category filter."""
+"""A request's arithmetic, without Ray or HTTP: folding live events into a user's vector, and top-k with
+exclusions and a category filter, exactly or through the version's approximate index."""
 
 from __future__ import annotations
 
@@ -60,11 +60,69 @@ def top_k(model: ServingModel, scores: torch.Tensor, row: int | None, k: int, ex
     return rows[keep].tolist(), vals[keep].tolist()
 
 
+def _excluded(model: ServingModel, row: int | None, extra_seen: np.ndarray | None) -> np.ndarray:
+    parts = [p for p in (model.seen(row) if row is not None else None, extra_seen) if p is not None and len(p)]
+    return np.unique(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
+
+
+def top_k_indexed(model: ServingModel, vector: torch.Tensor, row: int | None, k: int, exclude_seen: bool,
+                  cat_idx: int | None, extra_seen: np.ndarray | None, ef_search: int) -> tuple[list[int], list[float]]:
+    """`top_k`'s answer through the approximate index: the same exclusions, filter and scores (dot products), with
+    at least as many results as `top_k` would give.
+
+    Seen items are excluded inside the graph walk (a selector), so k results remain however many a user has seen;
+    a category is scored exactly over its own items (cheaper than a filtered walk, and exact). Should the walk find
+    fewer items than qualify, the request is scored exactly instead."""
+    import faiss
+
+    excluded = _excluded(model, row, extra_seen) if exclude_seen else np.zeros(0, np.int64)
+    if cat_idx is not None:
+        rows = model.popular_by_category[model.category_ids[cat_idx]]
+        rows = rows[~np.isin(rows, excluded)] if len(excluded) else rows
+        scores = model.items[torch.from_numpy(rows.astype(np.int64))] @ vector
+        vals, pos = torch.topk(scores, min(k, len(rows)))
+        return rows[pos.numpy()].tolist(), vals.tolist()
+    n = len(model.item_ids)
+    k = min(k, n)
+    params = faiss.SearchParametersHNSW()
+    params.efSearch = max(ef_search, k)
+    selectors = ()
+    if len(excluded):
+        inner = faiss.IDSelectorBatch(excluded)
+        selectors = (inner, faiss.IDSelectorNot(inner))  # held until the search ends: faiss holds no reference
+        params.sel = selectors[1]
+    query = vector.detach().numpy().reshape(1, -1).astype(np.float32, copy=False)
+    vals, rows = model.index.search(query, k, params=params)
+    del selectors
+    found = rows[0] >= 0
+    if found.sum() < min(k, n - len(excluded)):
+        return top_k(model, model.items @ vector, row, k, exclude_seen, None, extra_seen)
+    return rows[0][found].tolist(), vals[0][found].tolist()
+
+
 def similar(model: ServingModel, row: int, k: int) -> tuple[list[int], list[float]]:
     """The k items nearest item `row` by cosine, itself excluded."""
-    vec = model.items[row]
-    norms = model.items.norm(dim=1).clamp_min(1e-12)
-    scores = (model.items @ vec) / (norms * norms[row])
+    norms = model.item_norms if model.item_norms is not None else model.items.norm(dim=1).clamp_min(1e-12)
+    scores = (model.items @ model.items[row]) / (norms * norms[row])
     scores[row] = float("-inf")
     vals, rows = torch.topk(scores, min(k, len(model.item_ids) - 1))
     return rows.tolist(), vals.tolist()
+
+
+def similar_indexed(model: ServingModel, row: int, k: int, ef_search: int) -> tuple[list[int], list[float]]:
+    """`similar` through the index: the item's nearest by inner product (a wide candidate set), ranked by cosine."""
+    import faiss
+
+    n = len(model.item_ids)
+    fetch = min(n, max(10 * k, 200) + 1)  # wide: lengths skew inner-product neighbours away from cosine's
+    params = faiss.SearchParametersHNSW()
+    params.efSearch = max(ef_search, fetch)
+    _, found = model.index.search(model.items[row].numpy().reshape(1, -1), fetch, params=params)
+    cand = found[0][(found[0] >= 0) & (found[0] != row)]
+    if len(cand) < min(k, n - 1):
+        return similar(model, row, k)
+    norms = model.item_norms
+    idx = torch.from_numpy(cand.astype(np.int64))
+    scores = (model.items[idx] @ model.items[row]) / (norms[idx] * norms[row])
+    vals, pos = torch.topk(scores, min(k, len(cand)))
+    return cand[pos.numpy()].tolist(), vals.tolist()

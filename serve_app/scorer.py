@@ -1,8 +1,9 @@
-"""A replica's scoring: exact top-k over the item embeddings, batched across concurrent requests.
+"""A replica's scoring: exact top-k over the item embeddings, batched across concurrent requests, or, for a
+version that carries one (catalogues of at least serve.index_min_items), through its approximate index.
 
-Exact scoring is one [batch, d] x [d, items] product; at 64 dims a replica scores about a million items per
-request within a few milliseconds per batch on one core. Past roughly 5M items (or when p99 matters more than
-exactness) switch to an approximate index (e.g. HNSW/IVF over the same vectors); exact stays the default.
+Exact scoring is one [batch, d] x [d, items] product: its cost grows with the catalogue, so past the switch point
+a request walks the version's HNSW graph instead (a few hundred vectors looked at, whatever the catalogue's size).
+Both paths keep the same promises: seen items excluded, the category filter, live folding, /similar.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Scorer:
         self.max_share = cfg.serve.live_max_share
         self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", str(os.getpid()))
         self.precompute_depth, self.precompute_max_users = cfg.serve.precompute_depth, cfg.serve.precompute_max_users
+        self.index_min_items, self.ef_search = cfg.serve.index_min_items, cfg.serve.index_ef_search
         self.answers: Answers | None = None  # the served version's precomputed answers, once ready
         self._cancel_precompute = threading.Event()
         self.metrics = Metrics()
@@ -67,16 +69,24 @@ class Scorer:
             log.exception("reading checkpoints failed; retrying every %.1f s", cfg.serve.poll_interval_s)
         self.watcher.start()
 
+    def indexed(self, model: ServingModel) -> bool:
+        """Whether requests on `model` go through its approximate index (else: exact scoring)."""
+        return model.index is not None and len(model.item_ids) >= self.index_min_items
+
     def _warm(self, model: ServingModel) -> None:
         """One real query on the new model before it takes traffic (first-touch costs, shape errors)."""
         if len(model.users):
             ranking.top_k(model, model.users[:1] @ model.items.T, 0, min(10, len(model.item_ids)), True, None)
+            if self.indexed(model):
+                ranking.top_k_indexed(model, model.users[0], 0, min(10, len(model.item_ids)), True, None, None,
+                                      self.ef_search)
 
     def _swapped(self, model: ServingModel) -> None:
         from registry import version_number
 
         self._cancel_precompute.set()  # the previous version's, if still running
-        if 0 < self.precompute_depth and 0 < len(model.users) <= self.precompute_max_users:
+        # Indexed catalogues are not precomputed: users x items scoring per version is what the index avoids.
+        if 0 < self.precompute_depth and 0 < len(model.users) <= self.precompute_max_users and not self.indexed(model):
             self._cancel_precompute = threading.Event()
             threading.Thread(target=self._precompute, args=(model, self._cancel_precompute), name="precompute",
                              daemon=True).start()
@@ -153,8 +163,12 @@ class Scorer:
         else:
             now_ms = time.time() * 1000
             vector, live_rows = self._vector(model, row, fresh, now_ms)
-            scores = await self._scores((model, vector))
-            rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, live_rows)
+            if self.indexed(model):
+                rows, vals = ranking.top_k_indexed(model, vector, row, k, exclude_seen, cat_idx, live_rows,
+                                                   self.ef_search)
+            else:
+                scores = await self._scores((model, vector))
+                rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, live_rows)
             items = [{"item_id": model.item_ids[i], "score": round(float(s), 6)} for i, s in zip(rows, vals,
                                                                                                    strict=True)]
             if explain:
@@ -228,7 +242,10 @@ class Scorer:
         row = model.item_row.get(item_id)
         if row is None:
             return {"status": 404, "detail": f"item {item_id!r} is not in model {model.version}"}
-        rows, vals = ranking.similar(model, row, k)
+        if self.indexed(model):
+            rows, vals = ranking.similar_indexed(model, row, k, self.ef_search)
+        else:
+            rows, vals = ranking.similar(model, row, k)
         self.observe("similar", "personalised", started)
         return {"status": 200, "version": model.version, "path": "personalised", "replica": self.replica,
                 "items": [{"item_id": model.item_ids[i], "score": round(s, 6)}
@@ -241,6 +258,7 @@ class Scorer:
     def version(self) -> dict[str, Any]:
         model = self.watcher.current
         return {"version": model.version if model else None, "replica": self.replica,
+                "scoring": None if model is None else "index" if self.indexed(model) else "exact",
                 "loaded_s": round(model.loaded_s, 3) if model else None, "refused": sorted(self.watcher.refused)}
 
     def close(self) -> None:

@@ -56,13 +56,15 @@ def toy_seen(u: int) -> list[int]:
     return [(u % N_CATS) + N_CATS * j for j in range(3)]
 
 
-def publish_toy_version(storage, seed: int, parent: str | None = None, watermark_ms: int | None = None) -> str:
-    """A real, verified version with known vectors (see above)."""
+def publish_toy_version(storage, seed: int, parent: str | None = None, watermark_ms: int | None = None,
+                        index: bool = False) -> str:
+    """A real, verified version with known vectors (see above); `index`: it carries an approximate item index."""
     import numpy as np
     import pyarrow as pa
 
     import registry
     from datasets.pseudonym import pseudonymise
+    from registry.item_index import build as build_index
 
     rng = np.random.default_rng(seed)
     cat_dirs = np.eye(DIM, dtype=np.float32)[:N_CATS] * 3
@@ -81,7 +83,7 @@ def publish_toy_version(storage, seed: int, parent: str | None = None, watermark
         state_dict={}, hparams={}, config_hash="test", metrics={"recall@20": 0.5}, k=20,
         node_counts={"user": N_USERS, "item": N_ITEMS, "category": N_CATS, "brand": 0},
         category_ids=[f"cat-{c}" for c in range(N_CATS)], category_vectors=cat_dirs, parent=parent,
-        watermark_ms=watermark_ms))
+        watermark_ms=watermark_ms, item_index=build_index(items) if index else None))
 
 
 def start_app(config: Path, name: str, version: str, port: int | None = None) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,6 +20,8 @@ from trainers.baselines import popularity_metrics
 from trainers.curve import curve_png
 from trainers.data import InterestGraph, load_graph, split
 from trainers.train_state import TrainState, load_embeddings
+
+log = logging.getLogger("trainers.publish")
 
 
 def _first_of(items: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
@@ -164,6 +170,13 @@ def publish_and_prune(cfg: AppConfig, storage: Storage, artifacts: registry.Mode
     """Publish, then apply retention: versions past registry.keep_versions go, and so does every older version
     that still holds a deleted user (the new one holds none)."""
     registry.remove_stale_staging(storage)  # folders of publishers that died mid-write, a day old or more
+    n_items = len(artifacts.item_vectors)
+    if artifacts.item_index is None and n_items >= cfg.serve.index_min_items:
+        from registry.item_index import build
+
+        started = time.time()
+        artifacts = dataclasses.replace(artifacts, item_index=build(artifacts.item_vectors))
+        log.info("built the item index over %d items in %.1f s", n_items, time.time() - started)
     version = registry.publish(storage, artifacts)
     registry.prune(storage, cfg.registry.keep_versions, set(load_tombstones(storage).to_pylist()))
     return version, registry.read_manifest(storage, version)

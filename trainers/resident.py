@@ -10,6 +10,11 @@ replaces the whole group (a rank left inside a collective would hang otherwise).
 leaves its cycle pending and the replacement group runs it again, unless surviving ranks post their collective's
 failure first (any run of two or more workers): then the cycle fails and the next one runs on the new group. A run
 that exhausts train.max_failures ends; the next cycle starts a new one.
+
+A rank can finish a cycle without noticing that a peer died in it (the cycle's last collective came before the
+death), then take the next cycle before Ray Train's health check has replaced the group. So every cycle of a group
+of two or more starts with a barrier: a rank that meets a dead peer there leaves without posting anything, the
+cycle stays pending, and the replacement group runs it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from trainers.worker_inputs import WorkerInputs
 log = logging.getLogger("trainers.resident")
 IDLE = "idle"  # what a worker's wait returns when no cycle came in time: it asks again
 STOP_GRACE_S = 120.0  # how long a cycle under way may still run once the job is told to stop
+
+
+class PeerLost(RuntimeError):
+    """A rank's group lost a member before a cycle began: the group must be replaced, the cycle is not failed."""
 
 
 class Stopped(RuntimeError):
@@ -138,6 +147,7 @@ def resident_loop_per_worker(config: dict) -> None:
                 ray.get(board.finish.remote(cycle, {"files": {}, "metrics": {}}))
             done = cycle
             continue
+        _barrier(session.world)  # raises PeerLost with the cycle still pending
         capture = _CycleSession(session)
         try:
             run_worker(inputs, session_for(inputs, capture))
@@ -150,6 +160,17 @@ def resident_loop_per_worker(config: dict) -> None:
         done = cycle
         del capture
         gc.collect()  # DDP's reference cycles would keep this cycle's model (and GPU memory) until a later sweep
+
+
+def _barrier(world: int) -> None:
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except Exception as err:  # noqa: BLE001 - gloo and NCCL raise their own types for a closed peer
+        raise PeerLost(f"a peer left the group before the cycle began: {err}") from err
 
 
 class ResidentTrainer:

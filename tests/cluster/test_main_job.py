@@ -29,7 +29,7 @@ def test_main_job_serves_updates_and_stops_cleanly(tmp_path: Path) -> None:
         "data": {"root": str(tmp_path / "data" / "root"), "shards": 2},
         "train": {"num_workers": 1, "embedding_dim": 16, "num_layers": 2, "batch_size": 512, "holdout_days": 1.0},
         "update": {"max_steps": 20},
-        # Live files are sealed after 3 s (30 s by default), so the 30-second demo's cycles take its live events.
+        # Live files are sealed after 3 s (30 s by default), so the 20-second demo's cycles take its live events.
         "serve": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.2, "poll_interval_s": 0.5, "port": port,
                   "live_seal_s": 3.0},
     }))  # no cluster.num_cpus: the long-lived job counts its resident workers, Serve and ingestion itself
@@ -38,7 +38,7 @@ def test_main_job_serves_updates_and_stops_cleanly(tmp_path: Path) -> None:
     env.update({"RAY_TMPDIR": temp_dir, "IG_PSEUDONYM_KEY": "main-job-key"})
     done = subprocess.run(
         [sys.executable, "-m", "cluster.main", "--config", str(config), "--users", "200", "--items", "300",
-         "--events", "20000", "--days", "4", "--epochs", "2", "--update-every", "5", "--duration-s", "30",
+         "--events", "20000", "--days", "4", "--epochs", "2", "--update-every", "5", "--duration-s", "20",
          "--live-events-per-s", "5"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     shutil.rmtree(temp_dir, ignore_errors=True)  # only logs; every process is checked below by its command line

@@ -1,0 +1,246 @@
+"""`python -m bench.catalogue`: serving at catalogue scale, exact scoring against the version's approximate index.
+
+For each catalogue size (default 100k, 1M and 5M items, 64 dims): synthetic item vectors with realistic clustering
+(a few thousand interest clusters of power-law sizes, item lengths spread like popularity), shoppers drawn from
+the same clusters with short seen lists, published as one real version with its HNSW index. Then, per size and in
+one Serve instance behind one proxy (HAProxy mode where the binary exists, as in production): a no-op deployment,
+the app with exact scoring (serve.index_min_items above the catalogue) and the app through the index
+(serve.index_min_items at or below it), one replica each, driven in turn by hey (its own process; `bench.load`).
+Precomputed answers are off in both apps: this measures scoring.
+
+Reported per size: index build seconds and bytes, recall@20 of the index path against exact top-20 (seen items
+excluded, as served) over sampled shoppers, requests/s and p50/p99 per app, and each replica's resident memory
+(psutil, the replica's process) beside the version's matrices' sizes.
+Prints one JSON object per size and a final JSON list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.load import require_hey
+
+OUT = Path(__file__).resolve().parent / "out"
+DIM, CLUSTERS, USERS, SEEN = 64, 4000, 20_000, 30
+
+
+def synthetic(n_items: int, seed: int = 0, n_users: int = USERS
+              ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+    """Item vectors, user vectors, seen lists and item clusters: clusters of Zipf-like sizes, lengths log-normal."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CLUSTERS, DIM)).astype(np.float32) / np.sqrt(DIM)
+    weights = 1.0 / np.arange(1, CLUSTERS + 1) ** 0.8
+    weights /= weights.sum()
+    cluster = rng.choice(CLUSTERS, n_items, p=weights).astype(np.int32)
+    items = np.empty((n_items, DIM), np.float32)
+    for start in range(0, n_items, 1_000_000):  # in blocks: 5M x 64 noise at once would double the peak
+        end = min(start + 1_000_000, n_items)
+        block = centres[cluster[start:end]] + rng.normal(0, 0.6 / np.sqrt(DIM), (end - start, DIM))
+        items[start:end] = block * rng.lognormal(0, 0.25, (end - start, 1))
+    likes = rng.choice(CLUSTERS, (n_users, 3), p=weights)
+    users = (centres[likes].mean(axis=1) + rng.normal(0, 0.3 / np.sqrt(DIM), (n_users, DIM))).astype(np.float32)
+    seen = [np.unique(rng.integers(0, n_items, SEEN)) for _ in range(n_users)]
+    return items, users, seen, cluster
+
+
+def publish(root: str, items: np.ndarray, users: np.ndarray, seen: list[np.ndarray], cluster: np.ndarray,
+            with_index: bool = True) -> tuple[str, float, int]:
+    """One verified version with its index; returns it, the index's build seconds and bytes."""
+    import pyarrow as pa
+
+    import registry
+    from core.storage import Storage
+    from datasets.pseudonym import pseudonymise, resolve_key
+    from registry.item_index import build
+
+    key, _ = resolve_key()
+    started = time.time()
+    index = build(items) if with_index else None
+    build_s = time.time() - started
+    n = len(items)
+    indptr = np.cumsum([0] + [len(s) for s in seen]).astype(np.int64)
+    nnz = int(indptr[-1])
+    # The evidence a real version carries per seen item (weights, counts by type, last time): part of its memory.
+    evidence = {"weight": np.ones(nnz, np.float32), "weight_recent": np.ones(nnz, np.float32),
+                "counts": np.ones((nnz, 5), np.int32), "last_ts": np.full(nnz, 1_767_225_600_000, np.int64)}
+    pop = pa.table({"item_idx": pa.array(np.arange(n, dtype=np.int32)),
+                    "score": pa.array(np.linalg.norm(items, axis=1).astype(np.float32)),
+                    "category_idx": pa.array((cluster % 100).astype(np.int32))})
+    version = registry.publish(Storage(root), registry.ModelArtifacts(
+        user_keys=[pseudonymise(f"u{u}", key) for u in range(len(users))], user_vectors=users,
+        item_ids=pa.array([f"i{i}" for i in range(n)]), item_vectors=items, seen_indptr=indptr,
+        seen_indices=np.concatenate(seen).astype(np.int32), popularity=pop, state_dict={}, hparams={},
+        config_hash="bench-catalogue", metrics={}, k=20,
+        node_counts={"user": len(users), "item": n, "category": 100, "brand": 0},
+        category_ids=[f"c{c}" for c in range(100)], seen_evidence=evidence, item_index=index))
+    return version, build_s, len(index) if index is not None else 0
+
+
+_MEASURE = """
+import gc, json, resource, sys
+import psutil
+import registry
+from core.storage import Storage
+from serve_app.model_store import build_serving_model
+proc = psutil.Process()
+before = proc.memory_info().rss
+model = build_serving_model(registry.load_latest(Storage(sys.argv[1])))
+gc.collect()
+print(json.dumps({"rss_imports_mb": round(before / 2**20, 1), "rss_model_mb": round(proc.memory_info().rss / 2**20, 1),
+                  "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+"""
+
+
+def model_memory(root: str) -> dict:
+    """What a replica holds for the version: a fresh process's resident memory before and after it loads the
+    version as a replica does (`build_serving_model`), and its peak while loading."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _MEASURE, root], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def recall_at_20(root: str, sample: int, ef_search: int) -> dict:
+    """The index path's top-20 against exact top-20, seen items excluded, over `sample` shoppers."""
+    import registry
+    from core.storage import Storage
+    from serve_app import ranking
+    from serve_app.model_store import build_serving_model
+
+    model = build_serving_model(registry.load_latest(Storage(root)))
+    rows = np.random.default_rng(1).choice(len(model.user_keys), sample, replace=False)
+    hits, took = [], []
+    for row in rows.tolist():
+        exact, _ = ranking.top_k(model, model.items @ model.users[row], row, 20, True, None)
+        started = time.perf_counter()
+        approx, _ = ranking.top_k_indexed(model, model.users[row], row, 20, True, None, None, ef_search)
+        took.append(time.perf_counter() - started)
+        hits.append(len(set(exact) & set(approx)) / 20)
+    return {"recall@20_vs_exact": round(float(np.mean(hits)), 4), "index_query_ms_p50": round(
+        float(np.median(took)) * 1000, 3), "users_sampled": sample}
+
+
+def replica_rss_mb(app: str) -> float | None:
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        cmd = " ".join(proc.info["cmdline"] or ())
+        if f"ServeReplica:{app}:" in cmd:
+            return round(proc.info["memory_info"].rss / 2**20, 1)
+    return None
+
+
+def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: int, ef_search: int) -> list[dict]:
+    import ray
+    import requests
+    import yaml
+    from ray import serve
+
+    from bench.noop import build_noop
+    from bench.serve import _free_port, load_phase
+    from serve_app.app import AppArgs, build_app
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_noop(), name="noop", route_prefix="/noop")
+    for app, min_items in (("exact", n_items + 1), ("index", 1)):
+        path = OUT / f"catalogue-{app}.yaml"
+        path.write_text(yaml.safe_dump({"data": {"root": root}, "serve": {
+            "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5, "poll_interval_s": 1.0, "max_ongoing_requests": 64,
+            "precompute_depth": 0, "index_min_items": min_items, "index_ef_search": ef_search}}))
+        serve.run(build_app(AppArgs(config_path=str(path))), name=app, route_prefix=f"/{app}")
+    url = f"http://127.0.0.1:{port}"
+    for app in ("exact", "index"):
+        deadline = time.time() + 600
+        while requests.get(f"{url}/{app}/version", timeout=60).json().get("version") is None:
+            if time.time() > deadline:
+                raise RuntimeError(f"{app} did not load the version within 600 s")
+            time.sleep(1)
+        assert requests.get(f"{url}/{app}/version", timeout=60).json()["scoring"] == app
+    picked = [str(u) for u in range(0, USERS, USERS // users)][:users]  # the first USERS are in every model
+    out = []
+    for name, urls in (("noop", [f"{url}/noop/"] * len(picked)),
+                       ("exact", [f"{url}/exact/recommend/u{u}?k=20" for u in picked]),
+                       ("index", [f"{url}/index/recommend/u{u}?k=20" for u in picked])):
+        for u in urls[:3]:
+            body = requests.get(u, timeout=120).json()
+            if name != "noop" and body.get("path") != "personalised":  # a miss would measure popularity lists
+                raise RuntimeError(f"{u} answered {body.get('path')!r}, not a scored answer")
+        r = {"endpoint": name, **load_phase(urls, clients, seconds),
+             "replica_rss_mb": replica_rss_mb(name) if name != "noop" else None}
+        print(json.dumps({"items": n_items, **r}), file=sys.stderr, flush=True)
+        out.append(r)
+    serve.shutdown()
+    ray.shutdown()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.catalogue", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="100000,1000000,5000000", help="catalogue sizes, comma-separated")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--users", type=int, default=2, help="distinct shoppers the load spreads over (a hey each)")
+    p.add_argument("--ef-search", type=int, default=None, help="serve.index_ef_search (default: the config's)")
+    p.add_argument("--recall-sample", type=int, default=300)
+    p.add_argument("--model-users", type=int, default=USERS,
+                   help="shoppers in each version (memory at scale: e.g. 1000000 with --sizes 1000000)")
+    p.add_argument("--keep", action="store_true", help="keep each size's root under bench/out")
+    p.add_argument("--memory-only", action="store_true",
+                   help="publish and measure a replica's memory for the version; no recall, no serving")
+    p.add_argument("--no-index", action="store_true", help="publish without the index (exact scoring's memory)")
+    args = p.parse_args(argv)
+    require_hey()
+    os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
+    from core.config import ServeConfig
+    from core.runtime import HIGH_THROUGHPUT_ENV, haproxy_binary
+
+    if haproxy_binary() is not None:  # the production default (serve.high_throughput), as in bench.serve --mode ha
+        os.environ.update(HIGH_THROUGHPUT_ENV)
+
+    ef = args.ef_search or ServeConfig().index_ef_search
+    results = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        root = str(OUT / f"catalogue-{n}")
+        shutil.rmtree(root, ignore_errors=True)
+        items, users, seen, cluster = synthetic(n, n_users=max(args.model_users, USERS))
+        version, build_s, index_bytes = publish(root, items, users, seen, cluster, with_index=not args.no_index)
+        r = {"items": n, "users": len(users), "dim": DIM, "version": version, "index_build_s": round(build_s, 1),
+             "index_mb": round(index_bytes / 2**20, 1), "item_vectors_mb": round(items.nbytes / 2**20, 1),
+             "user_vectors_mb": round(users.nbytes / 2**20, 1), "ef_search": ef}
+        del items, users, seen, cluster
+        if args.memory_only:
+            r["replica_memory"] = model_memory(root)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+            continue
+        r.update(recall_at_20(root, args.recall_sample, ef))
+        r["serving"] = serve_phase(root, n, args.seconds, args.clients, args.users, ef)
+        noop = next(s for s in r["serving"] if s["endpoint"] == "noop")
+        for s in r["serving"]:
+            if s["endpoint"] != "noop":
+                s["x_noop_rps"] = round(s["rps"] / noop["rps"], 3)
+                s["x_noop_p99"] = round(s["p99_ms"] / noop["p99_ms"], 3)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
