@@ -30,13 +30,11 @@ class IndexParams:
     ef_construction: int = 120  # build effort: the build time follows it about linearly
 
 
-def build(item_vectors: np.ndarray, params: IndexParams = IndexParams(), threads: int | None = None) -> bytes:
+def build(item_vectors: np.ndarray, params: IndexParams = IndexParams()) -> bytes:
     """The serialised index over `item_vectors` (float32 [items, d])."""
     import faiss
 
     x = np.ascontiguousarray(item_vectors, dtype=np.float32)
-    if threads is not None:
-        faiss.omp_set_num_threads(threads)
     index = faiss.IndexHNSWFlat(x.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = params.ef_construction
     index.add(x)
@@ -55,10 +53,10 @@ def parse(data: bytes, item_vectors: np.ndarray, label: str) -> Any:
     import faiss
 
     try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        # The concrete class, owned by the returned object (a downcast proxy would dangle once this one is freed).
+        hnsw = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except Exception as e:  # faiss raises RuntimeError from C++ for any malformed input
         raise CheckpointError(f"{label}: {INDEX} is not a readable faiss index: {one_line(e)}") from e
-    hnsw = index  # deserialize_index already gives the concrete class (and owns it: no downcast proxy)
     if not isinstance(hnsw, faiss.IndexHNSWFlat) or hnsw.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise CheckpointError(f"{label}: {INDEX} is a {type(hnsw).__name__}, expected an inner-product HNSW index")
     n, width = item_vectors.shape

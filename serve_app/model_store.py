@@ -46,7 +46,7 @@ class ServingModel:
     watermark_ms: int  # newest event time the model learned from
     live_through_ms: int | None  # live events received before this are in the model (None: older versions)
     loaded_s: float
-    item_norms: torch.Tensor | None = None  # [I]: cosine for /similar without a pass over every item per request
+    item_norms: torch.Tensor  # [I]: cosine for /similar without a pass over every item per request
     index: Any = None  # the version's approximate index over `items` (registry.item_index); None: exact only
 
     def seen(self, row: int) -> np.ndarray:
@@ -97,10 +97,6 @@ def build_serving_model(loaded: registry.LoadedVersion) -> ServingModel:
         item_norms=torch.from_numpy(loaded.item_vectors).norm(dim=1).clamp_min(1e-12),
         index=loaded.item_index,
     )
-    if model.index is not None:
-        import faiss
-
-        faiss.omp_set_num_threads(1)  # one query per call: threads would only contend with the replica's others
     object.__setattr__(model, "loaded_s", time.time() - started)
     return model
 

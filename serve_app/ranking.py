@@ -102,7 +102,7 @@ def top_k_indexed(model: ServingModel, vector: torch.Tensor, row: int | None, k:
 
 def similar(model: ServingModel, row: int, k: int) -> tuple[list[int], list[float]]:
     """The k items nearest item `row` by cosine, itself excluded."""
-    norms = model.item_norms if model.item_norms is not None else model.items.norm(dim=1).clamp_min(1e-12)
+    norms = model.item_norms
     scores = (model.items @ model.items[row]) / (norms * norms[row])
     scores[row] = float("-inf")
     vals, rows = torch.topk(scores, min(k, len(model.item_ids) - 1))

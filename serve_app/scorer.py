@@ -147,9 +147,7 @@ class Scorer:
         answers = self.answers
         if (row is not None and not fresh and cat_idx is None and exclude_seen and not explain
                 and answers is not None and answers.version == model.version and k <= answers.depth):
-            rows, vals = answers.top(row, k)  # exact scoring's answer, computed once per version
-            items = [{"item_id": model.item_ids[i], "score": round(float(s), 6)} for i, s in zip(rows, vals,
-                                                                                                   strict=True)]
+            items = _scored(model, *answers.top(row, k))  # exact scoring's answer, computed once per version
             self.observe("recommend", "personalised", started)
             return {"status": 200, "items": items, "version": model.version, "path": "personalised",
                     "replica": self.replica}
@@ -169,8 +167,7 @@ class Scorer:
             else:
                 scores = await self._scores((model, vector))
                 rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, live_rows)
-            items = [{"item_id": model.item_ids[i], "score": round(float(s), 6)} for i, s in zip(rows, vals,
-                                                                                                   strict=True)]
+            items = _scored(model, rows, vals)
             if explain:
                 why = await asyncio.to_thread(self._explain, model, row, live_rows, fresh, vector, now_ms, rows)
                 for it, because in zip(items, why, strict=True):
@@ -248,8 +245,7 @@ class Scorer:
             rows, vals = ranking.similar(model, row, k)
         self.observe("similar", "personalised", started)
         return {"status": 200, "version": model.version, "path": "personalised", "replica": self.replica,
-                "items": [{"item_id": model.item_ids[i], "score": round(s, 6)}
-                          for i, s in zip(rows, vals, strict=True)]}
+                "items": _scored(model, rows, vals)}
 
     def coverage(self) -> Coverage | None:
         model = self.watcher.current
@@ -264,3 +260,7 @@ class Scorer:
     def close(self) -> None:
         self.watcher.stop()
 
+
+def _scored(model: ServingModel, rows: list[int], vals: list[float]) -> list[dict[str, Any]]:
+    """An answer's items: ids and scores, best first."""
+    return [{"item_id": model.item_ids[i], "score": round(float(s), 6)} for i, s in zip(rows, vals, strict=True)]
