@@ -76,7 +76,10 @@ def _stop_cluster(temp_dir: str) -> None:
             pass
     _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
     for p in alive:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # it exited between the wait and the kill
+            pass
     psutil.wait_procs(alive, timeout=5)
 
 
