@@ -14,6 +14,12 @@ log = logging.getLogger(__name__)
 
 
 HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Behind HAProxy a stopping replica is held open for this long (Ray's default: 30 s) so that an external load
+# balancer in front (an ALB, say) can deregister it. An embedded Ray has none: HAProxy on this node is told by the
+# controller and retries a refused connection, so a short hold drops nothing and Ctrl-C (or a downscale) does not
+# stall for half a minute. A cluster keeps Ray's default unless its nodes set the variable.
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+EMBEDDED_DRAIN_S = "3"
 
 
 def haproxy_binary() -> str | None:
@@ -73,7 +79,10 @@ def ensure_ray(cfg: AppConfig, dashboard: bool = False, long_lived: bool = False
         ray.init(address=address, log_to_driver=True)
         return None
     # Serve reads these when it starts inside this Ray, so they must be in place before ray.init.
-    os.environ.update(serve_env(cfg))
+    ha = serve_env(cfg)
+    os.environ.update(ha)
+    if ha:
+        os.environ.setdefault(DRAIN_ENV, EMBEDDED_DRAIN_S)
     kwargs: dict[str, object] = {"include_dashboard": dashboard}
     num_cpus = embedded_cpus(cfg, long_lived)
     if num_cpus:
