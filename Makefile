@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests bench-catalogue clean
+.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests bench-catalogue bench-seen-events clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,6 +54,9 @@ bench-freshness: $(STAMP) bench-deps
 
 bench-train-scale: $(STAMP)
 	$(BIN)/python -m bench.train_scale $(ARGS)
+
+bench-seen-events: $(STAMP)
+	$(BIN)/python -m bench.seen_events $(ARGS)
 
 clean:
 	rm -rf var .pytest_cache

@@ -56,6 +56,10 @@ class DataConfig(_Section):
         default_factory=lambda: {"view": 1.0, "click": 2.0, "cart": 4.0, "fav": 3.0, "purchase": 8.0},
         description="edge weight each event type adds to its user-item edge",
     )
+    seen_events: list[EventName] = Field(
+        default_factory=lambda: ["purchase"],
+        description="event types after which an item is 'seen' by its shopper: never recommended to them again, and "
+        "masked when a model is evaluated; an item with only other events (viewed, carted) stays a candidate")
     half_life_days: float = Field(14.0, gt=0, description="recency decay of edge weights, in days")
     recent_half_life_days: float = Field(
         3.0, gt=0, description="a shorter decay, kept beside the weight: interests rising or fading")

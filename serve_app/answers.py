@@ -47,7 +47,7 @@ def precompute(model: ServingModel, depth: int, cancelled: threading.Event | Non
     depth = min(depth, items.shape[0])
     out_rows = np.full((users.shape[0], depth), -1, np.int32)
     out_scores = np.zeros((users.shape[0], depth), np.float32)
-    indptr, indices = model.seen_indptr, model.seen_indices
+    indptr, indices = model.excluded_indptr, model.excluded_indices
     for start in range(0, users.shape[0], BLOCK_USERS):
         if cancelled is not None and cancelled.is_set():
             return None

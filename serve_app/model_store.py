@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
 import registry
+from core.config import EventName
 from core.storage import Storage
 
 log = logging.getLogger("serve_app.model_store")
+EVENT_TYPES: tuple[str, ...] = get_args(EventName)  # the order of the evidence's counts (registry EVIDENCE)
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,10 @@ class ServingModel:
     items: torch.Tensor  # [I, d]
     item_ids: list[str]
     item_row: dict[str, int]
-    seen_indptr: np.ndarray
+    seen_indptr: np.ndarray  # every item each user touched (the evidence behind profiles and explanations)
     seen_indices: np.ndarray
+    excluded_indptr: np.ndarray  # the part of it never recommended again: items with an event of data.seen_events
+    excluded_indices: np.ndarray
     popular: np.ndarray  # item rows by popularity, most popular first
     popular_by_category: dict[str, np.ndarray]  # category id -> its item rows by popularity
     item_category: np.ndarray  # category index per item row, -1 when none
@@ -52,10 +56,30 @@ class ServingModel:
     def seen(self, row: int) -> np.ndarray:
         return self.seen_indices[self.seen_indptr[row] : self.seen_indptr[row + 1]]
 
+    def excluded(self, row: int) -> np.ndarray:
+        return self.excluded_indices[self.excluded_indptr[row] : self.excluded_indptr[row + 1]]
 
-def build_serving_model(loaded: registry.LoadedVersion) -> ServingModel:
-    """Everything a request reads, from the version alone (category names included)."""
+
+def exclusion_csr(indptr: np.ndarray, indices: np.ndarray, evidence: dict[str, np.ndarray] | None,
+                  seen_events: Collection[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The seen items whose evidence holds an event of one of `seen_events`. A version without events by type (older,
+    or from a log with one event type) excludes every seen item, as it always did."""
+    if evidence is None or "counts" not in evidence or set(EVENT_TYPES) <= set(seen_events):
+        return indptr, indices
+    cols = [EVENT_TYPES.index(e) for e in seen_events]
+    keep = (evidence["counts"][:, cols] > 0).any(axis=1)
+    owner = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    out = np.zeros_like(indptr)
+    np.cumsum(np.bincount(owner[keep], minlength=len(indptr) - 1), out=out[1:])
+    return out, indices[keep]
+
+
+def build_serving_model(loaded: registry.LoadedVersion, seen_events: Collection[str] = EVENT_TYPES) -> ServingModel:
+    """Everything a request reads, from the version alone (category names included); `seen_events`: which event
+    types make an item seen (data.seen_events)."""
     started = time.time()
+    excluded_indptr, excluded_indices = exclusion_csr(loaded.seen_indptr, loaded.seen_indices, loaded.seen_evidence,
+                                                      seen_events)
     cat_keys = loaded.category_ids
     pop = loaded.popularity
     scores = pop.column("score").to_numpy()
@@ -80,6 +104,8 @@ def build_serving_model(loaded: registry.LoadedVersion) -> ServingModel:
         item_row={k: i for i, k in enumerate(loaded.item_ids)},
         seen_indptr=loaded.seen_indptr,
         seen_indices=loaded.seen_indices,
+        excluded_indptr=excluded_indptr,
+        excluded_indices=excluded_indices,
         popular=order,
         popular_by_category=by_category,
         item_category=item_category,
@@ -110,8 +136,10 @@ class ModelWatcher:
 
     def __init__(self, storage: Storage, poll_interval_s: float, warm: Callable[[ServingModel], None],
                  on_swap: Callable[[ServingModel], None] | None = None,
-                 on_refuse: Callable[[str, str], None] | None = None) -> None:
+                 on_refuse: Callable[[str, str], None] | None = None,
+                 seen_events: Collection[str] = EVENT_TYPES) -> None:
         self.storage = storage
+        self.seen_events = tuple(seen_events)
         self.poll_interval_s = poll_interval_s
         self._warm, self._on_swap, self._on_refuse = warm, on_swap, on_refuse
         self.current: ServingModel | None = None
@@ -144,7 +172,7 @@ class ModelWatcher:
         if loaded is None:
             return False
         try:
-            model = build_serving_model(loaded)
+            model = build_serving_model(loaded, self.seen_events)
             self._warm(model)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             self.refused.add(loaded.version)

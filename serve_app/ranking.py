@@ -3,7 +3,7 @@ exclusions and a category filter, exactly or through the version's approximate i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def top_k(model: ServingModel, scores: torch.Tensor, row: int | None, k: int, ex
     `cat_idx`'s items when given. Fewer than k when fewer qualify."""
     scores = scores.reshape(-1).clone()
     if exclude_seen:
-        for seen in (model.seen(row) if row is not None else None, extra_seen):
+        for seen in (model.excluded(row) if row is not None else None, extra_seen):
             if seen is not None and len(seen):
                 scores[torch.from_numpy(seen.astype(np.int64))] = float("-inf")
     if cat_idx is not None:
@@ -60,8 +60,14 @@ def top_k(model: ServingModel, scores: torch.Tensor, row: int | None, k: int, ex
     return rows[keep].tolist(), vals[keep].tolist()
 
 
+def seen_live(rows: np.ndarray, events: Sequence[LiveEvent], seen_events: Collection[str]) -> np.ndarray:
+    """The rows of the live events whose type makes their item seen (data.seen_events), as the model's evidence does:
+    a live view of an item keeps it a candidate unless views count."""
+    return rows[np.fromiter((e.event in seen_events for e in events), dtype=bool, count=len(events))]
+
+
 def _excluded(model: ServingModel, row: int | None, extra_seen: np.ndarray | None) -> np.ndarray:
-    parts = [p for p in (model.seen(row) if row is not None else None, extra_seen) if p is not None and len(p)]
+    parts = [p for p in (model.excluded(row) if row is not None else None, extra_seen) if p is not None and len(p)]
     return np.unique(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
 
 

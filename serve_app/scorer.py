@@ -61,8 +61,10 @@ class Scorer:
         self._cancel_precompute = threading.Event()
         self.metrics = Metrics()
         storage = storage_for(cfg)
+        self.seen_events = frozenset(cfg.data.seen_events)
         self.watcher = ModelWatcher(storage, cfg.serve.poll_interval_s, warm=self._warm, on_swap=self._swapped,
-                                    on_refuse=lambda v, why: self.metrics.refused.inc())
+                                    on_refuse=lambda v, why: self.metrics.refused.inc(),
+                                    seen_events=cfg.data.seen_events)
         try:  # a replica started later serves the newest good version from its first request
             self.watcher.poll_once()
         except OSError:  # storage unreachable for now: the watcher's thread keeps trying; requests get 503 till then
@@ -161,12 +163,13 @@ class Scorer:
         else:
             now_ms = time.time() * 1000
             vector, live_rows = self._vector(model, row, fresh, now_ms)
+            live_seen = ranking.seen_live(live_rows, fresh, self.seen_events)
             if self.indexed(model):
-                rows, vals = ranking.top_k_indexed(model, vector, row, k, exclude_seen, cat_idx, live_rows,
+                rows, vals = ranking.top_k_indexed(model, vector, row, k, exclude_seen, cat_idx, live_seen,
                                                    self.ef_search)
             else:
                 scores = await self._scores((model, vector))
-                rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, live_rows)
+                rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, live_seen)
             items = _scored(model, rows, vals)
             if explain:
                 why = await asyncio.to_thread(self._explain, model, row, live_rows, fresh, vector, now_ms, rows)

@@ -141,12 +141,16 @@ def test_posted_events_change_a_known_users_answers_on_every_replica_at_once(liv
 
 
 def test_a_new_user_with_three_events_gets_folded_recommendations(live: dict, toy: str) -> None:
-    url = live["url"]
-    assert _post(f"{url}/events", json={"events": _now_events("brand-new", [0, 3, 6], "view")}).status_code == 200
-    for body in _from_both_replicas(f"{url}/recommend/brand-new?k=6"):
-        assert body["path"] == "folded"
-        assert _cats(body) == Counter({0: 6}), body
-        assert not {x["item_id"] for x in body["items"]} & {"item-0", "item-3", "item-6"}
+    """Live events fold into a new shopper's vector; the items bought are seen (data.seen_events: purchases), the
+    items only viewed stay candidates, and the best ones at that."""
+    url, touched = live["url"], {"item-0", "item-3", "item-6"}
+    for user, event in (("brand-new-viewer", "view"), ("brand-new-buyer", "purchase")):
+        assert _post(f"{url}/events", json={"events": _now_events(user, [0, 3, 6], event)}).status_code == 200
+        for body in _from_both_replicas(f"{url}/recommend/{user}?k=6"):
+            assert body["path"] == "folded"
+            assert _cats(body) == Counter({0: 6}), body
+            shown = {x["item_id"] for x in body["items"]}
+            assert (touched <= shown) if event == "view" else not (touched & shown), (event, body)
 
 
 def test_a_version_whose_watermark_covers_the_live_events_stops_folding_them(live: dict, toy: str) -> None:
@@ -201,10 +205,16 @@ def test_a_partly_bad_batch_stores_the_good_events_and_says_why_the_others_were_
     assert set(stored.column("user_key").to_pylist()) == {pseudonymise("mixed-shopper", TEST_KEY)}
 
 
-def test_deletion_needs_the_token_acts_at_once_and_reaches_the_next_version(live: dict) -> None:
+def test_deletion_needs_the_token_acts_at_once_and_leaves_no_trace(live: dict) -> None:
+    """DELETE /users needs the admin token and takes effect on every replica at once; the next ingestion purges
+    the user's rows and the next version does not know them. After the next update, no file under data.root but
+    the tombstone holds a deleted user's key or raw id: not the interactions, rejects, raw drops, live files, id map,
+    graph, versions, audience exports or Ray Train's runs."""
+    from serve_app.audience import build_audience
     from trainers.train import TrainOptions, run_train
+    from trainers.update import run_update
 
-    url, storage = live["url"], live["storage"]
+    url, root, storage = live["url"], Path(live["root"]), live["storage"]
     assert requests.delete(f"{url}/users/user-7", timeout=10).status_code == 401
     wrong = requests.delete(f"{url}/users/user-7", headers={"Authorization": "Bearer nope"}, timeout=10)
     assert wrong.status_code == 403
@@ -215,17 +225,51 @@ def test_deletion_needs_the_token_acts_at_once_and_reaches_the_next_version(live
     assert {a["path"] for a in answers} == {"popular"}
     refused = _post(f"{url}/events", json=_now_events("user-7", [1]))
     assert refused.status_code == 422 and "deleted_user" in refused.text
+    seven = pseudonymise("user-7", TEST_KEY)
 
-    key = pseudonymise("user-7", TEST_KEY)
+    user, key = "forget-me-please", pseudonymise("forget-me-please", TEST_KEY)
+    now_s = int(time.time()) - 3600
+    drop = root / "raw" / "dropped-by-an-operator.csv"
+    drop.parent.mkdir(parents=True, exist_ok=True)
+    drop.write_text("user_id,item_id,event,ts,category_id\n" + "".join(
+        f"{u},item-{i},view,{now_s + i},cat-{i % N_CATS}\n" for i in range(6) for u in (user, "bystander"))
+        + f"{user},item-1,view,not-a-time,cat-1\n")  # a rejected row of theirs too
+    assert _post(f"{url}/events", json=_now_events(user, [2, 5])).json()["accepted"] == 2
+    _sealed()
     summary = run_ingest(live["cfg"], Request(source=None, fmt="events", holdout=None))
-    assert summary["purged_users"] == 1 and summary["purged_rows"] == 3
-    assert key not in read_dir(Path(live["root"]) / "interactions").column("user_key").to_pylist()
+    assert summary["purged_users"] == 1 and summary["purged_rows"] == 3  # user-7's seeded rows
+    assert seven not in read_dir(root / "interactions").column("user_key").to_pylist()
     published = run_train(live["cfg"], TrainOptions(num_workers=1, epochs=2))
     version = registry.load_version(storage, published["version"])
-    assert key not in version.user_keys and pseudonymise("user-4", TEST_KEY) in version.user_keys
+    assert key in version.user_keys and pseudonymise("user-4", TEST_KEY) in version.user_keys
+    assert seven not in version.user_keys
     users = pq.read_table(storage.path("checkpoints", "versions", published["version"], "embeddings",
                                        "users.parquet"))
-    assert key not in users.column("user_key").to_pylist()
+    assert seven not in users.column("user_key").to_pylist()
+    audience = build_audience(live["cfg"], "cat-2", None, 1000)  # an export that takes everybody
+    assert key in pq.read_table(audience["path"])["user_key"].to_pylist()
+    assert _post(f"{url}/events", json=_now_events(user, [8])).json()["accepted"] == 1  # acknowledged, not sealed
+    ok = requests.delete(f"{url}/users/{user}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
+    assert ok.status_code == 200
+    summary = run_update(live["cfg"])
+    assert summary["version"] is not None, summary
+    assert key not in registry.load_latest(live["storage"]).user_keys
+
+    found = []
+    for path in root.rglob("*"):
+        if not path.is_file() or "tombstones" in path.parts:
+            continue
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            for name in table.column_names:
+                if pa.types.is_string(table.column(name).type) or pa.types.is_large_string(table.column(name).type):
+                    values = [v for v in table.column(name).to_pylist() if v]
+                    if any(key in v or user in v for v in values):
+                        found.append(f"{path}:{name}")
+        elif key.encode() in path.read_bytes() or user.encode() in path.read_bytes():
+            found.append(str(path))
+    assert not found, found
+    assert "bystander" in drop.read_text()  # only the deleted user's rows went
 
 
 def test_acknowledged_events_survive_a_restart_and_reach_the_next_ingestion(live: dict) -> None:
@@ -313,53 +357,6 @@ def test_a_full_disk_answers_503_and_leaves_no_temporary_file(live: dict, tmp_pa
     finally:  # lazily if a replica still holds something open there: later tests need the real folder back
         if subprocess.run(["umount", str(live_dir)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(live_dir)], capture_output=True, check=True)
-
-
-def test_a_deletion_leaves_no_trace_under_the_root(live: dict) -> None:
-    """After DELETE /users and the next update, no file under data.root but the tombstone holds the user's key or
-    raw id: not the interactions, rejects, raw drops, live files, id map, graph, versions, audience exports or Ray
-    Train's runs."""
-    from serve_app.audience import build_audience
-    from trainers.train import TrainOptions, run_train
-    from trainers.update import run_update
-
-    url, root = live["url"], Path(live["root"])
-    user, key = "forget-me-please", pseudonymise("forget-me-please", TEST_KEY)
-    now_s = int(time.time()) - 3600
-    drop = root / "raw" / "dropped-by-an-operator.csv"
-    drop.parent.mkdir(parents=True, exist_ok=True)
-    drop.write_text("user_id,item_id,event,ts,category_id\n" + "".join(
-        f"{u},item-{i},view,{now_s + i},cat-{i % N_CATS}\n" for i in range(6) for u in (user, "bystander"))
-        + f"{user},item-1,view,not-a-time,cat-1\n")  # a rejected row of theirs too
-    assert _post(f"{url}/events", json=_now_events(user, [2, 5])).json()["accepted"] == 2
-    _sealed()
-    run_ingest(live["cfg"], Request(source=None, fmt="events", holdout=None))
-    run_train(live["cfg"], TrainOptions(num_workers=1, epochs=2))
-    assert key in registry.load_latest(live["storage"]).user_keys
-    audience = build_audience(live["cfg"], "cat-2", None, 1000)  # an export that takes everybody
-    assert key in pq.read_table(audience["path"])["user_key"].to_pylist()
-    assert _post(f"{url}/events", json=_now_events(user, [8])).json()["accepted"] == 1  # acknowledged, not sealed
-    ok = requests.delete(f"{url}/users/{user}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-    assert ok.status_code == 200
-    summary = run_update(live["cfg"])
-    assert summary["version"] is not None, summary
-    assert key not in registry.load_latest(live["storage"]).user_keys
-
-    found = []
-    for path in root.rglob("*"):
-        if not path.is_file() or "tombstones" in path.parts:
-            continue
-        if path.suffix == ".parquet":
-            table = pq.read_table(path)
-            for name in table.column_names:
-                if pa.types.is_string(table.column(name).type) or pa.types.is_large_string(table.column(name).type):
-                    values = [v for v in table.column(name).to_pylist() if v]
-                    if any(key in v or user in v for v in values):
-                        found.append(f"{path}:{name}")
-        elif key.encode() in path.read_bytes() or user.encode() in path.read_bytes():
-            found.append(str(path))
-    assert not found, found
-    assert "bystander" in drop.read_text()  # only the deleted user's rows went
 
 
 def test_a_future_dated_event_does_not_stop_folding(live: dict) -> None:

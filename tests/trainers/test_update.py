@@ -70,7 +70,12 @@ def _catalogue(logs: Path) -> dict[str, str]:
     return dict(zip(table.column("item_id").to_pylist(), table.column("category_id").to_pylist(), strict=False))
 
 
-def test_update_publishes_a_child_with_new_users_and_items(trained: dict, own: dict) -> None:
+def test_update_publishes_a_child_with_new_users_and_items_and_learns_late_events(trained: dict, own: dict) -> None:
+    """New shoppers and items grow the parent; an event dated before the parent's watermark that arrives after it
+    is new to the update too: chosen by arrival, where event time would have passed it over."""
+    from trainers.data import load_graph, split
+    from trainers.warm_start import update_pair_index
+
     cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
     parent = registry.load_latest(storage)
@@ -86,12 +91,15 @@ def test_update_publishes_a_child_with_new_users_and_items(trained: dict, own: d
             for j, item in enumerate(touched)]
     rows += [f"shopper-brandnew0,item-fresh-{n},view,{now_s + 50 + n},cat-fresh,brand-fresh,1.0," for n in range(3)]
     (own["new"] / "events-new.csv").write_text(HEADER + "\n".join(rows) + "\n")
+    late_s = parent.watermark_ms // 1000 - 3 * 86400  # three days before what the parent saw last
+    late_rows = [f"shopper-late{u},item-late-{u},purchase,{late_s + u},cat-late,,," for u in range(8)]
+    (own["new"] / "events-late.csv").write_text(HEADER + "\n".join(late_rows) + "\n")
 
     summary = run_update(cfg)
 
     assert summary["version"] is not None, summary.get("reason")
-    assert summary["steps"] == 30 and not summary["resident"]
-    assert summary["parent"] == parent.version and summary["ingested"]["new_users"] == 3
+    assert summary["steps"] == 30 and not summary["resident"] and summary["new_pairs"] > 0
+    assert summary["parent"] == parent.version and summary["ingested"]["new_users"] == 3 + 8
     t = summary["timings"]
     assert set(t) == {"ingest", "prepare", "ray_train", "worker_loop", "worker", "publish"}
     assert {"setup", "eval_parent", "eval"} <= set(t["worker"])
@@ -109,6 +117,18 @@ def test_update_publishes_a_child_with_new_users_and_items(trained: dict, own: d
     in_target = sum(catalogue.get(i) == target for i in top)
     share = len(by_cat[target]) / len(catalogue)
     assert in_target >= 5 and in_target / 10 > 2 * share, (in_target, share, top)
+
+    graph = load_graph(storage)
+    items = storage.read_parquet(storage.list_files("idmaps", "item", suffix=".parquet"))
+    late_items = {i for k, i in zip(items["key"].to_pylist(), items["idx"].to_pylist(), strict=True)
+                  if k.startswith("item-late-")}
+    late = np.flatnonzero(np.isin(graph.ui_item, list(late_items)))
+    assert len(late) == 8 and (graph.ui_last_ts[late] < parent.watermark_ms).all()  # old by event time ...
+    assert (graph.ui_last_run[late] > parent.coverage["runs"]).all()  # ... new by arrival
+    sp = split(graph, cfg.train.holdout, cfg.train.holdout_days)
+    index, _ = update_pair_index(graph, sp, cfg, parent.watermark_ms, parent.coverage["runs"])
+    trained_on = set(zip(sp.train_user[index].tolist(), sp.train_item[index].tolist(), strict=True))
+    assert {(graph.ui_user[e], graph.ui_item[e]) for e in late} <= trained_on
 
 
 def test_degraded_update_is_refused_and_latest_stays(own: dict) -> None:
@@ -234,32 +254,3 @@ def test_a_version_published_by_the_old_code_warm_starts_a_child(ray_session, tm
     child = registry.load_version(Storage(str(root)), "v000002")
     assert child.format == registry.FORMAT and child.parent == "v000001"
     assert "cat-late" in child.category_ids and child.category_vectors.shape[0] == len(child.category_ids)
-
-
-def test_a_late_event_is_learned_by_the_next_update(own: dict) -> None:
-    """An event dated before the parent's watermark that arrives after it is new to the update: chosen by arrival,
-    where event time would have passed it over."""
-    from trainers.data import load_graph, split
-    from trainers.warm_start import update_pair_index
-
-    cfg: AppConfig = own["cfg"]
-    storage = Storage(cfg.data.root)
-    parent = registry.load_latest(storage)
-    late_s = parent.watermark_ms // 1000 - 3 * 86400  # three days before what the parent saw last
-    rows = [f"shopper-late{u},item-late-{u},purchase,{late_s + u},cat-late,,," for u in range(8)]
-    (own["new"] / "events-late.csv").write_text(HEADER + "\n".join(rows) + "\n")
-    summary = run_update(cfg)
-    assert summary["version"] is not None and summary["new_pairs"] > 0, summary
-
-    graph = load_graph(storage)
-    items = Storage(cfg.data.root).read_parquet(Storage(cfg.data.root).list_files("idmaps", "item",
-                                                                                   suffix=".parquet"))
-    late_items = {i for k, i in zip(items["key"].to_pylist(), items["idx"].to_pylist(), strict=True)
-                  if k.startswith("item-late-")}
-    late = np.flatnonzero(np.isin(graph.ui_item, list(late_items)))
-    assert len(late) == 8 and (graph.ui_last_ts[late] < parent.watermark_ms).all()  # old by event time ...
-    assert (graph.ui_last_run[late] > parent.coverage["runs"]).all()  # ... new by arrival
-    sp = split(graph, cfg.train.holdout, cfg.train.holdout_days)
-    index, _ = update_pair_index(graph, sp, cfg, parent.watermark_ms, parent.coverage["runs"])
-    trained_on = set(zip(sp.train_user[index].tolist(), sp.train_item[index].tolist(), strict=True))
-    assert {(graph.ui_user[e], graph.ui_item[e]) for e in late} <= trained_on
