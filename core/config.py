@@ -58,8 +58,8 @@ class DataConfig(_Section):
     )
     seen_events: list[EventName] = Field(
         default_factory=lambda: ["purchase"],
-        description="event types after which an item is 'seen' by its shopper: never recommended to them again, and "
-        "masked when a model is evaluated; an item with only other events (viewed, carted) stays a candidate")
+        description="event types after which an item is 'seen' by its shopper and never recommended to them again; "
+        "an item with only other events (viewed, carted) stays a candidate")
     half_life_days: float = Field(14.0, gt=0, description="recency decay of edge weights, in days")
     recent_half_life_days: float = Field(
         3.0, gt=0, description="a shorter decay, kept beside the weight: interests rising or fading")

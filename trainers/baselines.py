@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import numpy as np
 import torch
 
-from trainers.data import InterestGraph, Split, eval_mask
+from trainers.data import InterestGraph, Split
 from trainers.metrics import recall_ndcg_at_k
 from trainers.sampling import csr_from_pairs
 
 
-def popularity_metrics(graph: InterestGraph, sp: Split, k: int, batch_users: int = 1024,
-                       seen_events: Collection[str] | None = None) -> dict[str, float]:
-    """Recall/NDCG@K of ranking every user's unseen items (data.seen_events; every type when None) by training-pair
-    popularity."""
+def popularity_metrics(graph: InterestGraph, sp: Split, k: int, batch_users: int = 1024) -> dict[str, float]:
+    """Recall/NDCG@K of ranking every user's unseen items by training-pair popularity."""
     counts = np.bincount(sp.train_item, minlength=graph.num_items).astype(np.float32)
     scores = torch.from_numpy(counts)
-    keep = None if seen_events is None else eval_mask(graph, sp, seen_events)
-    mu, mi = (sp.train_user, sp.train_item) if keep is None else (sp.train_user[keep], sp.train_item[keep])
-    train = csr_from_pairs(mu, mi, graph.num_users, graph.num_items)
+    train = csr_from_pairs(sp.train_user, sp.train_item, graph.num_users, graph.num_items)
     test = csr_from_pairs(sp.test_user, sp.test_item, graph.num_users, graph.num_items)
     k_eff = min(k, graph.num_items)
     out = recall_ndcg_at_k(lambda b: scores.expand(len(b), -1).clone(), train, test, k_eff, batch_users)

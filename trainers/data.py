@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,15 +145,6 @@ def parent_holdout(graph: InterestGraph, mode: str, holdout_days: float, parent_
     if mode == "official":
         return np.zeros(len(graph.ui_user), dtype=bool)
     return _test_mask(graph, mode, holdout_days, parent_watermark_ms, graph.ui_first_ts <= parent_watermark_ms)
-
-
-def eval_mask(graph: InterestGraph, sp: Split, seen_events: Collection[str]) -> np.ndarray | None:
-    """Which training pairs evaluation masks: those with an event of a `seen_events` type (data.seen_events, what
-    serving never recommends again). None: all of them (every type counts, or the graph keeps no events by type)."""
-    if graph.ui_event_counts is None or set(s.EVENT_TYPES) <= set(seen_events):
-        return None
-    cols = [s.EVENT_TYPES.index(e) for e in seen_events]
-    return (graph.ui_event_counts[~sp.test_mask][:, cols] > 0).any(axis=1)
 
 
 def split(graph: InterestGraph, mode: str = "auto", holdout_days: float = 1.0) -> Split:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from core.config import TrainConfig
-from trainers.data import InterestGraph, Split, eval_mask, load_graph, split
+from trainers.data import InterestGraph, Split, load_graph, split
 from trainers.graph import NodeOffsets, build_norm_adjacency, node_offsets
 from trainers.losses import bpr_loss, l2_reg, softmax_loss
 from trainers.metrics import recall_ndcg_at_k
@@ -128,13 +128,6 @@ def _rank_test_csr(sp: Split, num_users: int, num_items: int, rank: int, world: 
     return csr_from_pairs(sp.test_user[mine], sp.test_item[mine], num_users, num_items)
 
 
-def _masked_csr(graph: InterestGraph, sp: Split, train_csr: Csr, seen_events: tuple[str, ...]) -> Csr:
-    keep = eval_mask(graph, sp, seen_events)
-    if keep is None:
-        return train_csr
-    return csr_from_pairs(sp.train_user[keep], sp.train_item[keep], graph.num_users, graph.num_items)
-
-
 def build_adjacency(graph: InterestGraph, sp: Split) -> torch.Tensor:
     return build_norm_adjacency(
         graph.num_users, graph.num_items, graph.num_categories, graph.num_brands,
@@ -161,7 +154,6 @@ class Worker:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_csr: Csr
     test_csr: Csr
-    masked_csr: Csr  # the training pairs evaluation masks (data.seen_events); train_csr when every type counts
     sampler: NegativeSampler
     pairs_user: np.ndarray
     pairs_item: np.ndarray
@@ -224,7 +216,6 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         inputs=inputs, session=session, hp=hp, device=device, graph=graph, sp=sp, offsets=offsets, adj=adj,
         model=model, wrapped=model, optimiser=optimiser, scheduler=scheduler, train_csr=train_csr,
         test_csr=_rank_test_csr(sp, graph.num_users, graph.num_items, session.rank, session.world),
-        masked_csr=_masked_csr(graph, sp, train_csr, inputs.seen_events),
         sampler=NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items),
         pairs_user=pairs_user, pairs_item=pairs_item, steps=steps, started=time.time())
     worker.phases["setup"] = round(time.time() - mark, 3)
@@ -315,7 +306,7 @@ def evaluate(w: Worker) -> tuple[dict[str, float], torch.Tensor]:
     users, items = emb[: graph.num_users], emb[graph.num_users : graph.num_users + graph.num_items]
     k_eff = min(k, graph.num_items)
     # Scores come back to the CPU, where the masks and test sets live (a no-op without a GPU).
-    local = recall_ndcg_at_k(lambda b: (users[b.to(users.device)] @ items.T).cpu(), w.masked_csr, w.test_csr, k_eff,
+    local = recall_ndcg_at_k(lambda b: (users[b.to(users.device)] @ items.T).cpu(), w.train_csr, w.test_csr, k_eff,
                              w.hp.eval_batch_users)
     n = local["users"]
     r_sum, n_sum, count = _all_reduce([local[f"recall@{k_eff}"] * n, local[f"ndcg@{k_eff}"] * n, n], w.world)

@@ -45,8 +45,7 @@ def worker_inputs(cfg: AppConfig, opts: TrainOptions, started: float, warm: Warm
     budget = opts.time_budget_s if opts.time_budget_s is not None else t.time_budget_s
     threads = t.threads_per_worker or max(1, int(t.cpus_per_worker))
     return WorkerInputs(storage=storage_for(cfg), train=t, threads=threads,
-                        deadline=started + budget if budget else None, warm=warm,
-                        seen_events=tuple(cfg.data.seen_events), **extra)
+                        deadline=started + budget if budget else None, warm=warm, **extra)
 
 
 def _use_gpu(cfg: AppConfig, opts: TrainOptions) -> bool:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any
 
-from core.config import EventName, TrainConfig
+from core.config import TrainConfig
 from core.storage import Storage
 
 
@@ -28,7 +28,5 @@ class WorkerInputs:
     deadline: float | None = None  # time.time() at which every rank stops at the same step, evaluates and saves
     max_steps: int | None = None  # stop after this many optimiser steps
     warm: WarmStart | None = None
-    # data.seen_events: evaluation masks a training pair only when it holds an event of these types, as serving does
-    seen_events: tuple[str, ...] = get_args(EventName)
     # Tests only: wraps the worker's session (fault injection, trainers.faults); None in production.
     session_wrapper: Callable[[Any], Any] | None = None

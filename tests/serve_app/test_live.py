@@ -149,7 +149,10 @@ def test_a_new_user_with_three_events_gets_folded_recommendations(live: dict, to
         for body in _from_both_replicas(f"{url}/recommend/{user}?k=6"):
             assert body["path"] == "folded"
             assert _cats(body) == Counter({0: 6}), body
-            shown = {x["item_id"] for x in body["items"]}
+        # k=20: every item of category 0 that is not seen (the vector points at the category, not at the items)
+        for body in _from_both_replicas(f"{url}/recommend/{user}?k=20"):
+            shown = {x["item_id"] for x in body["items"] if int(x["item_id"].split("-")[1]) % N_CATS == 0}
+            assert len(shown) == (20 if event == "view" else 17), (event, body)
             assert (touched <= shown) if event == "view" else not (touched & shown), (event, body)
 
 

@@ -1,5 +1,5 @@
-"""data.seen_events: which event types make an item seen. Serving excludes exactly those items (the version's and
-the live ones), and evaluation masks exactly those training pairs, so the two agree."""
+"""data.seen_events: which event types make an item seen. Serving excludes exactly those items: the version's (from
+the events-by-type evidence) and the live ones, on every answering path."""
 
 from __future__ import annotations
 

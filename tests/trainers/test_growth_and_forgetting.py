@@ -103,27 +103,3 @@ def test_popularity_and_seen_items_from_the_graph() -> None:
     indptr, indices, evidence = seen_csr(graph)
     assert indptr.tolist() == [0, 2, 3] and indices.tolist() == [0, 1, 1]
     assert evidence is None  # this graph keeps no evidence per pair
-
-
-def test_evaluation_masks_the_training_pairs_serving_never_recommends_again() -> None:
-    from trainers.baselines import popularity_metrics
-    from trainers.data import eval_mask
-
-    # users 0-2 each: item 0 viewed and item 1 purchased on day 0, one new item on day 3 (the holdout)
-    pairs = [(u, i, 0) for u in range(3) for i in (0, 1)] + [(u, 2 + u, 3) for u in range(3)]
-    graph = _graph(3, 6, 1, 0, pairs, item_cat=[(i, 0) for i in range(6)])
-    counts = np.zeros((len(pairs), 5), np.int32)
-    counts[:, 0] = 1
-    counts[[1, 3, 5], 0], counts[[1, 3, 5], 4] = 0, 1
-    graph.ui_event_counts = counts
-    sp = split(graph, "last_days", holdout_days=1.0)
-    assert eval_mask(graph, sp, ["view", "click", "cart", "fav", "purchase"]) is None  # every pair, as before
-    assert eval_mask(graph, sp, ["purchase"]).tolist() == [False, True] * 3  # only the purchased item
-    assert not eval_mask(graph, sp, []).any()
-    graph.ui_event_counts = None  # a graph without events by type: every pair, whatever the setting
-    assert eval_mask(graph, sp, ["purchase"]) is None
-    graph.ui_event_counts = counts
-    # Popularity ranks item 0 and 1 first; with purchases alone seen, the viewed item 0 takes a top slot again.
-    every = popularity_metrics(graph, sp, 1)
-    bought = popularity_metrics(graph, sp, 1, seen_events=["purchase"])
-    assert bought["recall@1"] <= every["recall@1"]
