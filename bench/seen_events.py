@@ -25,7 +25,7 @@ import torch
 
 OUT = Path(__file__).resolve().parent / "out"
 SETTINGS = {
-    "every type (before)": ["view", "click", "cart", "fav", "purchase"],
+    "every type (before)": None,  # serve_app.model_store.EVENT_TYPES
     "purchase": ["purchase"],
     "cart, purchase": ["cart", "purchase"],
     "nothing": [],
@@ -44,7 +44,7 @@ def split_log(source: Path, train_csv: Path, test_days: float) -> tuple[list[tup
 
 def evaluate(loaded, purchases: list[tuple[str, str]], key: bytes, k: int) -> list[dict]:
     from datasets.pseudonym import pseudonymise
-    from serve_app.model_store import build_serving_model
+    from serve_app.model_store import EVENT_TYPES, build_serving_model, exclusion_csr
     from trainers.metrics import recall_ndcg_at_k
 
     base = build_serving_model(loaded)
@@ -57,12 +57,13 @@ def evaluate(loaded, purchases: list[tuple[str, str]], key: bytes, k: int) -> li
     popular[torch.from_numpy(base.popular.astype(np.int64))] = -torch.arange(len(base.popular), dtype=torch.float32)
     out = []
     for name, types in SETTINGS.items():
-        model = build_serving_model(loaded, types)
-        masked = sp.csr_matrix((np.ones(len(model.excluded_indices), np.float32), model.excluded_indices,
-                                model.excluded_indptr), shape=(n_users, n_items))
-        ours = recall_ndcg_at_k(lambda b, m=model: m.users[b] @ m.items.T, masked, test, k)
+        types = list(EVENT_TYPES) if types is None else types
+        # what a replica built with data.seen_events = types excludes (the same function it calls)
+        indptr, indices = exclusion_csr(loaded.seen_indptr, loaded.seen_indices, loaded.seen_evidence, types)
+        masked = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n_users, n_items))
+        ours = recall_ndcg_at_k(lambda b: base.users[b] @ base.items.T, masked, test, k)
         pop = recall_ndcg_at_k(lambda b: popular.expand(len(b), -1).clone(), masked, test, k)
-        out.append({"seen_events": name, "types": types, "excluded_pairs": int(len(model.excluded_indices)),
+        out.append({"seen_events": name, "types": types, "excluded_pairs": int(len(indices)),
                     f"recall@{k}": round(ours[f"recall@{k}"], 4), f"ndcg@{k}": round(ours[f"ndcg@{k}"], 4),
                     f"popularity_recall@{k}": round(pop[f"recall@{k}"], 4), "buyers": ours["users"],
                     "purchases": len(users)})

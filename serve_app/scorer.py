@@ -64,7 +64,7 @@ class Scorer:
         self.seen_events = frozenset(cfg.data.seen_events)
         self.watcher = ModelWatcher(storage, cfg.serve.poll_interval_s, warm=self._warm, on_swap=self._swapped,
                                     on_refuse=lambda v, why: self.metrics.refused.inc(),
-                                    seen_events=cfg.data.seen_events)
+                                    seen_events=self.seen_events)
         try:  # a replica started later serves the newest good version from its first request
             self.watcher.poll_once()
         except OSError:  # storage unreachable for now: the watcher's thread keeps trying; requests get 503 till then
