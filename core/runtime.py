@@ -20,6 +20,18 @@ HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
 # stall for half a minute. A cluster keeps Ray's default unless its nodes set the variable.
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 EMBEDDED_DRAIN_S = "3"
+# Ray Train's defaults are sized for clusters: its controller polls the workers every 2 s (a run's end, or a lost
+# worker, is noticed up to 2 s late) and starts a watcher actor per run for nodes being drained (spot preemption).
+# An embedded Ray is one node that nobody drains, and a poll of a local worker costs nothing: together these were
+# 4 s of every short run (a tiny `run_train` went from 22 s to 18 s). Clusters keep Ray's defaults.
+EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def set_embedded_env() -> None:
+    """Ray Train's settings for a Ray started in this process (before ray.init: its workers inherit them).
+    Defaults only: a value the user set wins."""
+    for name, value in EMBEDDED_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def haproxy_binary() -> str | None:
@@ -83,6 +95,7 @@ def ensure_ray(cfg: AppConfig, dashboard: bool = False, long_lived: bool = False
     os.environ.update(ha)
     if ha:
         os.environ.setdefault(DRAIN_ENV, EMBEDDED_DRAIN_S)
+    set_embedded_env()
     kwargs: dict[str, object] = {"include_dashboard": dashboard}
     num_cpus = embedded_cpus(cfg, long_lived)
     if num_cpus:

@@ -52,6 +52,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from core.runtime import set_embedded_env
+
+        set_embedded_env()  # as every embedded Ray of the app's own commands
         ray.init(num_cpus=2, object_store_memory=400 << 20, include_dashboard=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in PASSED_TO_RAY}})
         from ray.data import DataContext

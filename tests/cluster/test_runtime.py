@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from core.config import parse_config
 from core.runtime import detected_cpus, embedded_cpus
 
@@ -20,3 +22,15 @@ def test_long_lived_job_counts_resident_workers_serve_and_one_task() -> None:
     assert embedded_cpus(cfg, long_lived=True) == max(detected_cpus(), 9)
     small = parse_config({"train": {"num_workers": 1}, "serve": {"max_replicas": 1, "num_cpus": 0.2}})
     assert embedded_cpus(small, long_lived=True) == max(detected_cpus(), 3)
+
+
+def test_an_embedded_ray_gets_train_settings_for_one_node_and_a_users_own_value_wins(monkeypatch) -> None:
+    from core.runtime import EMBEDDED_TRAIN_ENV, set_embedded_env
+
+    for name in EMBEDDED_TRAIN_ENV:  # set, then removed: monkeypatch restores the variable's state after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")
+    set_embedded_env()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "7"
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
