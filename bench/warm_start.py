@@ -7,6 +7,12 @@ are the newest slice. For every slice the same files go into two storage roots: 
 after the parent's training and timed apart; the slices' cycles run back to back), the other ingests and retrains
 from scratch on all data so far, as a full training job does. Both are scored on the same holdout of the new
 graph (the new day's first-time pairs; the last purchases). Prints JSON lines.
+
+`--stream` replays what a production `--every` job sees instead: after the parent, the rest of the log in time order
+in small increments (`--cycles` of `--min-events` to `--max-events` events each), one update cycle per increment on
+the resident workers, each gated against its parent on the same holdout. On the Taobao head sample and on a
+synthetic log (`datasets.synth`). Prints a line per cycle and one summary per data set: how many cycles published,
+how many had nothing new to learn, and the worst child/parent Recall@20.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
 
 from core.config import AppConfig, parse_config
 from core.runtime import ensure_ray
@@ -115,6 +123,8 @@ def compare(name: str, base: Path, first: list[tuple[Path, str]], slices: list[t
             "quality_ratio": round(w["metrics"][k] / f["metrics"][k], 3) if f["metrics"][k] else None,
             "warm_published": w["version"], "parent_recall": (w.get("parent_metrics") or {}).get(k),
             "warm_steps": w.get("steps"), "warm_timings": w.get("timings"),
+            "new_pairs": w.get("new_pairs"), "new_share": w.get("new_share"), "touched_only": w.get("touched_only"),
+            "warm_candidate_recall": (w.get("candidate_metrics") or w.get("metrics") or {}).get(k),
             "warm_ingest_timings": w["ingested"]["timings"], "resident_start_s": resident.started_s,
         }
         print(json.dumps(row), flush=True)
@@ -131,6 +141,95 @@ def _train_seconds(cfg: AppConfig, summary: dict) -> float | None:
     return registry.read_manifest(Storage(cfg.data.root), summary["version"])["extra"]["train_seconds"]
 
 
+def increments(rows: list[str], cycles: int, low: int, high: int, out: Path, header: str | None, seed: int
+               ) -> list[Path]:
+    """`cycles` files of consecutive rows (already in time order), each of low..high rows, drawn with `seed`."""
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = np.random.default_rng(seed).integers(low, high + 1, size=cycles)
+    if sizes.sum() > len(rows):
+        raise ValueError(f"{cycles} increments of up to {high} events need {sizes.sum()} rows; the log has {len(rows)}")
+    files, at = [], 0
+    for i, n in enumerate(sizes.tolist()):
+        path = out / f"increment-{i + 1:03d}.csv"
+        path.write_text((header + "\n" if header else "") + "\n".join(rows[at : at + n]) + "\n")
+        files.append(path)
+        at += n
+    return files
+
+
+def taobao_stream(data: Path, out: Path, first_days: int, cycles: int, low: int, high: int) -> tuple[list[Path],
+                                                                                                       list[Path]]:
+    """(the first days' files, the increments): the later days' rows in time order, cut into small files."""
+    days = taobao_days(data, out / "days")
+    later = [line for d in days[first_days:] for line in d.read_text().splitlines()]
+    later.sort(key=lambda line: int(line.rsplit(",", 1)[1]))
+    return days[:first_days], increments(later, cycles, low, high, out / "increments", None, seed=1)
+
+
+def synthetic_stream(out: Path, cycles: int, low: int, high: int) -> tuple[Path, list[Path]]:
+    """(the parent's log, the increments) from one synthetic log: all but its last day train the parent."""
+    from datasets.synth import generate
+
+    shutil.rmtree(out, ignore_errors=True)
+    generate(out / "log", users=3_000, items=2_000, events=80_000, days=8, seed=11)
+    header, *rows = (line for f in sorted((out / "log").glob("*.csv")) for line in f.read_text().splitlines()
+                     if line)
+    header_cols = header.split(",")
+    rows = [r for r in rows if r != header]
+    ts_col = header_cols.index("ts")
+    rows.sort(key=lambda r: int(r.split(",")[ts_col]))
+    cut = int(rows[-1].split(",")[ts_col]) - 86_400_000
+    head = [r for r in rows if int(r.split(",")[ts_col]) <= cut]
+    (out / "parent.csv").write_text(header + "\n" + "\n".join(head) + "\n")
+    return out / "parent.csv", increments(rows[len(head):], cycles, low, high, out / "increments", header, seed=2)
+
+
+def stream(name: str, base: Path, first: list[tuple[Path, str]], slices: list[Path], fmt: str, train: dict,
+           update: dict) -> dict:
+    """The parent, then one `--every` cycle per increment on resident workers, back to back."""
+    shutil.rmtree(base, ignore_errors=True)
+    warm = config(base / "warm", train, update, {})
+    ensure_ray(warm, long_lived=True)
+    for path, f in first:
+        run_ingest(warm, Request(source=str(path), fmt=f, holdout=None))
+    parent = run_train(warm, TrainOptions())
+    resident = ResidentTrainer(warm, TrainOptions())
+    resident.start()
+    print(json.dumps({"dataset": name, "mode": "stream", "cycle": 0, "full_train": parent}), flush=True)
+    k = f"recall@{warm.train.k}"
+    rows = []
+    try:
+        for i, path in enumerate(slices):
+            warm.data.source.path, warm.data.source.format = str(path), fmt
+            started = time.time()
+            s = run_update(warm, resident=resident)
+            before = (s.get("parent_metrics") or {}).get(k)
+            after = (s.get("candidate_metrics") or s.get("metrics") or {}).get(k) if before is not None else None
+            row = {"dataset": name, "mode": "stream", "cycle": i + 1, "events": s["ingested"]["input_rows"],
+                   "new_pairs": s.get("new_pairs", 0), "new_share": s.get("new_share"),
+                   "touched_only": s.get("touched_only"), "steps": s.get("steps"), "parent_recall": before,
+                   "recall": after, "ratio": round(after / before, 4) if before and after is not None else None,
+                   "published": s["version"], "reason": s.get("reason"), "seconds": round(time.time() - started, 2)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        resident.close()
+    trained = [r for r in rows if r["parent_recall"] is not None]
+    ratios = [r["ratio"] for r in trained if r["ratio"] is not None]
+    summary = {"dataset": name, "mode": "stream", "summary": True, "cycles": len(rows),
+               "published": sum(r["published"] is not None for r in rows),
+               "nothing_new": len(rows) - len(trained),
+               "refused": sum(r["published"] is None for r in trained),
+               "publish_share": round(sum(r["published"] is not None for r in rows) / max(len(rows), 1), 3),
+               "worst_ratio": min(ratios) if ratios else None, "tolerance": warm.update.tolerance,
+               "first_recall": trained[0]["parent_recall"] if trained else None,
+               "last_recall": trained[-1]["recall"] if trained else None,
+               "mean_cycle_s": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 2),
+               "update": warm.update.model_dump()}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.warm_start", description=__doc__)
     p.add_argument("--data", type=Path, default=Path(os.environ.get("IG_REAL_DATA", "../shared/data")))
@@ -139,12 +238,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-epochs", type=float, help="passes of each warm start (default: update.epochs)")
     p.add_argument("--steps", type=int, help="most optimiser steps of each warm start (default: update.max_steps)")
     p.add_argument("--update-lr", type=float, help="learning rate of each warm start (default: update.lr)")
-    p.add_argument("--datasets", nargs="+", default=["taobao", "beauty"], choices=["taobao", "beauty"])
+    p.add_argument("--touched-only-below", type=float,
+                   help="share of new pairs under which a cycle moves only touched rows (default: the config's)")
+    p.add_argument("--datasets", nargs="+", choices=["taobao", "beauty", "synthetic"],
+                   help="default: taobao and beauty day by day; taobao and synthetic with --stream")
+    p.add_argument("--stream", action="store_true", help="small increments in time order instead of whole days")
+    p.add_argument("--cycles", type=int, default=20, help="--stream: increments per data set")
+    p.add_argument("--min-events", type=int, default=100, help="--stream: smallest increment")
+    p.add_argument("--max-events", type=int, default=1000, help="--stream: largest increment")
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     train = {"epochs": args.epochs, "batch_size": 4096, "num_workers": 2, "eval_every": args.epochs}
-    given = {"epochs": args.update_epochs, "max_steps": args.steps, "lr": args.update_lr}
+    given = {"epochs": args.update_epochs, "max_steps": args.steps, "lr": args.update_lr,
+             "touched_only_below": args.touched_only_below}
     update = {k: v for k, v in given.items() if v is not None}
+    if args.stream:
+        datasets = args.datasets or ["taobao", "synthetic"]
+        window = {"holdout": "last_days", "holdout_days": 1.0}
+        summaries = []
+        if "taobao" in datasets:
+            first, incs = taobao_stream(args.data, OUT / "taobao-stream-files", args.first_days, args.cycles,
+                                        args.min_events, args.max_events)
+            summaries.append(stream("taobao", OUT / "taobao-stream", [(d, "taobao") for d in first], incs, "taobao",
+                                    {**train, **window}, update))
+        if "synthetic" in datasets:
+            parent_log, incs = synthetic_stream(OUT / "synthetic-stream-files", args.cycles, args.min_events,
+                                                args.max_events)
+            summaries.append(stream("synthetic", OUT / "synthetic-stream", [(parent_log, "events")], incs, "events",
+                                    {**train, **window}, update))
+        print(json.dumps(summaries))
+        return 0
+    args.datasets = args.datasets or ["taobao", "beauty"]
+    if "synthetic" in args.datasets:
+        p.error("--datasets synthetic: the synthetic log is replayed with --stream only")
     rows: list[dict] = []
     if "taobao" in args.datasets:
         days = taobao_days(args.data, OUT / "taobao-days")

@@ -120,6 +120,9 @@ class UpdateConfig(_Section):
     max_steps: int = Field(50, ge=1, description="most optimiser steps per warm-start update")
     lr: float = Field(0.02, gt=0, description="learning rate of a warm start (a fresh Adam over few steps)")
     tolerance: float = Field(0.02, ge=0, le=1, description="publish only if Recall@K >= (1 - tolerance) x parent's")
+    touched_only_below: float = Field(
+        0.05, ge=0, description="a cycle whose new pairs are under this share of the training pairs moves only the "
+                                "rows they touch (new nodes, both ends of new pairs); 0: every cycle moves every row")
     resident: bool = Field(True, description="--every: keep the Ray Train workers up between cycles (no start-up per "
                                              "cycle; their CPUs/GPUs stay reserved)")
 

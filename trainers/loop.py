@@ -164,6 +164,7 @@ class Worker:
     parent_metrics: dict[str, float] | None = None
     total_steps: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # where this worker's time went (update timings)
+    frozen: torch.Tensor | None = None  # rows of the embedding table a warm start must not move (bool per node)
 
     @property
     def rank(self) -> int:
@@ -218,6 +219,8 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         test_csr=_rank_test_csr(sp, graph.num_users, graph.num_items, session.rank, session.world),
         sampler=NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items),
         pairs_user=pairs_user, pairs_item=pairs_item, steps=steps, started=time.time())
+    if inputs.warm is not None and inputs.warm.trainable is not None:
+        worker.frozen = torch.from_numpy(~np.asarray(_resolve(inputs.warm.trainable), dtype=bool)).to(device)
     worker.phases["setup"] = round(time.time() - mark, 3)
     restored = session.restored_dir()
     if restored is not None:
@@ -276,6 +279,9 @@ def train_epoch(w: Worker, epoch: int) -> EpochResult:
         loss = rank_loss + hp.l2 * l2_reg(ego[u_t], ego[p_t], ego[n_t], len(idx))
         w.optimiser.zero_grad()
         loss.backward()
+        if w.frozen is not None:
+            # Zero gradient on a fresh Adam is zero movement: rows the increment did not touch stay the parent's.
+            w.model.embedding.weight.grad[w.frozen] = 0
         w.optimiser.step()
         loss_sum += float(loss.detach())
         w.total_steps += 1

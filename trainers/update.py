@@ -61,7 +61,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     from trainers.publish import blanked, publish_and_prune, publish_from_checkpoint
     from trainers.train import fitted, run_train, worker_inputs
     from trainers.train_state import TrainState
-    from trainers.warm_start import extended_state, update_pair_index, update_steps
+    from trainers.warm_start import extended_state, touched_rows, update_pair_index, update_steps
 
     started = time.time()
     # Resident workers were started with their own options: the cycle's step count must use the same world size.
@@ -104,8 +104,16 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     grown = extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user, sp.train_item)
     timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
     ensure_ray(cfg)
+    # A small increment moves only the rows it touched: a fresh Adam moves every row that gets any gradient by about
+    # lr per step, and through the propagation a few hundred new pairs reach most of the table (most such cycles
+    # fell below their parent); a day's worth needs every row (bench.warm_start --stream and day by day).
+    trainable = None
+    if new_pairs < cfg.update.touched_only_below * len(sp.train_user):
+        trainable = ray.put(touched_rows(graph, sp.train_user, sp.train_item, pair_index, new_pairs,
+                                         loaded.node_counts))
     warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
-                     steps=update_steps(cfg, opts.num_workers or cfg.train.num_workers, len(pair_index)))
+                     steps=update_steps(cfg, opts.num_workers or cfg.train.num_workers, len(pair_index)),
+                     trainable=trainable)
     # The architecture is the parent's (a full retrain is how a config change of it takes effect); one "epoch" of
     # `steps` steps, evaluated once at its end.
     train = cfg.train.model_copy(update={"embedding_dim": parent_state["hparams"]["embedding_dim"],
@@ -134,12 +142,13 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
         floor = (1.0 - cfg.update.tolerance) * parent_metrics[f"recall@{k}"]
         base.update({"metrics": metrics, "parent_metrics": parent_metrics, "steps": state.steps,
                      "train_pairs": state.split["train_pairs"], "new_pairs": new_pairs,
-                     "resident": resident is not None})
+                     "new_share": round(new_pairs / max(len(sp.train_user), 1), 4),
+                     "resident": resident is not None, "touched_only": trainable is not None})
         if metrics[f"recall@{k}"] < floor:
             reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "
                       f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")
             log.warning("update refused: %s", reason)
-            return unchanged(reason)
+            return {**unchanged(reason), "candidate_metrics": metrics}
         mark = time.time()
         version, _ = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
                                              num_workers=opts.num_workers or cfg.train.num_workers, graph=graph)

@@ -96,6 +96,23 @@ def extended_state(parent_state: dict, old_counts: dict[str, int], graph: Intere
     return {**parent_state, "embedding.weight": torch.from_numpy(grown)}
 
 
+def touched_rows(graph: InterestGraph, train_user: np.ndarray, train_item: np.ndarray, pair_index: np.ndarray,
+                 new_pairs: int, old_counts: dict[str, int]) -> np.ndarray:
+    """Bool per node of the grown table (update.scope "touched"): the nodes new since the parent and both ends of
+    every new pair. `pair_index` holds the new pairs first (`update_pair_index`), the replayed ones after."""
+    counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
+              "brand": graph.num_brands}
+    off = _offsets(counts)
+    mask = np.zeros(off.num_nodes, dtype=bool)
+    new = np.asarray(pair_index[:new_pairs], dtype=np.int64)
+    mask[off.user + train_user[new].astype(np.int64)] = True
+    mask[off.item + train_item[new].astype(np.int64)] = True
+    for t in TYPES:
+        start = getattr(off, t)
+        mask[start + old_counts[t] : start + counts[t]] = True
+    return mask
+
+
 def update_steps(cfg: AppConfig, world: int, pairs: int) -> int:
     """Optimiser steps of a cycle: `update.epochs` passes over its pairs (new + replay), at most update.max_steps.
 

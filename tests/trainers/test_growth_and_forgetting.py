@@ -103,3 +103,19 @@ def test_popularity_and_seen_items_from_the_graph() -> None:
     indptr, indices, evidence = seen_csr(graph)
     assert indptr.tolist() == [0, 2, 3] and indices.tolist() == [0, 1, 1]
     assert evidence is None  # this graph keeps no evidence per pair
+
+
+def test_a_cycle_touches_new_nodes_and_both_ends_of_its_new_pairs_only() -> None:
+    from trainers.warm_start import touched_rows
+
+    old_counts = {"user": 3, "item": 4, "category": 1, "brand": 1}
+    # New since the parent: user 3, item 4, category 1. Pairs: 0-0, 1-1, 2-2 (old), 3-4 and 1-3 (new).
+    graph = _graph(4, 5, 2, 1, [(0, 0, 0), (1, 1, 0), (2, 2, 0), (3, 4, 1), (1, 3, 1)],
+                   item_cat=[(0, 0), (4, 1)], item_brand=[(1, 0)])
+    train_user, train_item = graph.ui_user, graph.ui_item
+    pair_index = np.array([3, 4, 0])  # two new pairs first, then one replayed
+    mask = touched_rows(graph, train_user, train_item, pair_index, 2, old_counts)
+    off = node_offsets(4, 5, 2, 1)
+    expected = {off.user + 3, off.user + 1, off.item + 4, off.item + 3, off.category + 1}
+    assert set(np.flatnonzero(mask).tolist()) == expected
+    assert len(mask) == off.num_nodes

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import registry
 from core.config import AppConfig
@@ -86,8 +87,6 @@ def test_gpu_path_asks_for_one_gpu_per_worker_and_nccl(small_graph: AppConfig) -
 
 def test_loop_runs_on_the_device_the_session_gives(small_graph: AppConfig, tmp_path: Path) -> None:
     """The GPU path moves the adjacency, model and batches to `session.device()`; on CPU the same code runs."""
-    import torch
-
     class DeviceSession(LocalSession):
         def device(self) -> torch.device:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,3 +94,24 @@ def test_loop_runs_on_the_device_the_session_gives(small_graph: AppConfig, tmp_p
     session = DeviceSession(out_dir=str(tmp_path))
     run_worker(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()), session)
     assert session.reports[-1]["final"] and np.load(Path(session.last_checkpoint) / "embeddings.npz")["items"].ndim == 2
+
+
+def test_a_warm_start_moves_only_the_rows_it_may(small_graph: AppConfig, tmp_path: Path) -> None:
+    """update.scope "touched": rows outside the cycle's trainable set come out exactly as they went in."""
+    from trainers.train_state import TrainState
+    from trainers.worker_inputs import WarmStart
+
+    first = LocalSession(out_dir=str(tmp_path / "first"))
+    run_worker(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()), first)
+    before = TrainState.load(first.last_checkpoint).model
+    rows = before["embedding.weight"].shape[0]
+    trainable = np.zeros(rows, dtype=bool)
+    trainable[::3] = True
+    warm = WarmStart(init_state=before, pair_index=np.arange(500), steps=4, eval_parent=False, trainable=trainable)
+    cycle = LocalSession(out_dir=str(tmp_path / "cycle"))
+    run_worker(worker_inputs(small_graph, TrainOptions(), time.time(), warm=warm,
+                             train=small_graph.train.model_copy(update={"epochs": 1, "lr": 0.05})), cycle)
+    after = TrainState.load(cycle.last_checkpoint).model["embedding.weight"]
+    frozen = torch.from_numpy(~trainable)
+    assert torch.equal(after[frozen], before["embedding.weight"][frozen])
+    assert not torch.equal(after[~frozen], before["embedding.weight"][~frozen])

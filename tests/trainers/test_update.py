@@ -99,6 +99,8 @@ def test_update_publishes_a_child_with_new_users_and_items_and_learns_late_event
 
     assert summary["version"] is not None, summary.get("reason")
     assert summary["steps"] == 30 and not summary["resident"] and summary["new_pairs"] > 0
+    # A few dozen new pairs: the cycle moved only the rows they touched (update.touched_only_below).
+    assert summary["touched_only"] and 0 < summary["new_share"] < cfg.update.touched_only_below
     assert summary["parent"] == parent.version and summary["ingested"]["new_users"] == 3 + 8
     t = summary["timings"]
     assert set(t) == {"ingest", "prepare", "ray_train", "worker_loop", "worker", "publish"}
@@ -141,6 +143,7 @@ def test_degraded_update_is_refused_and_latest_stays(own: dict) -> None:
     cfg.update.lr = 50.0  # forces the model off a cliff
     summary = run_update(cfg)
     assert summary["version"] is None and "below" in summary["reason"], summary
+    assert summary["candidate_metrics"]["recall@20"] < summary["parent_metrics"]["recall@20"]  # what was refused
     assert registry.latest_version(storage) == before
 
 
