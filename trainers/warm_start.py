@@ -98,8 +98,9 @@ def extended_state(parent_state: dict, old_counts: dict[str, int], graph: Intere
 
 def touched_rows(graph: InterestGraph, train_user: np.ndarray, train_item: np.ndarray, pair_index: np.ndarray,
                  new_pairs: int, old_counts: dict[str, int]) -> np.ndarray:
-    """Bool per node of the grown table (update.scope "touched"): the nodes new since the parent and both ends of
-    every new pair. `pair_index` holds the new pairs first (`update_pair_index`), the replayed ones after."""
+    """Bool per node of the grown table, the rows a small cycle moves (update.touched_only_below): the nodes new
+    since the parent and both ends of every new pair. `pair_index` holds the new pairs first (`update_pair_index`),
+    the replayed ones after."""
     counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
               "brand": graph.num_brands}
     off = _offsets(counts)

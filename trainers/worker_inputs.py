@@ -18,8 +18,8 @@ class WarmStart:
     pair_index: Any  # int64 indices into the split's training pairs (new + replayed), or an ObjectRef to them
     steps: int  # optimiser steps of the cycle: one "epoch" that wraps over its pairs, one checkpoint, no decay
     eval_parent: bool = True  # score the starting point on the same holdout first: the gate's baseline
-    # bool per node (the homogeneous table), or an ObjectRef to it: the rows this cycle may move (update.scope
-    # "touched"); None: every row
+    # bool per node (the homogeneous table), or an ObjectRef to it: the rows a small cycle may move
+    # (update.touched_only_below); None: every row
     trainable: Any = None
 
 

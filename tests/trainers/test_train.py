@@ -97,7 +97,8 @@ def test_loop_runs_on_the_device_the_session_gives(small_graph: AppConfig, tmp_p
 
 
 def test_a_warm_start_moves_only_the_rows_it_may(small_graph: AppConfig, tmp_path: Path) -> None:
-    """update.scope "touched": rows outside the cycle's trainable set come out exactly as they went in."""
+    """A small cycle (update.touched_only_below): rows outside its trainable set come out exactly as they went
+    in."""
     from trainers.train_state import TrainState
     from trainers.worker_inputs import WarmStart
 
