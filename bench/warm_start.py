@@ -174,9 +174,8 @@ def synthetic_stream(out: Path, cycles: int, low: int, high: int) -> tuple[Path,
     generate(out / "log", users=3_000, items=2_000, events=80_000, days=8, seed=11)
     header, *rows = (line for f in sorted((out / "log").glob("*.csv")) for line in f.read_text().splitlines()
                      if line)
-    header_cols = header.split(",")
-    rows = [r for r in rows if r != header]
-    ts_col = header_cols.index("ts")
+    rows = [r for r in rows if r != header]  # every day's file repeats the header
+    ts_col = header.split(",").index("ts")
     rows.sort(key=lambda r: int(r.split(",")[ts_col]))
     cut = int(rows[-1].split(",")[ts_col]) - 86_400_000
     head = [r for r in rows if int(r.split(",")[ts_col]) <= cut]
@@ -216,11 +215,11 @@ def stream(name: str, base: Path, first: list[tuple[Path, str]], slices: list[Pa
         resident.close()
     trained = [r for r in rows if r["parent_recall"] is not None]
     ratios = [r["ratio"] for r in trained if r["ratio"] is not None]
-    summary = {"dataset": name, "mode": "stream", "summary": True, "cycles": len(rows),
-               "published": sum(r["published"] is not None for r in rows),
+    published = sum(r["published"] is not None for r in rows)
+    summary = {"dataset": name, "mode": "stream", "summary": True, "cycles": len(rows), "published": published,
                "nothing_new": len(rows) - len(trained),
                "refused": sum(r["published"] is None for r in trained),
-               "publish_share": round(sum(r["published"] is not None for r in rows) / max(len(rows), 1), 3),
+               "publish_share": round(published / max(len(rows), 1), 3),
                "worst_ratio": min(ratios) if ratios else None, "tolerance": warm.update.tolerance,
                "first_recall": trained[0]["parent_recall"] if trained else None,
                "last_recall": trained[-1]["recall"] if trained else None,

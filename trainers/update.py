@@ -107,8 +107,9 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     # A small increment moves only the rows it touched: a fresh Adam moves every row that gets any gradient by about
     # lr per step, and through the propagation a few hundred new pairs reach most of the table (most such cycles
     # fell below their parent); a day's worth needs every row (bench.warm_start --stream and day by day).
+    new_share = new_pairs / max(len(sp.train_user), 1)
     trainable = None
-    if new_pairs < cfg.update.touched_only_below * len(sp.train_user):
+    if new_share < cfg.update.touched_only_below:
         trainable = ray.put(touched_rows(graph, sp.train_user, sp.train_item, pair_index, new_pairs,
                                          loaded.node_counts))
     warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
@@ -142,7 +143,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
         floor = (1.0 - cfg.update.tolerance) * parent_metrics[f"recall@{k}"]
         base.update({"metrics": metrics, "parent_metrics": parent_metrics, "steps": state.steps,
                      "train_pairs": state.split["train_pairs"], "new_pairs": new_pairs,
-                     "new_share": round(new_pairs / max(len(sp.train_user), 1), 4),
+                     "new_share": round(new_share, 4),
                      "resident": resident is not None, "touched_only": trainable is not None})
         if metrics[f"recall@{k}"] < floor:
             reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "

@@ -21,6 +21,11 @@ from trainers.loop import steps_per_pass
 TYPES = ("user", "item", "category", "brand")
 
 
+def _counts(graph: InterestGraph) -> dict[str, int]:
+    return {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
+            "brand": graph.num_brands}
+
+
 def _offsets(counts: dict[str, int]) -> NodeOffsets:
     return node_offsets(counts["user"], counts["item"], counts["category"], counts["brand"])
 
@@ -39,8 +44,7 @@ def _group_mean(values: np.ndarray, groups: np.ndarray, members: np.ndarray, n_g
 def extend_embeddings(old: np.ndarray, old_counts: dict[str, int], graph: InterestGraph,
                       train_user: np.ndarray, train_item: np.ndarray) -> np.ndarray:
     """The ego embedding table for `graph`, keeping every old node's row."""
-    new_counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
-                  "brand": graph.num_brands}
+    new_counts = _counts(graph)
     for t in TYPES:
         if new_counts[t] < old_counts[t]:
             raise ValueError(f"the graph has fewer {t} nodes ({new_counts[t]}) than the parent ({old_counts[t]})")
@@ -101,8 +105,7 @@ def touched_rows(graph: InterestGraph, train_user: np.ndarray, train_item: np.nd
     """Bool per node of the grown table, the rows a small cycle moves (update.touched_only_below): the nodes new
     since the parent and both ends of every new pair. `pair_index` holds the new pairs first (`update_pair_index`),
     the replayed ones after."""
-    counts = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
-              "brand": graph.num_brands}
+    counts = _counts(graph)
     off = _offsets(counts)
     mask = np.zeros(off.num_nodes, dtype=bool)
     new = np.asarray(pair_index[:new_pairs], dtype=np.int64)
