@@ -171,7 +171,10 @@ def synthetic_stream(out: Path, cycles: int, low: int, high: int) -> tuple[Path,
     from datasets.synth import generate
 
     shutil.rmtree(out, ignore_errors=True)
-    generate(out / "log", users=3_000, items=2_000, events=80_000, days=8, seed=11)
+    # A fixed calendar: the generator's weekly rhythm follows real dates, so "the last 8 days before today" gave a
+    # different last day (and too few rows for 20 increments) on other weekdays. This is the log of 2026-11-29.
+    generate(out / "log", users=3_000, items=2_000, events=80_000, days=8, seed=11,
+             start=datetime(2026, 11, 21, tzinfo=UTC))
     header, *rows = (line for f in sorted((out / "log").glob("*.csv")) for line in f.read_text().splitlines()
                      if line)
     rows = [r for r in rows if r != header]  # every day's file repeats the header

@@ -111,6 +111,10 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1, description="evaluate (and checkpoint) every N epochs")
     max_failures: int = Field(2, ge=0, description="worker losses a run survives, resuming from its last checkpoint")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker; null: cpus_per_worker")
+    refit: bool = Field(
+        True, description="after the last evaluation, learn the held-out pairs too (sized like an update over them), "
+        "so the published model has seen every ingested day; its metrics are the evaluation's; never an official "
+        "test file")
 
 
 class UpdateConfig(_Section):

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -297,18 +298,22 @@ def train_epoch(w: Worker, epoch: int) -> EpochResult:
     return EpochResult(loss=loss_mean, steps=step + 1, stop=stop)
 
 
-def evaluate(w: Worker) -> tuple[dict[str, float], torch.Tensor]:
-    """Recall/NDCG@K over this rank's test users, summed across ranks; also the final embeddings of every node.
-
-    A model trained on cosine scores is exported with unit vectors, so that a plain dot product ranks as it did.
-    """
-    model, graph, k = w.model, w.graph, w.hp.k
-    model.eval()
+def embeddings(w: Worker) -> torch.Tensor:
+    """The propagated embeddings of every node. A model trained on cosine scores is exported with unit vectors, so
+    that a plain dot product ranks as it did."""
+    w.model.eval()
     with torch.no_grad():
-        emb = model(w.adj)
+        emb = w.model(w.adj)
         if w.hp.loss == "softmax":
             emb = torch.nn.functional.normalize(emb, dim=-1)
-    model.train()
+    w.model.train()
+    return emb
+
+
+def evaluate(w: Worker) -> tuple[dict[str, float], torch.Tensor]:
+    """Recall/NDCG@K over this rank's test users, summed across ranks; also the final embeddings of every node."""
+    graph, k = w.graph, w.hp.k
+    emb = embeddings(w)
     users, items = emb[: graph.num_users], emb[graph.num_users : graph.num_users + graph.num_items]
     k_eff = min(k, graph.num_items)
     # Scores come back to the CPU, where the masks and test sets live (a no-op without a GPU).
@@ -318,6 +323,41 @@ def evaluate(w: Worker) -> tuple[dict[str, float], torch.Tensor]:
     r_sum, n_sum, count = _all_reduce([local[f"recall@{k_eff}"] * n, local[f"ndcg@{k_eff}"] * n, n], w.world)
     metrics = {f"recall@{k}": r_sum / max(count, 1), f"ndcg@{k}": n_sum / max(count, 1), "eval_users": int(count)}
     return metrics, emb
+
+
+def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """After the last evaluation: learn the held-out pairs as well, so the published vectors have seen every
+    ingested pair (train.refit). One more "epoch" over the held-out pairs plus replayed training pairs, sized and
+    stepped like a warm-start update (a fresh Adam, no decay, the time budget already spent on training does not
+    cut it short), over the adjacency and positives of the whole graph; the final embeddings propagate over it too.
+    Returns what was done, and the embeddings to publish."""
+    r, g, held = w.inputs.refit, w.graph, w.sp.test_mask
+    mark = time.time()
+    users, items = g.ui_user.astype(np.int64), g.ui_item.astype(np.int64)
+    w.adj = build_norm_adjacency(g.num_users, g.num_items, g.num_categories, g.num_brands, users, items,
+                                 g.ui_weight, g.ic_item, g.ic_cat, g.ib_item, g.ib_brand).to(w.device)
+    w.train_csr = csr_from_pairs(users, items, g.num_users, g.num_items)
+    w.sampler = NegativeSampler(w.train_csr.indptr, w.train_csr.indices, g.num_items)
+    new, old = np.flatnonzero(held), np.flatnonzero(~held)
+    n_replay = min(len(old), int(round(r.replay_ratio * len(new))))
+    rng = np.random.default_rng(w.hp.seed * 7_919 + epoch)
+    pick = np.concatenate([new, rng.choice(old, size=n_replay, replace=False)])
+    w.pairs_user, w.pairs_item = users[pick], items[pick]
+    w.steps = passes_to_steps(len(pick), w.world, w.hp.batch_size, r.epochs, r.max_steps)
+    w.optimiser = torch.optim.Adam(w.model.parameters(), lr=r.lr)
+    w.scheduler = torch.optim.lr_scheduler.ExponentialLR(w.optimiser, gamma=1.0)
+    w.inputs = dataclasses.replace(w.inputs, deadline=None, max_steps=None)
+    result = train_epoch(w, epoch)
+    seconds = round(time.time() - mark, 3)
+    w.phases["refit"] = seconds
+    done = {"held_out_pairs": int(len(new)), "replayed_pairs": n_replay, "steps": result.steps,
+            "loss": result.loss, "seconds": seconds}
+    return done, embeddings(w)
+
+
+def _refits(w: Worker) -> bool:
+    return (w.inputs.refit is not None and w.inputs.warm is None and w.sp.mode != "official"
+            and bool(w.sp.test_mask.any()))
 
 
 def save_state(w: Worker, entry: dict[str, Any], final: bool, emb: torch.Tensor | None) -> None:
@@ -358,12 +398,18 @@ def run_worker(inputs: WorkerInputs, session: Session) -> None:
             metrics, emb = evaluate(w)
             w.phases["eval"] = round(w.phases.get("eval", 0.0) + time.time() - mark, 3)
             entry.update(metrics)
+            if final and _refits(w):
+                entry["refit"], emb = refit(w, epoch + 1)
         w.history.append(entry)
         if w.rank == 0:  # progress per epoch; Ray forwards a worker's stdout to the driver's console
             name = f"recall@{hp.k}"
             quality = f", {name} {entry[name]:.4f}" if name in entry else ""
             print(f"epoch {epoch + 1}/{hp.epochs}: loss {result.loss:.4f}{quality}, {entry['seconds']:.0f} s",
                   flush=True)
+            if "refit" in entry:
+                r = entry["refit"]
+                print(f"refit on the {r['held_out_pairs']} held-out pairs (+{r['replayed_pairs']} replayed): "
+                      f"{r['steps']} steps, {r['seconds']:.0f} s", flush=True)
         save_state(w, entry, final, emb)
         if final:
             break
@@ -373,6 +419,12 @@ def steps_per_pass(pairs: int, world: int, batch: int) -> int:
     """Steps for one pass over `pairs` split across `world` ranks. Every rank takes the same number, or DDP's
     all-reduce would wait for a rank that stopped."""
     return max(1, math.ceil(math.ceil(pairs / world) / batch))
+
+
+def passes_to_steps(pairs: int, world: int, batch: int, passes: float, max_steps: int) -> int:
+    """Steps of `passes` passes over `pairs` (a warm start, a refit), at most `max_steps`: the work follows the
+    pairs, and a small set is not passed over dozens of times."""
+    return max(1, min(max_steps, math.ceil(passes * steps_per_pass(pairs, world, batch))))
 
 
 def _resolve(value: Any) -> Any:

@@ -134,11 +134,14 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: st
         brand_vectors=emb["brands"],
         parent=parent,
         watermark_ms=graph.watermark_ms,
-        coverage={"runs": graph.runs, "live_through_ms": graph.live_through_ms},
+        # holdout_learned: the refit learned the pairs this version was evaluated on (an update need not again).
+        coverage={"runs": graph.runs, "live_through_ms": graph.live_through_ms,
+                  **({"holdout_learned": 1} if history[-1].get("refit") else {})},
         seen_evidence=evidence,
         extra={"epochs": history[-1]["epoch"] + 1, "train_seconds": history[-1]["seconds"],
                "split": state.split, "num_workers": num_workers, "history": history,
-               "popularity_metrics": baseline, "eval_users": final.get("eval_users")},
+               "popularity_metrics": baseline, "eval_users": final.get("eval_users"),
+               "refit": history[-1].get("refit")},
         curve_png=curve_png(history, k),
     )
     return publish_and_prune(cfg, storage, artifacts)

@@ -22,7 +22,7 @@ from core.cli import positive, run_command
 from core.config import AppConfig, TrainConfig
 from core.storage import TRAIN_RUNS, storage_for
 from trainers.data import GraphMissingError
-from trainers.worker_inputs import WarmStart, WorkerInputs
+from trainers.worker_inputs import Refit, WarmStart, WorkerInputs
 
 log = logging.getLogger("trainers.train")
 
@@ -44,8 +44,12 @@ def worker_inputs(cfg: AppConfig, opts: TrainOptions, started: float, warm: Warm
         t = t.model_copy(update={"epochs": opts.epochs})
     budget = opts.time_budget_s if opts.time_budget_s is not None else t.time_budget_s
     threads = t.threads_per_worker or max(1, int(t.cpus_per_worker))
+    # A full training also learns its holdout once evaluated; an update's holdout is the gate's (the next cycle,
+    # whose holdout has moved on, learns it).
+    refit = (Refit(lr=cfg.update.lr, epochs=cfg.update.epochs, max_steps=cfg.update.max_steps,
+                   replay_ratio=cfg.update.replay_ratio) if cfg.train.refit and warm is None else None)
     return WorkerInputs(storage=storage_for(cfg), train=t, threads=threads,
-                        deadline=started + budget if budget else None, warm=warm, **extra)
+                        deadline=started + budget if budget else None, warm=warm, refit=refit, **extra)
 
 
 def _use_gpu(cfg: AppConfig, opts: TrainOptions) -> bool:

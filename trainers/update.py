@@ -97,7 +97,8 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
 
     mark = time.time()
     sp = split(graph, cfg.train.holdout, cfg.train.holdout_days)
-    pair_index, new_pairs = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0, loaded.coverage.get("runs"))
+    pair_index, new_pairs = update_pair_index(graph, sp, cfg, loaded.watermark_ms or 0, loaded.coverage.get("runs"),
+                                              bool(loaded.coverage.get("holdout_learned")))
     if not new_pairs:
         return unchanged("no new training pairs since the parent")
     parent_state = loaded.load_state()

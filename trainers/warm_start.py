@@ -8,15 +8,13 @@ item mean when it has none), a new user at the mean of the items they touched.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from core.config import AppConfig
 from trainers.data import InterestGraph, Split, parent_holdout
 from trainers.graph import NodeOffsets, node_offsets
-from trainers.loop import steps_per_pass
+from trainers.loop import passes_to_steps
 
 TYPES = ("user", "item", "category", "brand")
 
@@ -123,20 +121,22 @@ def update_steps(cfg: AppConfig, world: int, pairs: int) -> int:
     The work follows what is new, as a retrain's follows all the data: a quiet hour costs a few steps, and a
     small slice is not passed over dozens of times (which overfits it and fails the gate).
     """
-    per_pass = steps_per_pass(pairs, world, cfg.train.batch_size)
-    return max(1, min(cfg.update.max_steps, math.ceil(cfg.update.epochs * per_pass)))
+    return passes_to_steps(pairs, world, cfg.train.batch_size, cfg.update.epochs, cfg.update.max_steps)
 
 
 def update_pair_index(graph: InterestGraph, sp: Split, cfg: AppConfig, parent_watermark_ms: int,
-                      parent_runs: int | None = None) -> tuple[np.ndarray, int]:
+                      parent_runs: int | None = None, parent_learned_holdout: bool = False
+                      ) -> tuple[np.ndarray, int]:
     """Training pairs of a warm start, as indices into the split's training pairs: every pair the parent did not
     learn from (one that got an event in an ingestion run after the parent's, or held out by its split) plus
     `update.replay_ratio` older pairs per new one, so the model does not forget the rest of the graph.
 
     "After the parent" is by arrival, so a late event (an old timestamp ingested now) is learned as new. A parent
-    or a graph from before arrival was recorded falls back to event time against the parent's watermark. Returns
-    the indices and how many of them are new (none: nothing to learn)."""
-    held = parent_holdout(graph, cfg.train.holdout, cfg.train.holdout_days, parent_watermark_ms)
+    or a graph from before arrival was recorded falls back to event time against the parent's watermark. A parent
+    that learned its holdout after evaluation (train.refit) held nothing out. Returns the indices and how many of
+    them are new (none: nothing to learn)."""
+    held = (np.zeros(len(graph.ui_user), dtype=bool) if parent_learned_holdout
+            else parent_holdout(graph, cfg.train.holdout, cfg.train.holdout_days, parent_watermark_ms))
     in_train = ~sp.test_mask
     if parent_runs is not None and graph.ui_last_run is not None:
         arrived = graph.ui_last_run > parent_runs

@@ -24,6 +24,18 @@ class WarmStart:
 
 
 @dataclass(frozen=True)
+class Refit:
+    """After the last evaluation, learn the held-out pairs too (train.refit), sized like a warm-start update over
+    them: `epochs` passes over the held-out pairs plus `replay_ratio` training pairs per held-out one, at most
+    `max_steps` steps, a fresh Adam at `lr`. The metrics stay those of the evaluation before it."""
+
+    lr: float
+    epochs: float
+    max_steps: int
+    replay_ratio: float
+
+
+@dataclass(frozen=True)
 class WorkerInputs:
     storage: Storage
     train: TrainConfig  # hyper-parameters as this run uses them (an update overrides epochs, lr and the width)
@@ -31,5 +43,6 @@ class WorkerInputs:
     deadline: float | None = None  # time.time() at which every rank stops at the same step, evaluates and saves
     max_steps: int | None = None  # stop after this many optimiser steps
     warm: WarmStart | None = None
+    refit: Refit | None = None  # full training only; never an official test file (it is the benchmark's)
     # Tests only: wraps the worker's session (fault injection, trainers.faults); None in production.
     session_wrapper: Callable[[Any], Any] | None = None

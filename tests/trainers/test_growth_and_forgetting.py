@@ -79,6 +79,19 @@ def test_a_warm_start_trains_on_everything_new_plus_replayed_old_pairs() -> None
     assert (days < 4).sum() == fresh.sum() and not (days == 7.5).any()
 
 
+def test_a_parent_that_learned_its_holdout_is_not_taught_it_again() -> None:
+    """train.refit: the first version learned the pairs it was evaluated on, so only what arrived since is new."""
+    cfg = parse_config({"train": {"holdout": "last_days", "holdout_days": 1.0}, "update": {"replay_ratio": 0.0}})
+    pairs = [(u, (u + d) % 20, d) for u in range(40) for d in range(6)] + [(u, 30 + u % 3, 6) for u in range(10)]
+    pairs += [(u, 40, 7.5) for u in range(5)]
+    graph = _graph(40, 41, 0, 0, pairs, item_cat=[])
+    sp = split(graph, "last_days", 1.0)
+    held_too, _ = update_pair_index(graph, sp, cfg, parent_watermark_ms=T0 + 5 * DAY)
+    index, new = update_pair_index(graph, sp, cfg, parent_watermark_ms=T0 + 5 * DAY, parent_learned_holdout=True)
+    days = (sp.train_last_ts[index] - T0) / DAY
+    assert new == 10 and (days == 6).all() and len(held_too) > len(index)
+
+
 def test_deleted_users_are_blanked_in_place() -> None:
     keys = pa.array(["a", "b", "c"])
     vectors = np.ones((3, 2), np.float32)

@@ -95,14 +95,15 @@ def test_update_publishes_a_child_with_new_users_and_items_and_learns_late_event
     late_rows = [f"shopper-late{u},item-late-{u},purchase,{late_s + u},cat-late,,," for u in range(8)]
     (own["new"] / "events-late.csv").write_text(HEADER + "\n".join(late_rows) + "\n")
 
-    # The parent's held-out last day joins training too (a sixth of the pairs, which would move every row): the
-    # threshold is raised so this cycle takes the small-increment path, touched rows only.
-    cfg.update.touched_only_below = 1.0
+    # The parent learned its held-out last day once it was scored (train.refit), so only what arrived since is new
+    # to this cycle: a small increment, touched rows only (before the refit, that day was a sixth of the pairs here
+    # and moved every row).
+    assert parent.coverage.get("holdout_learned") == 1 and parent.extra["refit"]["held_out_pairs"] > 0
     summary = run_update(cfg)
 
     assert summary["version"] is not None, summary.get("reason")
     assert summary["steps"] == 30 and not summary["resident"] and summary["new_pairs"] > 0
-    assert summary["touched_only"] and 0 < summary["new_share"] < 1.0
+    assert summary["touched_only"] and 0 < summary["new_share"] < cfg.update.touched_only_below
     assert summary["parent"] == parent.version and summary["ingested"]["new_users"] == 3 + 8
     t = summary["timings"]
     assert set(t) == {"ingest", "prepare", "ray_train", "worker_loop", "worker", "publish"}
@@ -172,6 +173,9 @@ def test_resident_workers_survive_a_failed_cycle_and_a_lost_worker(own: dict, tm
     """--every keeps one Ray Train run across cycles: a cycle that raises on a worker is reported and the group
     replaced; a worker that dies mid-cycle has its cycle run again by the replacement group, which publishes."""
     cfg: AppConfig = own["cfg"]
+    # Survival and lineage are the point here; the quality gate is tested above and by bench.warm_start --stream
+    # (25 pairs on this small log swung the candidate past the loose 0.2 once in CI: a refusal, not a crash).
+    cfg.update.tolerance = 1.0
     storage = Storage(cfg.data.root)
     before = registry.latest_version(storage)
     runs = Path(cfg.data.root) / "train_runs"
@@ -187,7 +191,8 @@ def test_resident_workers_survive_a_failed_cycle_and_a_lost_worker(own: dict, tm
                          session_wrapper=faults)
     assert failures == 1 and raised.exists() and died.exists()
     assert "injected fault" in lines[0]["error"], lines[0]
-    assert lines[1]["version"] is not None and lines[1]["parent"] == before and lines[1]["resident"], lines[1]
+    assert lines[1]["version"] is not None and lines[1]["parent"] == before and lines[1]["resident"], (
+        lines[1].get("reason"), lines[1].get("candidate_metrics"), lines[1].get("parent_metrics"))
     assert registry.latest_version(storage) == lines[1]["version"]
     # Both cycles, and both replacement groups, belonged to one Ray Train run.
     assert len(set(runs.glob("resident-*")) - earlier) == 1
