@@ -26,7 +26,7 @@ from trainers.graph import NodeOffsets, build_norm_adjacency, node_offsets
 from trainers.losses import bpr_loss, l2_reg, softmax_loss
 from trainers.metrics import recall_ndcg_at_k
 from trainers.model import InterestGCN
-from trainers.sampling import Csr, NegativeSampler, csr_from_pairs
+from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.spectral import spectral_embeddings
 from trainers.train_state import TrainState, save_embeddings
 from trainers.worker_inputs import WorkerInputs
@@ -129,10 +129,10 @@ def _rank_test_csr(sp: Split, num_users: int, num_items: int, rank: int, world: 
     return csr_from_pairs(sp.test_user[mine], sp.test_item[mine], num_users, num_items)
 
 
-def build_adjacency(graph: InterestGraph, sp: Split) -> torch.Tensor:
+def build_adjacency(graph: InterestGraph, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> torch.Tensor:
+    """The normalised adjacency over these user-item pairs and every item's categories and brands."""
     return build_norm_adjacency(
-        graph.num_users, graph.num_items, graph.num_categories, graph.num_brands,
-        sp.train_user, sp.train_item, sp.train_weight,
+        graph.num_users, graph.num_items, graph.num_categories, graph.num_brands, users, items, weights,
         graph.ic_item, graph.ic_cat, graph.ib_item, graph.ib_brand,
     )
 
@@ -194,7 +194,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     sp = split(graph, hp.holdout, hp.holdout_days)
     offsets = node_offsets(graph.num_users, graph.num_items, graph.num_categories, graph.num_brands)
     device = session.device()
-    adj = build_adjacency(graph, sp).to(device)
+    adj = build_adjacency(graph, sp.train_user, sp.train_item, sp.train_weight).to(device)
     model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers)
     if inputs.warm is not None:
         model.load_state_dict(_resolve(inputs.warm.init_state))
@@ -334,14 +334,11 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     r, g, held = w.inputs.refit, w.graph, w.sp.test_mask
     mark = time.time()
     users, items = g.ui_user.astype(np.int64), g.ui_item.astype(np.int64)
-    w.adj = build_norm_adjacency(g.num_users, g.num_items, g.num_categories, g.num_brands, users, items,
-                                 g.ui_weight, g.ic_item, g.ic_cat, g.ib_item, g.ib_brand).to(w.device)
+    w.adj = build_adjacency(g, users, items, g.ui_weight).to(w.device)
     w.train_csr = csr_from_pairs(users, items, g.num_users, g.num_items)
     w.sampler = NegativeSampler(w.train_csr.indptr, w.train_csr.indices, g.num_items)
-    new, old = np.flatnonzero(held), np.flatnonzero(~held)
-    n_replay = min(len(old), int(round(r.replay_ratio * len(new))))
-    rng = np.random.default_rng(w.hp.seed * 7_919 + epoch)
-    pick = np.concatenate([new, rng.choice(old, size=n_replay, replace=False)])
+    new = np.flatnonzero(held)
+    pick = with_replay(new, np.flatnonzero(~held), r.replay_ratio, np.random.default_rng(w.hp.seed * 7_919 + epoch))
     w.pairs_user, w.pairs_item = users[pick], items[pick]
     w.steps = passes_to_steps(len(pick), w.world, w.hp.batch_size, r.epochs, r.max_steps)
     w.optimiser = torch.optim.Adam(w.model.parameters(), lr=r.lr)
@@ -350,14 +347,15 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     result = train_epoch(w, epoch)
     seconds = round(time.time() - mark, 3)
     w.phases["refit"] = seconds
-    done = {"held_out_pairs": int(len(new)), "replayed_pairs": n_replay, "steps": result.steps,
+    done = {"held_out_pairs": int(len(new)), "replayed_pairs": int(len(pick) - len(new)), "steps": result.steps,
             "loss": result.loss, "seconds": seconds}
     return done, embeddings(w)
 
 
 def _refits(w: Worker) -> bool:
-    return (w.inputs.refit is not None and w.inputs.warm is None and w.sp.mode != "official"
-            and bool(w.sp.test_mask.any()))
+    """The driver asks for a refit (full trainings only); the split decides: nothing held out of the graph, or an
+    official test file (the benchmark's), is never trained on."""
+    return w.inputs.refit is not None and w.sp.mode != "official" and bool(w.sp.test_mask.any())
 
 
 def save_state(w: Worker, entry: dict[str, Any], final: bool, emb: torch.Tensor | None) -> None:

@@ -98,3 +98,11 @@ def iter_bpr_batches(
             torch.from_numpy(pairs_item[sel]),
             torch.from_numpy(sampler.sample(users, rng)),
         )
+
+
+def with_replay(new_idx: np.ndarray, old_idx: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """`new_idx` followed by `ratio` of `old_idx` per new one, drawn without replacement (at most all of them): what
+    a warm start or a refit trains on, so the model does not forget the rest of the graph."""
+    n_replay = min(len(old_idx), int(round(ratio * max(len(new_idx), 1))))
+    replay = rng.choice(old_idx, size=n_replay, replace=False) if n_replay else old_idx[:0]
+    return np.concatenate([new_idx, replay])

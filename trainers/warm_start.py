@@ -15,6 +15,7 @@ from core.config import AppConfig
 from trainers.data import InterestGraph, Split, parent_holdout
 from trainers.graph import NodeOffsets, node_offsets
 from trainers.loop import passes_to_steps
+from trainers.sampling import with_replay
 
 TYPES = ("user", "item", "category", "brand")
 
@@ -144,8 +145,7 @@ def update_pair_index(graph: InterestGraph, sp: Split, cfg: AppConfig, parent_wa
         arrived = graph.ui_last_ts > parent_watermark_ms
     fresh_edges = arrived | held
     fresh = fresh_edges[in_train]
-    new_idx, old_idx = np.flatnonzero(fresh), np.flatnonzero(~fresh)
-    n_replay = min(len(old_idx), int(round(cfg.update.replay_ratio * max(len(new_idx), 1))))
+    new_idx = np.flatnonzero(fresh)
     rng = np.random.default_rng(cfg.train.seed)
-    replay = rng.choice(old_idx, size=n_replay, replace=False) if n_replay else old_idx[:0]
-    return np.concatenate([new_idx, replay]), len(new_idx)
+    picked = with_replay(new_idx, np.flatnonzero(~fresh), cfg.update.replay_ratio, rng)
+    return picked, len(new_idx)

@@ -61,13 +61,19 @@ def test_a_graph_that_lost_nodes_is_refused() -> None:
                           graph.ui_user, graph.ui_item)
 
 
-def test_a_warm_start_trains_on_everything_new_plus_replayed_old_pairs() -> None:
-    cfg = parse_config({"train": {"holdout": "last_days", "holdout_days": 1.0}, "update": {"replay_ratio": 1.0}})
-    # The parent saw days 0-5 (its watermark: day 5) and held out days 4-5; day 6 is new; day 7.5 is the new holdout.
+def _stream(replay_ratio: float) -> tuple:
+    """The parent saw days 0-5 (its watermark: day 5) and held out days 4-5; day 6 is new; day 7.5 is the new
+    holdout. Returns the config, the graph and its split."""
+    cfg = parse_config({"train": {"holdout": "last_days", "holdout_days": 1.0},
+                        "update": {"replay_ratio": replay_ratio}})
     pairs = [(u, (u + d) % 20, d) for u in range(40) for d in range(6)] + [(u, 30 + u % 3, 6) for u in range(10)]
     pairs += [(u, 40, 7.5) for u in range(5)]
     graph = _graph(40, 41, 0, 0, pairs, item_cat=[])
-    sp = split(graph, "last_days", 1.0)
+    return cfg, graph, split(graph, "last_days", 1.0)
+
+
+def test_a_warm_start_trains_on_everything_new_plus_replayed_old_pairs() -> None:
+    cfg, graph, sp = _stream(1.0)
     index, new = update_pair_index(graph, sp, cfg, parent_watermark_ms=T0 + 5 * DAY)
     days = (sp.train_last_ts[index] - T0) / DAY
     train_days = (sp.train_last_ts - T0) / DAY
@@ -81,11 +87,7 @@ def test_a_warm_start_trains_on_everything_new_plus_replayed_old_pairs() -> None
 
 def test_a_parent_that_learned_its_holdout_is_not_taught_it_again() -> None:
     """train.refit: the first version learned the pairs it was evaluated on, so only what arrived since is new."""
-    cfg = parse_config({"train": {"holdout": "last_days", "holdout_days": 1.0}, "update": {"replay_ratio": 0.0}})
-    pairs = [(u, (u + d) % 20, d) for u in range(40) for d in range(6)] + [(u, 30 + u % 3, 6) for u in range(10)]
-    pairs += [(u, 40, 7.5) for u in range(5)]
-    graph = _graph(40, 41, 0, 0, pairs, item_cat=[])
-    sp = split(graph, "last_days", 1.0)
+    cfg, graph, sp = _stream(0.0)
     held_too, _ = update_pair_index(graph, sp, cfg, parent_watermark_ms=T0 + 5 * DAY)
     index, new = update_pair_index(graph, sp, cfg, parent_watermark_ms=T0 + 5 * DAY, parent_learned_holdout=True)
     days = (sp.train_last_ts[index] - T0) / DAY

@@ -56,7 +56,7 @@ def test_time_budget_stops_cleanly(small_graph: AppConfig, tmp_path: Path) -> No
 def test_two_worker_run_outlives_a_killed_worker_and_publishes_a_version_near_popularity(
         small_graph: AppConfig, tmp_path: Path) -> None:
     """One 2-worker Ray Train run whose rank 1 dies in epoch 2: the group is replaced, resumes from the checkpoint
-    of epoch 1, and publishes a verifiable version that beats popularity."""
+    of epoch 1, and publishes a verifiable version that scores near popularity (within 10%) or above."""
     storage = Storage(small_graph.data.root)
     before = registry.latest_version(storage)
     marker = tmp_path / "killed"
