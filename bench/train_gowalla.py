@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--batch-size", type=int, default=8192, help="per worker (2 workers: 16384 a step)")
+    p.add_argument("--dim", type=int, default=1024, help="embedding width of ours")
+    p.add_argument("--spectral-filter", type=float, default=3.0,
+                   help="train.spectral_filter of ours (beta of exp(beta sigma)); negative: the sqrt(sigma) start")
+    p.add_argument("--item-degree-power", type=float, default=0.5, help="train.item_degree_power of ours")
+    p.add_argument("--lr", type=float, default=0.001,
+                   help="train.lr of ours: BPR at the shipped 0.02 pulls the filter start down (0.181 after 7 steps)")
     p.add_argument("--only", default=",".join(RANKERS), help=f"comma-separated subset of {','.join(RANKERS)}")
     args = p.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -138,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(exist_ok=True)
     cfg = parse_config({"data": {"root": str(OUT / "gowalla-root")},
                         "train": {"batch_size": args.batch_size, "use_gpu": args.use_gpu,
-                                  "num_workers": args.workers, "eval_every": 1}})
+                                  "num_workers": args.workers, "eval_every": 1, "embedding_dim": args.dim,
+                                  "spectral_filter": None if args.spectral_filter < 0 else args.spectral_filter,
+                                  "item_degree_power": args.item_degree_power,
+                                  "lr": args.lr}})
     ingest_once(cfg, args.data)
     results = []
     for name in only:

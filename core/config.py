@@ -93,6 +93,13 @@ class TrainConfig(_Section):
     lr_decay: float = Field(0.85, gt=0, le=1, description="learning rate factor per epoch")
     init: Literal["normal", "spectral"] = Field(
         "spectral", description="embedding start: normal noise (LightGCN paper) or the graph's top singular vectors")
+    spectral_filter: float | None = Field(
+        None, ge=0, description="spectral start shaped so that, after propagation, scores are the low-pass filter "
+        "exp(beta * sigma) of the top embedding_dim singular pairs (SVD-GCN; randomized SVD); null: sqrt(sigma) each "
+        "side (exact SVD)")
+    item_degree_power: float = Field(
+        0.0, ge=0, le=1, description="items' final embeddings times (degree / mean)^power (GF-CF's D^1/2 "
+        "on the item side); 0: off")
     batch_size: int = Field(16384, ge=1, description="BPR triples per step per worker")
     negatives: int = Field(
         32, ge=1, description="negative candidates per positive; the best-scoring one is used (1: uniform sampling)")

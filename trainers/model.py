@@ -50,6 +50,12 @@ class InterestGCN(torch.nn.Module):
         # std 0.1 normal as in LightGCN-PyTorch (the paper's Xavier init is slower to start).
         torch.nn.init.normal_(self.embedding.weight, std=0.1)
         self.conv = LightConv()
+        # Not in the state dict: a fixed function of the training graph, rebuilt by whoever builds the adjacency.
+        self.register_buffer("output_scale", None, persistent=False)
+
+    def set_output_scale(self, scale: Tensor | None) -> None:
+        """Per-node factor on the final embeddings (item degree^power: GF-CF's D^1/2 on the item side), or none."""
+        self.output_scale = None if scale is None else scale.to(self.embedding.weight.device)
 
     def forward(self, adj: Tensor) -> Tensor:
         """Final embeddings [num_nodes, dim] = mean of layers 0..K (alpha_k = 1/(K+1))."""
@@ -58,7 +64,8 @@ class InterestGCN(torch.nn.Module):
         for _ in range(self.num_layers):
             x = self.conv(x, adj)
             out = out + x
-        return out / (self.num_layers + 1)
+        out = out / (self.num_layers + 1)
+        return out if self.output_scale is None else out * self.output_scale.unsqueeze(1)
 
     @property
     def ego(self) -> Tensor:
