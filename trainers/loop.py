@@ -137,14 +137,15 @@ def build_adjacency(graph: InterestGraph, users: np.ndarray, items: np.ndarray, 
     )
 
 
-def item_degree_scale(offsets: NodeOffsets, num_items: int, items: np.ndarray, power: float) -> torch.Tensor | None:
-    """Items' outputs times (degree / mean degree)^power, every other node's 1; None when power is 0. GF-CF and the
-    spectral filter score with D_I^1/2 on the item side: their best Gowalla figures need it."""
+def item_degree_scale(offsets: NodeOffsets, items: np.ndarray, power: float) -> torch.Tensor | None:
+    """Items' outputs times (degree / mean degree)^power over these pairs' items, every other node's 1; None when
+    power is 0. GF-CF and the spectral filter score with D_I^1/2 on the item side: their best Gowalla figures need
+    it. An item without pairs counts as degree 1, so it keeps a score."""
     if power == 0:
         return None
-    deg = np.maximum(np.bincount(items, minlength=num_items).astype(np.float64), 1.0)
+    deg = np.maximum(np.bincount(items, minlength=offsets.category - offsets.item).astype(np.float64), 1.0)
     scale = np.ones(offsets.num_nodes, np.float32)
-    scale[offsets.item : offsets.item + num_items] = (deg / deg.mean()) ** power
+    scale[offsets.item : offsets.category] = (deg / deg.mean()) ** power
     return torch.from_numpy(scale)
 
 
@@ -207,7 +208,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     device = session.device()
     adj = build_adjacency(graph, sp.train_user, sp.train_item, sp.train_weight).to(device)
     model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers)
-    model.set_output_scale(item_degree_scale(offsets, graph.num_items, sp.train_item, hp.item_degree_power))
+    model.set_output_scale(item_degree_scale(offsets, sp.train_item, hp.item_degree_power))
     if inputs.warm is not None:
         model.load_state_dict(_resolve(inputs.warm.init_state))
     elif hp.init == "spectral":
@@ -348,7 +349,7 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     mark = time.time()
     users, items = g.ui_user.astype(np.int64), g.ui_item.astype(np.int64)
     w.adj = build_adjacency(g, users, items, g.ui_weight).to(w.device)
-    w.model.set_output_scale(item_degree_scale(w.offsets, g.num_items, items, w.hp.item_degree_power))
+    w.model.set_output_scale(item_degree_scale(w.offsets, items, w.hp.item_degree_power))
     w.train_csr = csr_from_pairs(users, items, g.num_users, g.num_items)
     w.sampler = NegativeSampler(w.train_csr.indptr, w.train_csr.indices, g.num_items)
     new = np.flatnonzero(held)

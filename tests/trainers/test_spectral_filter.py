@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from trainers.graph import build_norm_adjacency, node_offsets
 from trainers.loop import item_degree_scale
 from trainers.model import InterestGCN
-from trainers.spectral import filter_coefficients, randomized_svd, spectral_embeddings
+from trainers.spectral import filter_coefficients, normalised_interactions, randomized_svd, spectral_embeddings
 
 E = np.array([], dtype=np.int64)
 
@@ -21,16 +20,9 @@ def _graph(seed: int, users: int = 40, items: int = 30, pairs: int = 300) -> tup
     return u, i
 
 
-def _normalised(u: np.ndarray, i: np.ndarray, users: int, items: int) -> sp.csr_matrix:
-    r = sp.csr_matrix((np.ones(len(u)), (u, i)), shape=(users, items))
-    r.data[:] = 1.0
-    du, di = np.asarray(r.sum(1)).ravel(), np.asarray(r.sum(0)).ravel()
-    return (sp.diags(du**-0.5) @ r @ sp.diags(di**-0.5)).tocsr()
-
-
 def test_randomized_svd_finds_the_top_singular_values():
     u, i = _graph(0)
-    m = _normalised(u, i, 40, 30)
+    m = normalised_interactions(40, 30, u, i)
     _, sigma, _ = randomized_svd(m, 8, iterations=6)
     exact = np.linalg.svd(m.toarray(), compute_uv=False)[:8]
     np.testing.assert_allclose(sigma, exact, rtol=1e-3)
@@ -49,7 +41,7 @@ def test_filter_start_scores_the_low_pass_filter_after_propagation(layers, beta)
         adj = build_norm_adjacency(users, items, 0, 0, u, i, None, E, E, E, E, weighted=False)
         out = model(adj).double().numpy()
     got = out[:users] @ out[users:].T
-    lu, sigma, lv = randomized_svd(_normalised(u, i, users, items), k, iterations=8)
+    lu, sigma, lv = randomized_svd(normalised_interactions(users, items, u, i), k, iterations=8)
     want = (lu * np.exp(beta * sigma)) @ lv.T
     # Equal up to the start's overall scale, which only sets the learning rate's meaning.
     scale = float((got * want).sum() / (want * want).sum())
@@ -65,8 +57,8 @@ def test_filter_coefficients_undo_the_mean_readout():
 
 def test_item_degree_scale_multiplies_only_items():
     off = node_offsets(2, 3, 1, 0)
-    assert item_degree_scale(off, 3, np.array([0, 0, 0, 1]), 0.0) is None
-    scale = item_degree_scale(off, 3, np.array([0, 0, 0, 1]), 0.5).numpy()
+    assert item_degree_scale(off, np.array([0, 0, 0, 1]), 0.0) is None
+    scale = item_degree_scale(off, np.array([0, 0, 0, 1]), 0.5).numpy()
     deg = np.array([3.0, 1.0, 1.0])  # an item without pairs counts as degree 1, so it keeps a score
     np.testing.assert_allclose(scale[off.item : off.item + 3], np.sqrt(deg / deg.mean()), rtol=1e-6)
     assert (scale[: off.item] == 1).all() and (scale[off.category :] == 1).all()
