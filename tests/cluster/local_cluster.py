@@ -38,7 +38,7 @@ def local_cluster(name: str, num_cpus: int, extra_env: dict[str, str] | None = N
                 "IG_ADMIN_TOKEN": "e2e-admin", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
                 **(extra_env or {})})
     dashboard, gcs_port = free_port(), gcs_port or free_port()
-    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                     "metrics-export-port", "runtime-env-agent-port",
                                                     "ray-client-server-port", "node-manager-port",
                                                     "object-manager-port")]

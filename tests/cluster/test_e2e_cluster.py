@@ -47,7 +47,7 @@ def test_jobs_and_serve_deploy_on_a_real_cluster(cluster: dict, tmp_path: Path) 
     assert ingested["accepted"] > 15_000 and ingested["total_users"] > 0
 
     helper = run(sys.executable, "-m", "cluster.jobs", "--address", address, "train", "--", "--config",
-                  str(config), env=env)  # the thin helper, as a user runs it
+                 str(config), env=env)  # the thin helper, as a user runs it
     trained = json.loads(helper.stdout.strip().splitlines()[-1])
     assert trained["status"] == "SUCCEEDED", helper.stderr[-3000:]
     first = trained["summary"]["version"]
