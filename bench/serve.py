@@ -12,7 +12,8 @@ ingests Gowalla and trains one short epoch: serving cost depends on the sizes (u
 lists), not on how well the model was trained. Exact scoring costs the same for every user but for the length of
 their seen list, so one user's URL per run is representative; `--users` spreads the load over that many users,
 one hey process each (their connections add up to `--clients`).
-Prints one JSON object per measurement and a final JSON list.
+`--rounds` alternates the no-op and /recommend phases and reports each one's median and their ratio, so a slow
+spell of the shared machine falls on both. Prints one JSON object per measurement and a final JSON list.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["default", "ha"], default="default")
     p.add_argument("--clients", type=int, default=8, help="connections in all")
     p.add_argument("--users", type=int, default=1, help="distinct users (one hey process each)")
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=20.0, help="per load phase")
+    p.add_argument("--rounds", type=int, default=3, help="noop and /recommend phases, alternated; medians reported")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--precompute-depth", type=int, help="serve.precompute_depth (default: the config's; 0: off)")
     args = p.parse_args(argv)
@@ -130,10 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     base = {"mode": args.mode, "clients": args.clients, "users": len(recommend), "items": len(latest.item_ids),
             "precompute_depth": args.precompute_depth}
     results = []
-    for name, urls in (("noop", [f"{url}/noop/"] * len(recommend)), ("recommend", recommend)):
-        r = {**base, "endpoint": name, **load_phase(urls, args.clients, args.seconds)}
+    rounds: dict[str, list[dict]] = {"noop": [], "recommend": []}
+    for i in range(args.rounds):  # alternated, so a slow spell of the shared machine falls on both
+        for name, urls in (("noop", [f"{url}/noop/"] * len(recommend)), ("recommend", recommend)):
+            r = {**base, "endpoint": name, "round": i + 1, **load_phase(urls, args.clients, args.seconds)}
+            print(json.dumps(r), flush=True)
+            rounds[name].append(r)
+    for name, runs in rounds.items():
+        r = {**base, "endpoint": f"{name} (median of {len(runs)} rounds)",
+             **{key: statistics.median(x[key] for x in runs) for key in ("rps", "p50_ms", "p99_ms")},
+             "non_2xx": sum(x["non_2xx"] for x in runs),
+             "client_cpu_share": max(x["client_cpu_share"] for x in runs)}
         print(json.dumps(r), flush=True)
         results.append(r)
+    noop, rec = results
+    ratio = {**base, "endpoint": "recommend / noop", "rps_ratio": round(rec["rps"] / noop["rps"], 3),
+             "p99_ratio": round(rec["p99_ms"] / noop["p99_ms"], 3)}
+    print(json.dumps(ratio), flush=True)
+    results.append(ratio)
 
     # Hot swap under load: republish the served model as a new version while hey runs.
     box: dict = {}

@@ -35,10 +35,12 @@ class Answers:
     def depth(self) -> int:
         return self.rows.shape[1]
 
-    def top(self, row: int, k: int) -> tuple[list[int], list[float]]:
+    def top(self, row: int, k: int) -> tuple[list[int], np.ndarray]:
         rows, scores = self.rows[row, :k], self.scores[row, :k]
-        keep = rows >= 0
-        return rows[keep].tolist(), scores[keep].tolist()
+        if len(rows) and rows[-1] < 0:  # fewer than k items this user may be shown (-1 pads the end)
+            keep = rows >= 0
+            rows, scores = rows[keep], scores[keep]
+        return rows.tolist(), scores
 
 
 def precompute(model: ServingModel, depth: int, cancelled: threading.Event | None = None) -> Answers | None:

@@ -31,6 +31,7 @@ from datasets.live_files import live_file_time_ms, write_deadline_s
 from datasets.pseudonym import KEY_ENV, pseudonymise, resolve_key
 from datasets.tombstones import add_tombstone, load_tombstones
 from datasets.validate import Rules
+from serve_app import query
 from serve_app.events import BatchError, by_user, check, parse_batch, write_live
 from serve_app.live_state import LiveEvent, LiveView, shard_handles
 from serve_app.model_store import ServingModel
@@ -43,6 +44,13 @@ EXPLORER = Path(__file__).with_name("explorer.html")
 # The page's own script and styles only; data comes from this origin's API (admin calls carry the token by header).
 EXPLORER_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
                 "img-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+RECOMMEND_QUERY = query.openapi([
+    ("k", "integer", 20, "how many items (1 to serve.max_k)"),
+    ("category", "string", None, "only items of this category"),
+    ("exclude_seen", "boolean", True, "leave out items the shopper has seen (data.seen_events)"),
+    ("explain", "boolean", False, "each item says why it was recommended"),
+])
 
 log = logging.getLogger("serve_app")
 api = FastAPI(title="interest-graph recommendations")
@@ -127,16 +135,20 @@ class Recommender:
             raise HTTPException(400, f"k must be between 1 and {self.max_k}, got {k}")
         return k
 
-    @api.get("/recommend/{user_id}")
-    async def recommend(self, user_id: str, k: int = Query(20), category: str | None = Query(None),
-                        exclude_seen: bool = Query(True), explain: bool = Query(False)) -> dict[str, Any]:
+    @api.get("/recommend/{user_id}", response_class=Response, openapi_extra=RECOMMEND_QUERY)
+    async def recommend(self, user_id: str, request: Request) -> Response:
+        """The shopper's top-k items (see DESIGN): query parameters as RECOMMEND_QUERY says, read by hand."""
+        q = request.query_params
+        k = self._k(query.int_param(q, "k", 20))
+        exclude_seen, explain = query.bool_param(q, "exclude_seen", True), query.bool_param(q, "explain", False)
+        category = q.get("category")
         _check_id("user_id", user_id, self.max_id)
         if category is not None:
             _check_id("category", category, self.max_id)
         user_key = pseudonymise(user_id, self.key)
-        return _answer(await self.scorer.recommend(user_key, self._k(k), exclude_seen, category,
-                                                   live=self.live.events(user_key),
-                                                   deleted=self.live.is_deleted(user_key), explain=explain))
+        return query.json_response(_answer(await self.scorer.recommend(
+            user_key, k, exclude_seen, category, live=self.live.events(user_key),
+            deleted=self.live.is_deleted(user_key), explain=explain)))
 
     @api.get("/interests/{user_id}")
     async def interests(self, user_id: str, k: int = Query(10)) -> dict[str, Any]:
