@@ -51,6 +51,16 @@ def prepare(root: str, data: Path, epochs: int) -> None:
     run_train(cfg, TrainOptions(num_workers=2, epochs=epochs))
 
 
+def wait_precomputed(url: str, timeout_s: float = 300.0) -> None:
+    """Until the replica's answers for known users are ready (seconds at Gowalla's size, on a core of its own): a
+    no-op phase run meanwhile would share the machine with the precomputation."""
+    deadline = time.time() + timeout_s
+    while not requests.get(f"{url}/version", timeout=30).json().get("precomputed"):
+        if time.time() > deadline:
+            raise SystemExit(f"the replica had not precomputed its answers after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def load_phase(urls: list[str], clients: int, seconds: float) -> dict:
     """hey on each URL at once (clients split between them); totals, and the slowest process's percentiles."""
     per = max(1, clients // len(urls))
@@ -129,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(50):
         requests.get(recommend[0], timeout=30)
         requests.get(f"{url}/noop/", timeout=30)
-    time.sleep(10)  # the replica's precomputation after its first swap (a few seconds at Gowalla's size)
+    if args.precompute_depth != 0:
+        wait_precomputed(url)
     base = {"mode": args.mode, "clients": args.clients, "users": len(recommend), "items": len(latest.item_ids),
             "precompute_depth": args.precompute_depth}
     results = []

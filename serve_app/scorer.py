@@ -286,7 +286,8 @@ class Scorer:
         model = self.watcher.current
         return {"version": model.version if model else None, "replica": self.replica,
                 "scoring": None if model is None else "index" if self.indexed(model) else "exact",
-                "loaded_s": round(model.loaded_s, 3) if model else None, "refused": sorted(self.watcher.refused)}
+                "loaded_s": round(model.loaded_s, 3) if model else None, "refused": sorted(self.watcher.refused),
+                "precomputed": model is not None and self.answers is not None and self.answers.version == model.version}
 
     def close(self) -> None:
         self.watcher.stop()

@@ -60,6 +60,16 @@ def test_category_filter_and_similar_and_health(served: dict) -> None:
     assert requests.get(f"{served['url']}/version", timeout=10).json()["version"]
 
 
+def test_version_says_when_answers_for_known_users_are_precomputed(served: dict) -> None:
+    deadline = time.time() + 60  # generous: a toy model's table takes milliseconds
+    while not (info := requests.get(f"{served['url']}/version", timeout=10).json())["precomputed"]:
+        assert time.time() < deadline, info
+        time.sleep(0.2)
+    assert info["scoring"] == "exact"
+    assert requests.get(f"{served['url']}/recommend/user-4", params={"k": 10}, timeout=10).json()["path"] == \
+        "personalised"
+
+
 def test_unknown_user_gets_popular(served: dict) -> None:
     body = requests.get(f"{served['url']}/recommend/someone-new", params={"k": 4}, timeout=10).json()
     assert body["path"] == "popular" and [x["item_id"] for x in body["items"]] == [f"item-{i}" for i in range(4)]
