@@ -51,14 +51,19 @@ def prepare(root: str, data: Path, epochs: int) -> None:
     run_train(cfg, TrainOptions(num_workers=2, epochs=epochs))
 
 
-def wait_precomputed(url: str, timeout_s: float = 300.0) -> None:
-    """Until the replica's answers for known users are ready (seconds at Gowalla's size, on a core of its own): a
-    no-op phase run meanwhile would share the machine with the precomputation."""
+def wait_precomputed(url: str, replicas: int, timeout_s: float = 300.0) -> None:
+    """Until `replicas` replicas have their answers for known users ready, or score through the index (which is
+    never precomputed): a no-op phase run meanwhile would share the machine with the precomputation."""
     deadline = time.time() + timeout_s
-    while not requests.get(f"{url}/version", timeout=30).json().get("precomputed"):
-        if time.time() > deadline:
-            raise SystemExit(f"the replica had not precomputed its answers after {timeout_s:.0f} s")
-        time.sleep(0.5)
+    ready: set[str] = set()
+    while len(ready) < replicas:
+        info = requests.get(f"{url}/version", timeout=30).json()
+        if info.get("precomputed") or info.get("scoring") == "index":
+            ready.add(info["replica"])
+        elif time.time() > deadline:
+            raise SystemExit(f"{len(ready)} of {replicas} replicas had precomputed their answers after "
+                             f"{timeout_s:.0f} s")
+        time.sleep(0.1)
 
 
 def load_phase(urls: list[str], clients: int, seconds: float) -> dict:
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--precompute-depth", type=int, help="serve.precompute_depth (default: the config's; 0: off)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     require_hey()
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     if args.mode == "ha":
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import registry
     from bench.noop import build_noop
+    from core.config import parse_config
     from core.storage import Storage
     from serve_app.app import AppArgs, build_app
 
@@ -139,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(50):
         requests.get(recommend[0], timeout=30)
         requests.get(f"{url}/noop/", timeout=30)
-    if args.precompute_depth != 0:
-        wait_precomputed(url)
+    served = parse_config({"serve": serve_cfg}).serve
+    if served.precompute_depth > 0 and len(latest.user_keys) <= served.precompute_max_users:
+        wait_precomputed(url, args.replicas)
     base = {"mode": args.mode, "clients": args.clients, "users": len(recommend), "items": len(latest.item_ids),
             "precompute_depth": args.precompute_depth}
     results = []

@@ -45,12 +45,12 @@ EXPLORER = Path(__file__).with_name("explorer.html")
 EXPLORER_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
                 "img-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
-RECOMMEND_QUERY = query.openapi([
-    ("k", "integer", 20, "how many items (1 to serve.max_k)"),
-    ("category", "string", None, "only items of this category"),
-    ("exclude_seen", "boolean", True, "leave out items the shopper has seen (data.seen_events)"),
-    ("explain", "boolean", False, "each item says why it was recommended"),
-])
+RECOMMEND_PARAMS = [
+    query.Param("k", int, 20, "how many items (1 to serve.max_k)"),
+    query.Param("category", str, None, "only items of this category"),
+    query.Param("exclude_seen", bool, True, "leave out items the shopper has seen (data.seen_events)"),
+    query.Param("explain", bool, False, "each item says why it was recommended"),
+]
 
 log = logging.getLogger("serve_app")
 api = FastAPI(title="interest-graph recommendations")
@@ -135,20 +135,18 @@ class Recommender:
             raise HTTPException(400, f"k must be between 1 and {self.max_k}, got {k}")
         return k
 
-    @api.get("/recommend/{user_id}", response_class=Response, openapi_extra=RECOMMEND_QUERY)
+    @api.get("/recommend/{user_id}", response_class=Response, openapi_extra=query.openapi(RECOMMEND_PARAMS))
     async def recommend(self, user_id: str, request: Request) -> Response:
-        """The shopper's top-k items (see DESIGN): query parameters as RECOMMEND_QUERY says, read by hand."""
-        q = request.query_params
-        k = self._k(query.int_param(q, "k", 20))
-        exclude_seen, explain = query.bool_param(q, "exclude_seen", True), query.bool_param(q, "explain", False)
-        category = q.get("category")
+        """The shopper's top-k items (see DESIGN); the query parameters are RECOMMEND_PARAMS, read by hand."""
+        p = query.read(request.query_params, RECOMMEND_PARAMS)
         _check_id("user_id", user_id, self.max_id)
-        if category is not None:
-            _check_id("category", category, self.max_id)
+        if p["category"] is not None:
+            _check_id("category", p["category"], self.max_id)
+        k = self._k(p["k"])
         user_key = pseudonymise(user_id, self.key)
         return query.json_response(_answer(await self.scorer.recommend(
-            user_key, k, exclude_seen, category, live=self.live.events(user_key),
-            deleted=self.live.is_deleted(user_key), explain=explain)))
+            user_key, k, p["exclude_seen"], p["category"], live=self.live.events(user_key),
+            deleted=self.live.is_deleted(user_key), explain=p["explain"])))
 
     @api.get("/interests/{user_id}")
     async def interests(self, user_id: str, k: int = Query(10)) -> dict[str, Any]:

@@ -57,20 +57,21 @@ class Metrics:
         self.refused = metrics.Counter("ig_refused_versions_total", "checkpoint versions refused (damaged, partial)")
         self.tally: collections.Counter[tuple[str, str]] = collections.Counter()
         self._answered = 0
-        self._flush_due = False
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
 
     def answered(self, endpoint: str, path: str, started: float) -> None:
-        """Count one answer; called on the replica's event loop, which also flushes, so no count is lost."""
+        """Count one answer. Called on the event loop that also flushes, so counting and flushing never race."""
         self.tally[(endpoint, path)] += 1
         self._answered += 1
         if self._answered % self.LATENCY_SAMPLE_EVERY == 0:
             self.latency.observe((time.perf_counter() - started) * 1000, tags={"endpoint": endpoint, "path": path})
-        if not self._flush_due:
-            self._flush_due = True
-            asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
+        loop = asyncio.get_running_loop()
+        if self._flush_on is not loop:  # none scheduled, or on a loop that has closed since
+            self._flush_on = loop
+            loop.call_later(self.FLUSH_S, self.flush)
 
     def flush(self) -> None:
-        self._flush_due = False
+        self._flush_on = None
         for (endpoint, path), n in self.tally.items():
             self.requests.inc(n, tags={"endpoint": endpoint, "path": path})
         self.tally.clear()
@@ -291,6 +292,7 @@ class Scorer:
 
     def close(self) -> None:
         self.watcher.stop()
+        self.metrics.flush()  # the last second's counts
 
 
 def _scored(model: ServingModel, rows: list[int], vals: list[float] | np.ndarray) -> list[dict[str, Any]]:

@@ -62,4 +62,8 @@ def test_main_job_serves_updates_and_stops_cleanly(tmp_path: Path) -> None:
             if any(temp_dir in part for part in p.info["cmdline"] or ())]
     assert not left, f"still running: {left}"
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # the HTTP port is free again
+        # Free again: nothing listens on it. SO_REUSEADDR, as every server sets, so that connections the stopped
+        # server closed (TIME_WAIT for a minute) do not count as holding it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
