@@ -13,7 +13,8 @@ lists), not on how well the model was trained. Exact scoring costs the same for 
 their seen list, so one user's URL per run is representative; `--users` spreads the load over that many users,
 one hey process each (their connections add up to `--clients`).
 `--rounds` alternates the no-op and /recommend phases and reports each one's median and their ratio, so a slow
-spell of the shared machine falls on both. Prints one JSON object per measurement and a final JSON list.
+spell of the shared machine falls on both; each phase also reports its replicas' own CPU per request. Prints one
+JSON object per measurement and a final JSON list.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from bench.load import hey, require_hey
@@ -64,6 +66,33 @@ def wait_precomputed(url: str, replicas: int, timeout_s: float = 300.0) -> None:
             raise SystemExit(f"{len(ready)} of {replicas} replicas had precomputed their answers after "
                              f"{timeout_s:.0f} s")
         time.sleep(0.1)
+
+
+def replica_processes(app: str) -> list[psutil.Process]:
+    """This machine's Serve replicas of `app` (process titles `ray::ServeReplica:<app>:<deployment>`)."""
+    return [proc for proc in psutil.process_iter(["cmdline"])
+            if any(part.startswith(f"ray::ServeReplica:{app}:") for part in proc.info["cmdline"] or ())]
+
+
+def cpu_s(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def measured_phase(urls: list[str], app: str, clients: int, seconds: float) -> dict:
+    """`load_phase`, and the replicas' own CPU per answered request: on this shared machine a steadier figure of
+    what a request costs the server than requests/s, which every other process's activity moves."""
+    procs = replica_processes(app)
+    before = cpu_s(procs)
+    r = load_phase(urls, clients, seconds)
+    r["replica_cpu_us_per_request"] = round(1e6 * (cpu_s(procs) - before) / max(r["requests"], 1), 1)
+    return r
 
 
 def load_phase(urls: list[str], clients: int, seconds: float) -> dict:
@@ -155,20 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     rounds: dict[str, list[dict]] = {"noop": [], "recommend": []}
     for i in range(args.rounds):  # alternated, so a slow spell of the shared machine falls on both
-        for name, urls in (("noop", [f"{url}/noop/"] * len(recommend)), ("recommend", recommend)):
-            r = {**base, "endpoint": name, "round": i + 1, **load_phase(urls, args.clients, args.seconds)}
+        for name, app, urls in (("noop", "noop", [f"{url}/noop/"] * len(recommend)), ("recommend", "ig", recommend)):
+            r = {**base, "endpoint": name, "round": i + 1, **measured_phase(urls, app, args.clients, args.seconds)}
             print(json.dumps(r), flush=True)
             rounds[name].append(r)
     for name, runs in rounds.items():
         r = {**base, "endpoint": f"{name} (median of {len(runs)} rounds)",
-             **{key: statistics.median(x[key] for x in runs) for key in ("rps", "p50_ms", "p99_ms")},
+             **{key: statistics.median(x[key] for x in runs)
+                for key in ("rps", "p50_ms", "p99_ms", "replica_cpu_us_per_request")},
              "non_2xx": sum(x["non_2xx"] for x in runs),
              "client_cpu_share": max(x["client_cpu_share"] for x in runs)}
         print(json.dumps(r), flush=True)
         results.append(r)
     noop, rec = results
     ratio = {**base, "endpoint": "recommend / noop", "rps_ratio": round(rec["rps"] / noop["rps"], 3),
-             "p99_ratio": round(rec["p99_ms"] / noop["p99_ms"], 3)}
+             "p99_ratio": round(rec["p99_ms"] / noop["p99_ms"], 3),
+             "replica_cpu_ratio": round(rec["replica_cpu_us_per_request"] / noop["replica_cpu_us_per_request"], 3)}
     print(json.dumps(ratio), flush=True)
     results.append(ratio)
 

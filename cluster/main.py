@@ -83,6 +83,11 @@ def _known_shoppers(args: argparse.Namespace, n: int = 3) -> list[str]:
     return ids
 
 
+def status_is_final(why: str) -> bool:
+    """A refusal of the event itself (4xx other than 408/429): sending it again cannot succeed."""
+    return why.isdigit() and 400 <= int(why) < 500 and why not in ("408", "429")
+
+
 class LiveStream(threading.Thread):
     """Demo shoppers clicking around: POST /events at a steady rate, for new and known shoppers."""
 
@@ -91,7 +96,8 @@ class LiveStream(threading.Thread):
         super().__init__(name="live-events", daemon=True)
         self.url, self.items, self.known, self.rate, self.stop, self.token = url, items, known, rate, stop, token
         self.shoppers = [f"live-shopper-{i}" for i in range(3)] + known
-        self.sent = self.failed = 0
+        self.sent = self.failed = self.retried = 0
+        self.failures: dict[str, int] = {}  # by status code or exception: what a failed POST met
 
     def run(self) -> None:
         import random
@@ -105,12 +111,19 @@ class LiveStream(threading.Thread):
             event = {"user_id": rng.choice(self.shoppers), "item_id": rng.choice(self.items),
                      "event": rng.choice(["view", "view", "click", "cart", "purchase"]),
                      "ts": int(time.time() * 1000)}
-            try:
-                ok = session.post(f"{self.url}/events", json=[event], timeout=10).status_code == 200
-            except requests.RequestException:
-                ok = False
-            self.sent += ok
-            self.failed += not ok
+            for _attempt in range(2):  # as a producer does: once more after a second (the server's Retry-After)
+                try:
+                    status = session.post(f"{self.url}/events", json=[event], timeout=10).status_code
+                    why = None if status == 200 else str(status)
+                except requests.RequestException as err:
+                    why = type(err).__name__
+                if why is None or status_is_final(why) or self.stop.wait(1.0):
+                    break
+                self.retried += 1
+            self.sent += why is None
+            if why is not None:
+                self.failed += 1
+                self.failures[why] = self.failures.get(why, 0) + 1
 
 
 def _serve_and_refresh(args: argparse.Namespace, cfg: AppConfig, dashboard: str | None) -> dict:
@@ -172,6 +185,8 @@ def _serve_and_refresh(args: argparse.Namespace, cfg: AppConfig, dashboard: str 
     serve.shutdown()
     kill_shards(storage.root, cfg.serve.live_shards)
     return {"served": served, "live_events_sent": stream.sent, "live_events_failed": stream.failed,
+            "live_events_failures": stream.failures,
+            "live_events_retried": stream.retried,
             "update_cycles": len(updates), "published": [u["version"] for u in updates if u.get("version")],
             "latest": registry.latest_version(storage)}
 
