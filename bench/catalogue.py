@@ -130,13 +130,10 @@ def recall_at_20(root: str, sample: int, ef_search: int) -> dict:
 
 
 def replica_rss_mb(app: str) -> float | None:
-    import psutil
+    from bench.serve import replica_processes
 
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
-        cmd = " ".join(proc.info["cmdline"] or ())
-        if f"ServeReplica:{app}:" in cmd:
-            return round(proc.info["memory_info"].rss / 2**20, 1)
-    return None
+    procs = replica_processes(app)
+    return round(procs[0].memory_info().rss / 2**20, 1) if procs else None
 
 
 def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: int, ef_search: int) -> list[dict]:

@@ -54,13 +54,13 @@ def prepare(root: str, data: Path, epochs: int) -> None:
 
 
 def wait_precomputed(url: str, replicas: int, timeout_s: float = 300.0) -> None:
-    """Until `replicas` replicas have their answers for known users ready, or score through the index (which is
-    never precomputed): a no-op phase run meanwhile would share the machine with the precomputation."""
+    """Until `replicas` replicas are done precomputing their answers for known users (or do not precompute this
+    version): a no-op phase run meanwhile would share the machine with the precomputation."""
     deadline = time.time() + timeout_s
     ready: set[str] = set()
     while len(ready) < replicas:
         info = requests.get(f"{url}/version", timeout=30).json()
-        if info.get("precomputed") or info.get("scoring") == "index":
+        if info["precomputed"] is not False:
             ready.add(info["replica"])
         elif time.time() > deadline:
             raise SystemExit(f"{len(ready)} of {replicas} replicas had precomputed their answers after "
@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import registry
     from bench.noop import build_noop
-    from core.config import parse_config
     from core.storage import Storage
     from serve_app.app import AppArgs, build_app
 
@@ -176,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(50):
         requests.get(recommend[0], timeout=30)
         requests.get(f"{url}/noop/", timeout=30)
-    served = parse_config({"serve": serve_cfg}).serve
-    if served.precompute_depth > 0 and len(latest.user_keys) <= served.precompute_max_users:
-        wait_precomputed(url, args.replicas)
+    wait_precomputed(url, args.replicas)
     base = {"mode": args.mode, "clients": args.clients, "users": len(recommend), "items": len(latest.item_ids),
             "precompute_depth": args.precompute_depth}
     results = []

@@ -83,9 +83,7 @@ def _known_shoppers(args: argparse.Namespace, n: int = 3) -> list[str]:
     return ids
 
 
-def status_is_final(why: str) -> bool:
-    """A refusal of the event itself (4xx other than 408/429): sending it again cannot succeed."""
-    return why.isdigit() and 400 <= int(why) < 500 and why not in ("408", "429")
+RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # the server's "later"; any other 4xx refuses the event
 
 
 class LiveStream(threading.Thread):
@@ -96,8 +94,12 @@ class LiveStream(threading.Thread):
         super().__init__(name="live-events", daemon=True)
         self.url, self.items, self.known, self.rate, self.stop, self.token = url, items, known, rate, stop, token
         self.shoppers = [f"live-shopper-{i}" for i in range(3)] + known
-        self.sent = self.failed = self.retried = 0
+        self.sent = self.retried = 0
         self.failures: dict[str, int] = {}  # by status code or exception: what a failed POST met
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
 
     def run(self) -> None:
         import random
@@ -114,15 +116,15 @@ class LiveStream(threading.Thread):
             for _attempt in range(2):  # as a producer does: once more after a second (the server's Retry-After)
                 try:
                     status = session.post(f"{self.url}/events", json=[event], timeout=10).status_code
-                    why = None if status == 200 else str(status)
+                    why, again = (None, False) if status == 200 else (str(status), status in RETRIED_STATUSES)
                 except requests.RequestException as err:
-                    why = type(err).__name__
-                if why is None or status_is_final(why) or self.stop.wait(1.0):
+                    why, again = type(err).__name__, True
+                if not again or self.stop.wait(1.0):
                     break
                 self.retried += 1
-            self.sent += why is None
-            if why is not None:
-                self.failed += 1
+            if why is None:
+                self.sent += 1
+            else:
                 self.failures[why] = self.failures.get(why, 0) + 1
 
 

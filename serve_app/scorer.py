@@ -115,12 +115,22 @@ class Scorer:
                 ranking.top_k_indexed(model, model.users[0], 0, min(10, len(model.item_ids)), True, None, None,
                                       self.ef_search)
 
+    def precomputes(self, model: ServingModel) -> bool:
+        """Whether `model`'s answers for known users are precomputed. Indexed catalogues are not: users x items
+        scoring per version is what the index avoids."""
+        return 0 < self.precompute_depth and 0 < len(model.users) <= self.precompute_max_users and \
+            not self.indexed(model)
+
+    def answers_for(self, model: ServingModel) -> Answers | None:
+        """The precomputed answers of `model`, once ready."""
+        answers = self.answers
+        return answers if answers is not None and answers.version == model.version else None
+
     def _swapped(self, model: ServingModel) -> None:
         from registry import version_number
 
         self._cancel_precompute.set()  # the previous version's, if still running
-        # Indexed catalogues are not precomputed: users x items scoring per version is what the index avoids.
-        if 0 < self.precompute_depth and 0 < len(model.users) <= self.precompute_max_users and not self.indexed(model):
+        if self.precomputes(model):
             self._cancel_precompute = threading.Event()
             threading.Thread(target=self._precompute, args=(model, self._cancel_precompute), name="precompute",
                              daemon=True).start()
@@ -175,9 +185,9 @@ class Scorer:
             if cat_idx is None or category not in model.popular_by_category:
                 return {"status": 404, "detail": f"category {category!r} does not exist"}
         row, fresh = self._personal(model, user_key, live, deleted)
-        answers = self.answers
+        answers = self.answers_for(model)
         if (row is not None and not fresh and cat_idx is None and exclude_seen and not explain
-                and answers is not None and answers.version == model.version and k <= answers.depth):
+                and answers is not None and k <= answers.depth):
             items = _scored(model, *answers.top(row, k))  # exact scoring's answer, computed once per version
             self.metrics.answered("recommend", "personalised", started)
             return {"status": 200, "items": items, "version": model.version, "path": "personalised",
@@ -288,7 +298,9 @@ class Scorer:
         return {"version": model.version if model else None, "replica": self.replica,
                 "scoring": None if model is None else "index" if self.indexed(model) else "exact",
                 "loaded_s": round(model.loaded_s, 3) if model else None, "refused": sorted(self.watcher.refused),
-                "precomputed": model is not None and self.answers is not None and self.answers.version == model.version}
+                # true once ready, false while being computed, null for a version that is not precomputed
+                "precomputed": None if model is None or not self.precomputes(model) else
+                self.answers_for(model) is not None}
 
     def close(self) -> None:
         self.watcher.stop()
