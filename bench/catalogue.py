@@ -2,15 +2,17 @@
 
 For each catalogue size (default 100k, 1M and 5M items, 64 dims): synthetic item vectors with realistic clustering
 (a few thousand interest clusters of power-law sizes, item lengths spread like popularity), shoppers drawn from
-the same clusters with short seen lists, published as one real version with its HNSW index. Then, per size and in
+the same clusters with short seen lists, published as one real version with its index. Then, per size and in
 one Serve instance behind one proxy (HAProxy mode where the binary exists, as in production): a no-op deployment,
-the app with exact scoring (serve.index_min_items above the catalogue) and the app through the index
-(serve.index_min_items at or below it), one replica each, driven in turn by hey (its own process; `bench.load`).
-Precomputed answers are off in both apps: this measures scoring.
+the app with exact scoring (serve.index_min_items above the catalogue), the app through the index
+(serve.index_min_items at or below it), both with precomputed answers off (this measures scoring per request),
+and the app through the index as shipped (`index-precomputed`: known shoppers' answers precomputed through the
+index after the swap, serve.precompute_depth), one replica each, driven in turn by hey (its own process;
+`bench.load`).
 
 Reported per size: index build seconds and bytes, recall@20 of the index path against exact top-20 (seen items
-excluded, as served) over sampled shoppers, requests/s and p50/p99 per app, and each replica's resident memory
-(psutil, the replica's process) beside the version's matrices' sizes.
+excluded, as served) over sampled shoppers, for a request and for the precomputed answers, requests/s and p50/p99
+per app, and each replica's resident memory (psutil, the replica's process) beside the version's matrices' sizes.
 Prints one JSON object per size and a final JSON list.
 """
 
@@ -109,24 +111,34 @@ def model_memory(root: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def recall_at_20(root: str, sample: int, ef_search: int) -> dict:
-    """The index path's top-20 against exact top-20, seen items excluded, over `sample` shoppers."""
+def recall_at_20(root: str, sample: int, nprobe: int) -> dict:
+    """The index path's top-20 against exact top-20, seen items excluded, over `sample` shoppers: per request, and
+    in the answers a replica precomputes through the index (all shoppers, timed)."""
     import registry
+    from core.config import ServeConfig
     from core.storage import Storage
     from serve_app import ranking
+    from serve_app.answers import precompute_indexed
     from serve_app.model_store import build_serving_model
 
     model = build_serving_model(registry.load_latest(Storage(root)))
     rows = np.random.default_rng(1).choice(len(model.user_keys), sample, replace=False)
-    hits, took = [], []
+    started = time.perf_counter()
+    answers = precompute_indexed(model, ServeConfig().precompute_depth, nprobe)
+    precompute_s = time.perf_counter() - started
+    assert answers is not None
+    hits, precomputed_hits, took = [], [], []
     for row in rows.tolist():
         exact, _ = ranking.top_k(model, model.items @ model.users[row], row, 20, True, None)
         started = time.perf_counter()
-        approx, _ = ranking.top_k_indexed(model, model.users[row], row, 20, True, None, None, ef_search)
+        approx, _ = ranking.top_k_indexed(model, model.users[row], row, 20, True, None, None, nprobe)
         took.append(time.perf_counter() - started)
         hits.append(len(set(exact) & set(approx)) / 20)
-    return {"recall@20_vs_exact": round(float(np.mean(hits)), 4), "index_query_ms_p50": round(
-        float(np.median(took)) * 1000, 3), "users_sampled": sample}
+        precomputed_hits.append(len(set(exact) & set(answers.top(row, 20)[0])) / 20)
+    return {"recall@20_vs_exact": round(float(np.mean(hits)), 4),
+            "precomputed_recall@20_vs_exact": round(float(np.mean(precomputed_hits)), 4),
+            "index_query_ms_p50": round(float(np.median(took)) * 1000, 3), "users_sampled": sample,
+            "precompute_s": round(precompute_s, 1), "precompute_users": len(model.user_keys)}
 
 
 def replica_rss_mb(app: str) -> float | None:
@@ -136,7 +148,7 @@ def replica_rss_mb(app: str) -> float | None:
     return round(procs[0].memory_info().rss / 2**20, 1) if procs else None
 
 
-def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: int, ef_search: int) -> list[dict]:
+def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: int, nprobe: int) -> list[dict]:
     import ray
     import requests
     import yaml
@@ -144,31 +156,34 @@ def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: in
 
     from bench.noop import build_noop
     from bench.serve import _free_port, load_phase
+    from core.config import ServeConfig
     from serve_app.app import AppArgs, build_app
 
     ray.init(num_cpus=2, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_noop(), name="noop", route_prefix="/noop")
-    for app, min_items in (("exact", n_items + 1), ("index", 1)):
+    apps = {"exact": (n_items + 1, 0), "index": (1, 0), "index-precomputed": (1, ServeConfig().precompute_depth)}
+    for app, (min_items, depth) in apps.items():
         path = OUT / f"catalogue-{app}.yaml"
         path.write_text(yaml.safe_dump({"data": {"root": root}, "serve": {
             "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5, "poll_interval_s": 1.0, "max_ongoing_requests": 64,
-            "precompute_depth": 0, "index_min_items": min_items, "index_ef_search": ef_search}}))
+            "precompute_depth": depth, "index_min_items": min_items, "index_nprobe": nprobe}}))
         serve.run(build_app(AppArgs(config_path=str(path))), name=app, route_prefix=f"/{app}")
     url = f"http://127.0.0.1:{port}"
-    for app in ("exact", "index"):
-        deadline = time.time() + 600
-        while requests.get(f"{url}/{app}/version", timeout=60).json().get("version") is None:
+    for app in apps:
+        deadline = time.time() + 900
+        # Loaded, and its precomputed answers ready where it makes them (no phase shares the machine with that).
+        while (info := requests.get(f"{url}/{app}/version", timeout=60).json()).get("version") is None or \
+                info.get("precomputed") is False:
             if time.time() > deadline:
-                raise RuntimeError(f"{app} did not load the version within 600 s")
+                raise RuntimeError(f"{app} did not load the version (and its answers) within 900 s")
             time.sleep(1)
-        assert requests.get(f"{url}/{app}/version", timeout=60).json()["scoring"] == app
+        assert info["scoring"] == app.split("-")[0] and bool(info["precomputed"]) == (apps[app][1] > 0), info
     picked = [str(u) for u in range(0, USERS, USERS // users)][:users]  # the first USERS are in every model
     out = []
     for name, urls in (("noop", [f"{url}/noop/"] * len(picked)),
-                       ("exact", [f"{url}/exact/recommend/u{u}?k=20" for u in picked]),
-                       ("index", [f"{url}/index/recommend/u{u}?k=20" for u in picked])):
+                       *((app, [f"{url}/{app}/recommend/u{u}?k=20" for u in picked]) for app in apps)):
         for u in urls[:3]:
             body = requests.get(u, timeout=120).json()
             if name != "noop" and body.get("path") != "personalised":  # a miss would measure popularity lists
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--users", type=int, default=2, help="distinct shoppers the load spreads over (a hey each)")
-    p.add_argument("--ef-search", type=int, default=None, help="serve.index_ef_search (default: the config's)")
+    p.add_argument("--nprobe", type=int, default=None, help="serve.index_nprobe (default: the config's)")
     p.add_argument("--recall-sample", type=int, default=300)
     p.add_argument("--model-users", type=int, default=USERS,
                    help="shoppers in each version (memory at scale: e.g. 1000000 with --sizes 1000000)")
@@ -206,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if haproxy_binary() is not None:  # the production default (serve.high_throughput), as in bench.serve --mode ha
         os.environ.update(HIGH_THROUGHPUT_ENV)
 
-    ef = args.ef_search or ServeConfig().index_ef_search
+    nprobe = args.nprobe or ServeConfig().index_nprobe
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
         root = str(OUT / f"catalogue-{n}")
@@ -215,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         version, build_s, index_bytes = publish(root, items, users, seen, cluster, with_index=not args.no_index)
         r = {"items": n, "users": len(users), "dim": DIM, "version": version, "index_build_s": round(build_s, 1),
              "index_mb": round(index_bytes / 2**20, 1), "item_vectors_mb": round(items.nbytes / 2**20, 1),
-             "user_vectors_mb": round(users.nbytes / 2**20, 1), "ef_search": ef}
+             "user_vectors_mb": round(users.nbytes / 2**20, 1), "nprobe": nprobe}
         del items, users, seen, cluster
         if args.memory_only:
             r["replica_memory"] = model_memory(root)
@@ -224,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
             continue
-        r.update(recall_at_20(root, args.recall_sample, ef))
-        r["serving"] = serve_phase(root, n, args.seconds, args.clients, args.users, ef)
+        r.update(recall_at_20(root, args.recall_sample, nprobe))
+        r["serving"] = serve_phase(root, n, args.seconds, args.clients, args.users, nprobe)
         noop = next(s for s in r["serving"] if s["endpoint"] == "noop")
         for s in r["serving"]:
             if s["endpoint"] != "noop":

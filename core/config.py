@@ -160,10 +160,11 @@ class ServeConfig(_Section):
     precompute_max_users: int = Field(
         1_000_000, ge=0, description="no precomputed answers past this many users (memory: users x depth x 8 B)")
     index_min_items: int = Field(
-        100_000, ge=1, description="versions with at least this many items carry an approximate index (HNSW), and "
-                                   "replicas answer through it; smaller catalogues are scored exactly")
-    index_ef_search: int = Field(
-        256, ge=1, description="HNSW search effort per query (at least k is used): recall against exact rises with it")
+        100_000, ge=1, description="versions with at least this many items carry an approximate index (an inverted "
+                                   "file), and replicas answer through it; smaller catalogues are scored exactly")
+    index_nprobe: int = Field(
+        256, ge=1, description="index lists a query scans (of about 4 x sqrt(items)): recall against exact and the "
+                               "cost per query rise with it")
     max_audience: int = Field(
         1000, ge=1, description="GET /audiences: most shoppers one request may ask for (the batch job has no limit)")
     host: str = Field("127.0.0.1", description="HTTP bind address")

@@ -72,14 +72,16 @@ def _excluded(model: ServingModel, row: int | None, extra_seen: np.ndarray | Non
 
 
 def top_k_indexed(model: ServingModel, vector: torch.Tensor, row: int | None, k: int, exclude_seen: bool,
-                  cat_idx: int | None, extra_seen: np.ndarray | None, ef_search: int) -> tuple[list[int], list[float]]:
+                  cat_idx: int | None, extra_seen: np.ndarray | None, nprobe: int) -> tuple[list[int], list[float]]:
     """`top_k`'s answer through the approximate index: the same exclusions, filter and scores (dot products), with
     at least as many results as `top_k` would give.
 
-    Seen items are excluded inside the graph walk (a selector), so k results remain however many a user has seen;
-    a category is scored exactly over its own items (cheaper than a filtered walk, and exact). Should the walk find
+    Seen items are excluded inside the search (a selector), so k results remain however many a user has seen;
+    a category is scored exactly over its own items (cheaper than a filtered search, and exact). Should the search find
     fewer items than qualify, the request is scored exactly instead."""
     import faiss
+
+    from registry.item_index import search_params
 
     excluded = _excluded(model, row, extra_seen) if exclude_seen else np.zeros(0, np.int64)
     if cat_idx is not None:
@@ -90,8 +92,7 @@ def top_k_indexed(model: ServingModel, vector: torch.Tensor, row: int | None, k:
         return rows[pos.numpy()].tolist(), vals.tolist()
     n = len(model.item_ids)
     k = min(k, n)
-    params = faiss.SearchParametersHNSW()
-    params.efSearch = max(ef_search, k)
+    params = search_params(model.index, nprobe, k)
     selectors = ()
     if len(excluded):
         inner = faiss.IDSelectorBatch(excluded)
@@ -115,14 +116,13 @@ def similar(model: ServingModel, row: int, k: int) -> tuple[list[int], list[floa
     return rows.tolist(), vals.tolist()
 
 
-def similar_indexed(model: ServingModel, row: int, k: int, ef_search: int) -> tuple[list[int], list[float]]:
+def similar_indexed(model: ServingModel, row: int, k: int, nprobe: int) -> tuple[list[int], list[float]]:
     """`similar` through the index: the item's nearest by inner product (a wide candidate set), ranked by cosine."""
-    import faiss
+    from registry.item_index import search_params
 
     n = len(model.item_ids)
     fetch = min(n, max(10 * k, 200) + 1)  # wide: lengths skew inner-product neighbours away from cosine's
-    params = faiss.SearchParametersHNSW()
-    params.efSearch = max(ef_search, fetch)
+    params = search_params(model.index, nprobe, fetch)
     _, found = model.index.search(model.items[row].numpy().reshape(1, -1), fetch, params=params)
     cand = found[0][(found[0] >= 0) & (found[0] != row)]
     if len(cand) < min(k, n - 1):

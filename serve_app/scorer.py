@@ -2,8 +2,9 @@
 version that carries one (catalogues of at least serve.index_min_items), through its approximate index.
 
 Exact scoring is one [batch, d] x [d, items] product: its cost grows with the catalogue, so past the switch point
-a request walks the version's HNSW graph instead (a few hundred vectors looked at, whatever the catalogue's size).
-Both paths keep the same promises: seen items excluded, the category filter, live folding, /similar.
+a request searches the version's inverted file instead (serve.index_nprobe of its lists, a few percent of the
+items at 1M). Both paths keep the same promises: seen items excluded, the category filter, live folding, /similar;
+both precompute known users' answers after a swap.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ray import serve
 from core.config import AppConfig
 from core.storage import storage_for
 from serve_app import audience, profiles, ranking
-from serve_app.answers import Answers, precompute
+from serve_app.answers import Answers, precompute, precompute_indexed
 from serve_app.live_state import Coverage, LiveEvent
 from serve_app.model_store import ModelWatcher, ServingModel
 
@@ -88,7 +89,7 @@ class Scorer:
         self.max_share = cfg.serve.live_max_share
         self.replica = os.environ.get("RAY_SERVE_REPLICA_ID", str(os.getpid()))
         self.precompute_depth, self.precompute_max_users = cfg.serve.precompute_depth, cfg.serve.precompute_max_users
-        self.index_min_items, self.ef_search = cfg.serve.index_min_items, cfg.serve.index_ef_search
+        self.index_min_items, self.nprobe = cfg.serve.index_min_items, cfg.serve.index_nprobe
         self.answers: Answers | None = None  # the served version's precomputed answers, once ready
         self._cancel_precompute = threading.Event()
         self.metrics = Metrics()
@@ -113,13 +114,11 @@ class Scorer:
             ranking.top_k(model, model.users[:1] @ model.items.T, 0, min(10, len(model.item_ids)), True, None)
             if self.indexed(model):
                 ranking.top_k_indexed(model, model.users[0], 0, min(10, len(model.item_ids)), True, None, None,
-                                      self.ef_search)
+                                      self.nprobe)
 
     def precomputes(self, model: ServingModel) -> bool:
-        """Whether `model`'s answers for known users are precomputed. Indexed catalogues are not: users x items
-        scoring per version is what the index avoids."""
-        return 0 < self.precompute_depth and 0 < len(model.users) <= self.precompute_max_users and \
-            not self.indexed(model)
+        """Whether `model`'s answers for known users are precomputed (through the index where it answers)."""
+        return 0 < self.precompute_depth and 0 < len(model.users) <= self.precompute_max_users
 
     def answers_for(self, model: ServingModel) -> Answers | None:
         """The precomputed answers of `model`, once ready."""
@@ -142,7 +141,10 @@ class Scorer:
     def _precompute(self, model: ServingModel, cancelled: threading.Event) -> None:
         started = time.time()
         try:
-            answers = precompute(model, self.precompute_depth, cancelled)
+            if self.indexed(model):  # users x items scoring per version is what the index avoids
+                answers = precompute_indexed(model, self.precompute_depth, self.nprobe, cancelled)
+            else:
+                answers = precompute(model, self.precompute_depth, cancelled)
         except (RuntimeError, MemoryError) as err:  # requests keep being scored exactly
             log.error("precomputing answers for %s failed: %s", model.version, err)
             return
@@ -205,7 +207,7 @@ class Scorer:
             live_seen = ranking.seen_live(live_rows, fresh, self.seen_events)
             if self.indexed(model):
                 rows, vals = ranking.top_k_indexed(model, vector, row, k, exclude_seen, cat_idx, live_seen,
-                                                   self.ef_search)
+                                                   self.nprobe)
             else:
                 scores = await self._scores((model, vector))
                 rows, vals = ranking.top_k(model, scores, row, k, exclude_seen, cat_idx, live_seen)
@@ -282,7 +284,7 @@ class Scorer:
         if row is None:
             return {"status": 404, "detail": f"item {item_id!r} is not in model {model.version}"}
         if self.indexed(model):
-            rows, vals = ranking.similar_indexed(model, row, k, self.ef_search)
+            rows, vals = ranking.similar_indexed(model, row, k, self.nprobe)
         else:
             rows, vals = ranking.similar(model, row, k)
         self.metrics.answered("similar", "personalised", started)

@@ -92,3 +92,25 @@ def test_the_toy_publisher_builds_an_index_when_asked(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path / "root"))
     version = publish_toy_version(storage, seed=1, index=True)
     assert registry.load_version(storage, version).item_index is not None
+
+
+def test_a_version_from_before_the_inverted_file_keeps_its_hnsw_graph_and_is_searched_with_it(tmp_path: Path) -> None:
+    import faiss
+
+    from registry.item_index import search_params, serialize
+
+    art = _artifacts()
+    graph = faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)  # what versions carried before
+    graph.add(np.ascontiguousarray(art.item_vectors, dtype=np.float32))
+    storage = Storage(str(tmp_path / "root"))
+    loaded = registry.load_version(storage, registry.publish(storage, _artifacts(item_index=serialize(graph))))
+    assert isinstance(loaded.item_index, faiss.IndexHNSWFlat)
+    _, found = loaded.item_index.search(loaded.item_vectors[:1], 1, params=search_params(loaded.item_index, 8, 1))
+    assert found[0][0] == int(np.argmax(loaded.item_vectors @ loaded.item_vectors[0]))
+
+
+def test_the_inverted_file_has_about_four_lists_per_root_item_and_never_fewer_than_faiss_trains(tmp_path: Path) -> None:
+    from registry.item_index import lists_for
+
+    assert lists_for(1_000_000) == 4000 and lists_for(100_000) == 1265
+    assert lists_for(4000) == 4000 // 39 and lists_for(10) == 1 and lists_for(0) == 1
