@@ -19,6 +19,7 @@ Prints one JSON object per size and a final JSON list.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -164,14 +165,18 @@ def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: in
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_noop(), name="noop", route_prefix="/noop")
     apps = {"exact": (n_items + 1, 0), "index": (1, 0), "index-precomputed": (1, ServeConfig().precompute_depth)}
+    url = f"http://127.0.0.1:{port}"
+    picked = [str(u) for u in range(0, USERS, USERS // users)][:users]  # the first USERS are in every model
+    out = [{"endpoint": "noop", **load_phase([f"{url}/noop/"] * len(picked), clients, seconds)}]
+    print(json.dumps({"items": n_items, **out[0]}), file=sys.stderr, flush=True)
+    # One app at a time beside the no-op (each replica holds the whole version: three at once do not fit 5M items
+    # in this machine's memory), all behind the same proxy in the same Serve instance.
     for app, (min_items, depth) in apps.items():
         path = OUT / f"catalogue-{app}.yaml"
         path.write_text(yaml.safe_dump({"data": {"root": root}, "serve": {
             "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5, "poll_interval_s": 1.0, "max_ongoing_requests": 64,
             "precompute_depth": depth, "index_min_items": min_items, "index_nprobe": nprobe}}))
         serve.run(build_app(AppArgs(config_path=str(path))), name=app, route_prefix=f"/{app}")
-    url = f"http://127.0.0.1:{port}"
-    for app in apps:
         deadline = time.time() + 900
         # Loaded, and its precomputed answers ready where it makes them (no phase shares the machine with that).
         while (info := requests.get(f"{url}/{app}/version", timeout=60).json()).get("version") is None or \
@@ -179,19 +184,16 @@ def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: in
             if time.time() > deadline:
                 raise RuntimeError(f"{app} did not load the version (and its answers) within 900 s")
             time.sleep(1)
-        assert info["scoring"] == app.split("-")[0] and bool(info["precomputed"]) == (apps[app][1] > 0), info
-    picked = [str(u) for u in range(0, USERS, USERS // users)][:users]  # the first USERS are in every model
-    out = []
-    for name, urls in (("noop", [f"{url}/noop/"] * len(picked)),
-                       *((app, [f"{url}/{app}/recommend/u{u}?k=20" for u in picked]) for app in apps)):
+        assert info["scoring"] == app.split("-")[0] and bool(info["precomputed"]) == (depth > 0), info
+        urls = [f"{url}/{app}/recommend/u{u}?k=20" for u in picked]
         for u in urls[:3]:
             body = requests.get(u, timeout=120).json()
-            if name != "noop" and body.get("path") != "personalised":  # a miss would measure popularity lists
+            if body.get("path") != "personalised":  # a miss would measure popularity lists
                 raise RuntimeError(f"{u} answered {body.get('path')!r}, not a scored answer")
-        r = {"endpoint": name, **load_phase(urls, clients, seconds),
-             "replica_rss_mb": replica_rss_mb(name) if name != "noop" else None}
+        r = {"endpoint": app, **load_phase(urls, clients, seconds), "replica_rss_mb": replica_rss_mb(app)}
         print(json.dumps({"items": n_items, **r}), file=sys.stderr, flush=True)
         out.append(r)
+        serve.delete(app)
     serve.shutdown()
     ray.shutdown()
     return out
@@ -240,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(root, ignore_errors=True)
             continue
         r.update(recall_at_20(root, args.recall_sample, nprobe))
+        gc.collect()  # the bench's own copy of the version, before the replicas load theirs
         r["serving"] = serve_phase(root, n, args.seconds, args.clients, args.users, nprobe)
         noop = next(s for s in r["serving"] if s["endpoint"] == "noop")
         for s in r["serving"]:
             if s["endpoint"] != "noop":
                 s["x_noop_rps"] = round(s["rps"] / noop["rps"], 3)
-                s["x_noop_p99"] = round(s["p99_ms"] / noop["p99_ms"], 3)
+                s["x_noop_p99"] = None if s["p99_ms"] is None else round(s["p99_ms"] / noop["p99_ms"], 3)
         print(json.dumps(r), flush=True)
         results.append(r)
         if not args.keep:

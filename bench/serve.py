@@ -108,10 +108,12 @@ def load_phase(urls: list[str], clients: int, seconds: float) -> dict:
         th.start()
     for th in threads:
         th.join()
-    if any(not r or r.get("rps") is None or r.get("p99_ms") is None for r in results):
+    if any(not r or r.get("rps") is None for r in results):
         raise RuntimeError(f"hey gave no summary: {results}")
+    # hey prints no 99th percentile under about 100 requests (scoring 5M items exactly): then none is reported.
+    p99 = None if any(r.get("p99_ms") is None for r in results) else max(r["p99_ms"] for r in results)
     return {"requests": sum(r["requests"] for r in results), "rps": round(sum(r["rps"] for r in results), 1),
-            "p50_ms": max(r["p50_ms"] for r in results), "p99_ms": max(r["p99_ms"] for r in results),
+            "p50_ms": max(r["p50_ms"] for r in results), "p99_ms": p99,
             "non_2xx": sum(r["non_2xx"] for r in results),
             "client_cpu_share": round(sum(r["client_cpu_share"] for r in results), 3)}
 

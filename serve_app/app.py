@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
+from starlette.routing import Route
 
 import registry
 from core.config import AppConfig, load_config
@@ -347,6 +348,18 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
         "max_ongoing_requests": s.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     }
+
+
+async def _recommend_route(request: Request) -> Response:
+    """GET /recommend/{user_id} in front of FastAPI's route for it: the same method, without FastAPI's dependency
+    solving per request (the replica is Serve's, the user id the path's, the rest `query.read`). The FastAPI route
+    stays what OpenAPI documents, and answers the same way were it ever reached."""
+    replica = serve.get_replica_context().servable_object
+    return await replica.recommend(request.path_params["user_id"], request)
+
+
+# First in the router: FastAPI's routes, the class's included at decoration, come after it.
+api.router.routes.insert(0, Route("/recommend/{user_id}", _recommend_route, methods=["GET"]))
 
 
 def build_app(args: AppArgs) -> Application:
