@@ -7,8 +7,8 @@ one Serve instance behind one proxy (HAProxy mode where the binary exists, as in
 the app with exact scoring (serve.index_min_items above the catalogue), the app through the index
 (serve.index_min_items at or below it), both with precomputed answers off (this measures scoring per request),
 and the app through the index as shipped (`index-precomputed`: known shoppers' answers precomputed through the
-index after the swap, serve.precompute_depth), one replica each, driven in turn by hey (its own process;
-`bench.load`).
+index after the swap, serve.precompute_depth), one replica each and one app at a time, each app's load phase
+right after a no-op phase of its own, driven by hey (its own process; `bench.load`).
 
 Reported per size: index build seconds and bytes, recall@20 of the index path against exact top-20 (seen items
 excluded, as served) over sampled shoppers, for a request and for the precomputed answers, requests/s and p50/p99
@@ -167,10 +167,11 @@ def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: in
     apps = {"exact": (n_items + 1, 0), "index": (1, 0), "index-precomputed": (1, ServeConfig().precompute_depth)}
     url = f"http://127.0.0.1:{port}"
     picked = [str(u) for u in range(0, USERS, USERS // users)][:users]  # the first USERS are in every model
-    out = [{"endpoint": "noop", **load_phase([f"{url}/noop/"] * len(picked), clients, seconds)}]
-    print(json.dumps({"items": n_items, **out[0]}), file=sys.stderr, flush=True)
+    out = []
     # One app at a time beside the no-op (each replica holds the whole version: three at once do not fit 5M items
-    # in this machine's memory), all behind the same proxy in the same Serve instance.
+    # in this machine's memory), all behind the same proxy in the same Serve instance. Each app's phase follows a
+    # no-op phase of its own, once the app is ready: this shared machine's speed drifts over minutes, so an app is
+    # compared with the no-op measured next to it.
     for app, (min_items, depth) in apps.items():
         path = OUT / f"catalogue-{app}.yaml"
         path.write_text(yaml.safe_dump({"data": {"root": root}, "serve": {
@@ -190,9 +191,13 @@ def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: in
             body = requests.get(u, timeout=120).json()
             if body.get("path") != "personalised":  # a miss would measure popularity lists
                 raise RuntimeError(f"{u} answered {body.get('path')!r}, not a scored answer")
+        noop = {"endpoint": f"noop (beside {app})", **load_phase([f"{url}/noop/"] * len(picked), clients, seconds)}
         r = {"endpoint": app, **load_phase(urls, clients, seconds), "replica_rss_mb": replica_rss_mb(app)}
-        print(json.dumps({"items": n_items, **r}), file=sys.stderr, flush=True)
-        out.append(r)
+        r["x_noop_rps"] = round(r["rps"] / noop["rps"], 3)
+        r["x_noop_p99"] = None if r["p99_ms"] is None else round(r["p99_ms"] / noop["p99_ms"], 3)
+        for row in (noop, r):
+            print(json.dumps({"items": n_items, **row}), file=sys.stderr, flush=True)
+        out += [noop, r]
         serve.delete(app)
     serve.shutdown()
     ray.shutdown()
@@ -244,11 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         r.update(recall_at_20(root, args.recall_sample, nprobe))
         gc.collect()  # the bench's own copy of the version, before the replicas load theirs
         r["serving"] = serve_phase(root, n, args.seconds, args.clients, args.users, nprobe)
-        noop = next(s for s in r["serving"] if s["endpoint"] == "noop")
-        for s in r["serving"]:
-            if s["endpoint"] != "noop":
-                s["x_noop_rps"] = round(s["rps"] / noop["rps"], 3)
-                s["x_noop_p99"] = None if s["p99_ms"] is None else round(s["p99_ms"] / noop["p99_ms"], 3)
         print(json.dumps(r), flush=True)
         results.append(r)
         if not args.keep:
