@@ -17,6 +17,7 @@ batches over faiss's threads), and users x depth x 8 bytes of memory (1M users a
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,17 +46,27 @@ class Answers:
         return rows.tolist(), scores
 
 
+def _by_blocks(model: ServingModel, depth: int, cancelled: threading.Event | None,
+               fill: Callable[[int, int, np.ndarray, np.ndarray], None]) -> Answers | None:
+    """The answers table of `model`, `fill(start, end, rows, scores)` writing each block of users' rows into it."""
+    n_users = model.users.shape[0]
+    out_rows = np.full((n_users, depth), -1, np.int32)
+    out_scores = np.zeros((n_users, depth), np.float32)
+    for start in range(0, n_users, BLOCK_USERS):
+        if cancelled is not None and cancelled.is_set():
+            return None
+        end = min(start + BLOCK_USERS, n_users)
+        fill(start, end, out_rows[start:end], out_scores[start:end])
+    return Answers(model.version, out_rows, out_scores)
+
+
 def precompute(model: ServingModel, depth: int, cancelled: threading.Event | None = None) -> Answers | None:
     """Every user's best `depth` items of `model`, seen items excluded; None when cancelled (a newer version)."""
     users, items = model.users, model.items
     depth = min(depth, items.shape[0])
-    out_rows = np.full((users.shape[0], depth), -1, np.int32)
-    out_scores = np.zeros((users.shape[0], depth), np.float32)
     indptr, indices = model.excluded_indptr, model.excluded_indices
-    for start in range(0, users.shape[0], BLOCK_USERS):
-        if cancelled is not None and cancelled.is_set():
-            return None
-        end = min(start + BLOCK_USERS, users.shape[0])
+
+    def fill(start: int, end: int, out_rows: np.ndarray, out_scores: np.ndarray) -> None:
         scores = users[start:end] @ items.T
         counts = np.diff(indptr[start : end + 1])
         if counts.sum():
@@ -65,9 +76,10 @@ def precompute(model: ServingModel, depth: int, cancelled: threading.Event | Non
         vals, rows = torch.topk(scores, depth, dim=1)
         rows = rows.to(torch.int32)
         rows[~torch.isfinite(vals)] = -1
-        out_rows[start:end] = rows.numpy()
-        out_scores[start:end] = vals.numpy()
-    return Answers(model.version, out_rows, out_scores)
+        out_rows[:] = rows.numpy()
+        out_scores[:] = vals.numpy()
+
+    return _by_blocks(model, depth, cancelled, fill)
 
 
 SEEN_MARGIN = 128  # extra neighbours fetched per user in a batched search, so `depth` remain once seen items go
@@ -86,13 +98,9 @@ def precompute_indexed(model: ServingModel, depth: int, nprobe: int, cancelled: 
     users, index = model.users.numpy(), model.index
     n_items = len(model.item_ids)
     depth = min(depth, n_items)
-    out_rows = np.full((users.shape[0], depth), -1, np.int32)
-    out_scores = np.zeros((users.shape[0], depth), np.float32)
     indptr, indices = model.excluded_indptr, model.excluded_indices
-    for start in range(0, users.shape[0], BLOCK_USERS):
-        if cancelled is not None and cancelled.is_set():
-            return None
-        end = min(start + BLOCK_USERS, users.shape[0])
+
+    def fill(start: int, end: int, out_rows: np.ndarray, out_scores: np.ndarray) -> None:
         counts = np.diff(indptr[start : end + 1])
         fetch = min(n_items, depth + min(int(counts.max(initial=0)), SEEN_MARGIN))
         params = search_params(index, nprobe, fetch)
@@ -107,6 +115,7 @@ def precompute_indexed(model: ServingModel, depth: int, nprobe: int, cancelled: 
             if len(got_rows) < min(depth, n_items - len(seen)):  # many seen near the top: search without them
                 walked, walked_vals = top_k_indexed(model, model.users[row], row, depth, True, None, None, nprobe)
                 got_rows, got_vals = np.asarray(walked, np.int64), np.asarray(walked_vals, np.float32)
-            out_rows[row, : len(got_rows)] = got_rows
-            out_scores[row, : len(got_rows)] = got_vals
-    return Answers(model.version, out_rows, out_scores)
+            out_rows[i, : len(got_rows)] = got_rows
+            out_scores[i, : len(got_rows)] = got_vals
+
+    return _by_blocks(model, depth, cancelled, fill)
