@@ -156,7 +156,7 @@ def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: in
     from ray import serve
 
     from bench.noop import build_noop
-    from bench.serve import _free_port, load_phase
+    from bench.serve import _free_port, load_phase, wait_precomputed
     from core.config import ServeConfig
     from serve_app.app import AppArgs, build_app
 
@@ -164,7 +164,8 @@ def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: in
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_noop(), name="noop", route_prefix="/noop")
-    apps = {"exact": (n_items + 1, 0), "index": (1, 0), "index-precomputed": (1, ServeConfig().precompute_depth)}
+    apps = {"exact": ("exact", n_items + 1, 0), "index": ("index", 1, 0),  # scoring, index_min_items, depth
+            "index-precomputed": ("index", 1, ServeConfig().precompute_depth)}
     url = f"http://127.0.0.1:{port}"
     picked = [str(u) for u in range(0, USERS, USERS // users)][:users]  # the first USERS are in every model
     out = []
@@ -172,20 +173,15 @@ def serve_phase(root: str, n_items: int, seconds: float, clients: int, users: in
     # in this machine's memory), all behind the same proxy in the same Serve instance. Each app's phase follows a
     # no-op phase of its own, once the app is ready: this shared machine's speed drifts over minutes, so an app is
     # compared with the no-op measured next to it.
-    for app, (min_items, depth) in apps.items():
+    for app, (scoring, min_items, depth) in apps.items():
         path = OUT / f"catalogue-{app}.yaml"
         path.write_text(yaml.safe_dump({"data": {"root": root}, "serve": {
             "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5, "poll_interval_s": 1.0, "max_ongoing_requests": 64,
             "precompute_depth": depth, "index_min_items": min_items, "index_nprobe": nprobe}}))
         serve.run(build_app(AppArgs(config_path=str(path))), name=app, route_prefix=f"/{app}")
-        deadline = time.time() + 900
-        # Loaded, and its precomputed answers ready where it makes them (no phase shares the machine with that).
-        while (info := requests.get(f"{url}/{app}/version", timeout=60).json()).get("version") is None or \
-                info.get("precomputed") is False:
-            if time.time() > deadline:
-                raise RuntimeError(f"{app} did not load the version (and its answers) within 900 s")
-            time.sleep(1)
-        assert info["scoring"] == app.split("-")[0] and bool(info["precomputed"]) == (depth > 0), info
+        wait_precomputed(f"{url}/{app}", 1, timeout_s=900)  # no phase shares the machine with loading or that
+        info = requests.get(f"{url}/{app}/version", timeout=60).json()
+        assert info["scoring"] == scoring and bool(info["precomputed"]) == (depth > 0), info
         urls = [f"{url}/{app}/recommend/u{u}?k=20" for u in picked]
         for u in urls[:3]:
             body = requests.get(u, timeout=120).json()

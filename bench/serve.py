@@ -54,17 +54,17 @@ def prepare(root: str, data: Path, epochs: int) -> None:
 
 
 def wait_precomputed(url: str, replicas: int, timeout_s: float = 300.0) -> None:
-    """Until `replicas` replicas are done precomputing their answers for known users (or do not precompute this
-    version): a no-op phase run meanwhile would share the machine with the precomputation."""
+    """Until `replicas` replicas serve a version and are done precomputing their answers for known users (or do not
+    precompute this version): a no-op phase run meanwhile would share the machine with the precomputation."""
     deadline = time.time() + timeout_s
     ready: set[str] = set()
     while len(ready) < replicas:
-        info = requests.get(f"{url}/version", timeout=30).json()
-        if info["precomputed"] is not False:
+        info = requests.get(f"{url}/version", timeout=60).json()
+        if info.get("version") is not None and info.get("precomputed") is not False:
             ready.add(info["replica"])
         elif time.time() > deadline:
-            raise SystemExit(f"{len(ready)} of {replicas} replicas had precomputed their answers after "
-                             f"{timeout_s:.0f} s")
+            raise SystemExit(f"{len(ready)} of {replicas} replicas served a version with its answers "
+                             f"precomputed after {timeout_s:.0f} s")
         time.sleep(0.1)
 
 
