@@ -33,29 +33,43 @@ from bench.load import require_hey
 
 OUT = Path(__file__).resolve().parent / "out"
 DIM, CLUSTERS, USERS, SEEN = 64, 4000, 20_000, 30
+BLOCK = 1_000_000
 
 
-def synthetic(n_items: int, seed: int = 0, n_users: int = USERS
-              ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
-    """Item vectors, user vectors, seen lists and item clusters: clusters of Zipf-like sizes, lengths log-normal."""
+def synthetic(n_items: int, seed: int = 0, n_users: int = USERS, seen_per_user: int = SEEN
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Item vectors, user vectors, seen lists (CSR: indptr, indices) and item clusters: clusters of Zipf-like
+    sizes, lengths log-normal; everything in blocks of a million rows (10M shoppers' temporaries at once would not
+    fit)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(CLUSTERS, DIM)).astype(np.float32) / np.sqrt(DIM)
     weights = 1.0 / np.arange(1, CLUSTERS + 1) ** 0.8
     weights /= weights.sum()
     cluster = rng.choice(CLUSTERS, n_items, p=weights).astype(np.int32)
     items = np.empty((n_items, DIM), np.float32)
-    for start in range(0, n_items, 1_000_000):  # in blocks: 5M x 64 noise at once would double the peak
-        end = min(start + 1_000_000, n_items)
+    for start in range(0, n_items, BLOCK):
+        end = min(start + BLOCK, n_items)
         block = centres[cluster[start:end]] + rng.normal(0, 0.6 / np.sqrt(DIM), (end - start, DIM))
         items[start:end] = block * rng.lognormal(0, 0.25, (end - start, 1))
-    likes = rng.choice(CLUSTERS, (n_users, 3), p=weights)
-    users = (centres[likes].mean(axis=1) + rng.normal(0, 0.3 / np.sqrt(DIM), (n_users, DIM))).astype(np.float32)
-    seen = [np.unique(rng.integers(0, n_items, SEEN)) for _ in range(n_users)]
-    return items, users, seen, cluster
+    users = np.empty((n_users, DIM), np.float32)
+    for start in range(0, n_users, BLOCK):
+        end = min(start + BLOCK, n_users)
+        likes = rng.choice(CLUSTERS, (end - start, 3), p=weights)
+        users[start:end] = centres[likes].mean(axis=1) + rng.normal(0, 0.3 / np.sqrt(DIM), (end - start, DIM))
+    counts, parts = np.zeros(n_users, np.int64), []
+    for start in range(0, n_users, BLOCK):  # each shopper's distinct items, sorted (np.unique per row)
+        end = min(start + BLOCK, n_users)
+        drawn = np.sort(rng.integers(0, n_items, (end - start, seen_per_user)), axis=1)
+        first = np.ones(drawn.shape, bool)
+        first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+        counts[start:end] = first.sum(axis=1)
+        parts.append(drawn[first].astype(np.int32))
+    indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    return items, users, indptr, np.concatenate(parts) if parts else np.zeros(0, np.int32), cluster
 
 
-def publish(root: str, items: np.ndarray, users: np.ndarray, seen: list[np.ndarray], cluster: np.ndarray,
-            with_index: bool = True) -> tuple[str, float, int]:
+def publish(root: str, items: np.ndarray, users: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
+            cluster: np.ndarray, with_index: bool = True) -> tuple[str, float, int]:
     """One verified version with its index; returns it, the index's build seconds and bytes."""
     import pyarrow as pa
 
@@ -69,18 +83,21 @@ def publish(root: str, items: np.ndarray, users: np.ndarray, seen: list[np.ndarr
     index = build(items) if with_index else None
     build_s = time.time() - started
     n = len(items)
-    indptr = np.cumsum([0] + [len(s) for s in seen]).astype(np.int64)
     nnz = int(indptr[-1])
     # The evidence a real version carries per seen item (weights, counts by type, last time): part of its memory.
+    # Every seen item viewed, one in ten bought (what the shipped data.seen_events, purchases, excludes).
+    counts = np.zeros((nnz, 5), np.int32)
+    counts[:, 0] = 1
+    counts[::10, 4] = 1
     evidence = {"weight": np.ones(nnz, np.float32), "weight_recent": np.ones(nnz, np.float32),
-                "counts": np.ones((nnz, 5), np.int32), "last_ts": np.full(nnz, 1_767_225_600_000, np.int64)}
+                "counts": counts, "last_ts": np.full(nnz, 1_767_225_600_000, np.int64)}
     pop = pa.table({"item_idx": pa.array(np.arange(n, dtype=np.int32)),
                     "score": pa.array(np.linalg.norm(items, axis=1).astype(np.float32)),
                     "category_idx": pa.array((cluster % 100).astype(np.int32))})
     version = registry.publish(Storage(root), registry.ModelArtifacts(
-        user_keys=[pseudonymise(f"u{u}", key) for u in range(len(users))], user_vectors=users,
+        user_keys=pa.array([pseudonymise(f"u{u}", key) for u in range(len(users))]), user_vectors=users,
         item_ids=pa.array([f"i{i}" for i in range(n)]), item_vectors=items, seen_indptr=indptr,
-        seen_indices=np.concatenate(seen).astype(np.int32), popularity=pop, state_dict={}, hparams={},
+        seen_indices=indices, popularity=pop, state_dict={}, hparams={},
         config_hash="bench-catalogue", metrics={}, k=20,
         node_counts={"user": len(users), "item": n, "category": 100, "brand": 0},
         category_ids=[f"c{c}" for c in range(100)], seen_evidence=evidence, item_index=index))
@@ -88,23 +105,49 @@ def publish(root: str, items: np.ndarray, users: np.ndarray, seen: list[np.ndarr
 
 
 _MEASURE = """
-import gc, json, resource, sys
+import gc, json, sys, time
+import numpy as np
 import psutil
 import registry
+from core.config import DataConfig
 from core.storage import Storage
 from serve_app.model_store import build_serving_model
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
 proc = psutil.Process()
-before = proc.memory_info().rss
-model = build_serving_model(registry.load_latest(Storage(sys.argv[1])))
+before, anon_before = proc.memory_info().rss, status("RssAnon")
+started = time.time()
+model = build_serving_model(registry.load_latest(Storage(sys.argv[1])), DataConfig().seen_events)
+load_s = time.time() - started
 gc.collect()
+rows = np.random.default_rng(0).integers(0, len(model.user_keys), 2000)
+keys = [model.user_keys[int(r)] for r in rows]
+started = time.perf_counter()
+found = [model.user_keys.row(k) for k in keys]
+lookup_us = (time.perf_counter() - started) / len(keys) * 1e6
+assert found == rows.tolist()
+from serve_app.ranking import top_k
+started = time.perf_counter()
+for row in found[:100]:  # answered as a replica scores a request exactly: seen items never come back
+    items, _ = top_k(model, model.items @ model.users[row], row, 20, True, None, None)
+    assert len(items) == 20 and not set(items) & set(model.excluded(row).tolist())
+exact_ms = (time.perf_counter() - started) / 100 * 1e3
 print(json.dumps({"rss_imports_mb": round(before / 2**20, 1), "rss_model_mb": round(proc.memory_info().rss / 2**20, 1),
-                  "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+                  "anon_imports_mb": round(anon_before, 1),
+                  "anon_mb": round(status("RssAnon"), 1), "file_mapped_mb": round(status("RssFile"), 1),
+                  "peak_mb": round(status("VmHWM"), 1),
+                  "user_keys_mb": round(model.user_keys.nbytes / 2**20, 1), "load_s": round(load_s, 1),
+                  "key_lookup_us": round(lookup_us, 2), "exact_request_ms": round(exact_ms, 1)}))
 """
 
 
 def model_memory(root: str) -> dict:
     """What a replica holds for the version: a fresh process's resident memory before and after it loads the
-    version as a replica does (`build_serving_model`), and its peak while loading."""
+    version as a replica does (`build_serving_model`, the shipped data.seen_events), and its peak while loading
+    (VmHWM: getrusage's maxrss would count the parent's resident memory, which a forked child inherits)."""
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", _MEASURE, root], capture_output=True, text=True, check=True,
@@ -211,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recall-sample", type=int, default=300)
     p.add_argument("--model-users", type=int, default=USERS,
                    help="shoppers in each version (memory at scale: e.g. 1000000 with --sizes 1000000)")
+    p.add_argument("--seen", type=int, default=SEEN, help="items drawn per shopper's seen list (distinct ones kept)")
     p.add_argument("--keep", action="store_true", help="keep each size's root under bench/out")
     p.add_argument("--memory-only", action="store_true",
                    help="publish and measure a replica's memory for the version; no recall, no serving")
@@ -229,12 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(s) for s in args.sizes.split(",")):
         root = str(OUT / f"catalogue-{n}")
         shutil.rmtree(root, ignore_errors=True)
-        items, users, seen, cluster = synthetic(n, n_users=max(args.model_users, USERS))
-        version, build_s, index_bytes = publish(root, items, users, seen, cluster, with_index=not args.no_index)
+        items, users, indptr, indices, cluster = synthetic(n, n_users=max(args.model_users, USERS),
+                                                           seen_per_user=args.seen)
+        version, build_s, index_bytes = publish(root, items, users, indptr, indices, cluster,
+                                                with_index=not args.no_index)
         r = {"items": n, "users": len(users), "dim": DIM, "version": version, "index_build_s": round(build_s, 1),
              "index_mb": round(index_bytes / 2**20, 1), "item_vectors_mb": round(items.nbytes / 2**20, 1),
              "user_vectors_mb": round(users.nbytes / 2**20, 1), "nprobe": nprobe}
-        del items, users, seen, cluster
+        del items, users, indptr, indices, cluster
         if args.memory_only:
             r["replica_memory"] = model_memory(root)
             print(json.dumps(r), flush=True)

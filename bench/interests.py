@@ -71,7 +71,7 @@ def profile_hits(model, cfg, train_rows, held_pairs, key: bytes) -> dict:
     for user, cat in held_pairs:
         by_user[user].add(cat)
     for user, cats in sorted(by_user.items()):
-        row = model.user_row.get(pseudonymise(user, key))
+        row = model.user_keys.row(pseudonymise(user, key))
         if row is None or user not in counts:
             continue
         prof = profile(model, evidence(model, row, [], cfg.data.event_weights), model.users[row], 5)

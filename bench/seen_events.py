@@ -48,8 +48,8 @@ def evaluate(loaded, purchases: list[tuple[str, str]], key: bytes, k: int) -> li
     from trainers.metrics import recall_ndcg_at_k
 
     base = build_serving_model(loaded)
-    pairs = {(base.user_row[u], base.item_row[i]) for raw, i in purchases
-             if (u := pseudonymise(raw, key)) in base.user_row and i in base.item_row}
+    pairs = {(row, base.item_row[i]) for raw, i in purchases
+             if (row := base.user_keys.row(pseudonymise(raw, key))) is not None and i in base.item_row}
     users, items = (np.array(x, dtype=np.int64) for x in zip(*sorted(pairs), strict=True))
     n_users, n_items = base.users.shape[0], base.items.shape[0]
     test = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))

@@ -40,6 +40,7 @@ from registry.reader import (
     read_manifest,
 )
 from registry.retention import prune, remove_stale_staging
+from registry.user_keys import UserKeys
 from registry.writer import publish
 
 __all__ = [
@@ -47,5 +48,5 @@ __all__ = [
     "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USERS", "VERSIONS", "CheckpointError", "LoadedVersion",
     "ModelArtifacts", "config_hash", "latest_version", "list_versions", "load_latest", "load_newest_good",
     "load_version", "publish",
-    "prune", "read_curve", "read_manifest", "remove_stale_staging", "version_name", "version_number",
+    "UserKeys", "prune", "read_curve", "read_manifest", "remove_stale_staging", "version_name", "version_number",
 ]

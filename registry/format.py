@@ -12,7 +12,8 @@ Layout under `<data.root>/checkpoints/`:
         embeddings/brands.parquet      brand_id string, vector list<float32>; row i is brand index i
         seen.npz           CSR of each user's seen items: indptr int64 [users + 1], indices int32; with the evidence
                            behind each (format 2, optional): weight, weight_recent float32, counts int32 [., 5]
-                           (events by type), last_ts int64
+                           (events by type), last_ts int64. Written uncompressed (np.savez), so a reader on local
+                           disk memory-maps its arrays where they lie (`mapped_npz`)
         popularity.parquet item_idx int32, score float32, category_idx, brand_idx int32 (-1 when none; format 1
                            has no brand_idx)
         curve.png          training curve (optional, opaque here)
@@ -35,7 +36,10 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import re
+import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from registry.user_keys import UserKeys
 
 FORMAT = 2  # what this code writes; a manifest without "format" is format 1
 
@@ -78,6 +84,8 @@ _POPULARITY_V1 = pa.schema(list(POPULARITY_SCHEMA)[:3])
 # explanations are made of. name -> (dtype, extra shape).
 EVIDENCE = {"weight": (np.float32, ()), "weight_recent": (np.float32, ()), "counts": (np.int32, (5,)),
             "last_ts": (np.int64, ())}
+
+_BATCH_ROWS = 65_536  # rows of vectors decoded at a time
 
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -207,42 +215,110 @@ def parse_parquet(data: bytes, label: str, rel: str) -> pa.Table:
         raise CheckpointError(f"{label}: {rel} is not readable Parquet: {one_line(e)}") from e
 
 
-def parse_embeddings(data: bytes, key_column: str, label: str, rel: str) -> tuple[list[str], np.ndarray]:
-    table = parse_parquet(data, label, rel)
-    names = table.schema.names
+def parse_embeddings(source: bytes | pa.NativeFile, key_column: str, label: str, rel: str
+                     ) -> tuple[pa.Array, np.ndarray]:
+    """Keys (an Arrow string array) and vectors (float32 [rows, width]) of an embeddings file. The vectors are
+    decoded batch by batch into one matrix, so a reader's peak is the matrix and one batch, not two copies of it."""
+    try:
+        file = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes | memoryview) else source)
+        schema = file.schema_arrow
+    except Exception as e:
+        raise CheckpointError(f"{label}: {rel} is not readable Parquet: {one_line(e)}") from e
+    names = schema.names
     if key_column not in names or VECTOR not in names:
         raise CheckpointError(f"{label}: {rel} has columns {names}, expected [{key_column!r}, {VECTOR!r}]")
-    keys_col, vec_col = table[key_column], table[VECTOR]
-    if not pa.types.is_string(keys_col.type):
-        raise CheckpointError(f"{label}: {rel}: {key_column} is {keys_col.type}, expected string")
-    if not pa.types.is_list(vec_col.type) or vec_col.type.value_type != pa.float32():
-        raise CheckpointError(f"{label}: {rel}: {VECTOR} is {vec_col.type}, expected list<float32>")
+    key_type, vec_type = schema.field(key_column).type, schema.field(VECTOR).type
+    if not pa.types.is_string(key_type):
+        raise CheckpointError(f"{label}: {rel}: {key_column} is {key_type}, expected string")
+    if not pa.types.is_list(vec_type) or vec_type.value_type != pa.float32():
+        raise CheckpointError(f"{label}: {rel}: {VECTOR} is {vec_type}, expected list<float32>")
+    try:
+        keys_col = file.read(columns=[key_column]).column(0).combine_chunks()
+        n = file.metadata.num_rows
+        matrix: np.ndarray | None = None
+        at = 0
+        for batch in file.iter_batches(columns=[VECTOR], batch_size=_BATCH_ROWS):
+            vectors = batch.column(0)
+            if vectors.null_count:
+                raise CheckpointError(f"{label}: {rel} has null keys or vectors")
+            lengths = pc.list_value_length(vectors).to_numpy()
+            if matrix is None and len(lengths):
+                matrix = np.empty((n, int(lengths[0])), np.float32)
+            if len(lengths) and (lengths[0] < 1 or (lengths != matrix.shape[1]).any()):
+                raise CheckpointError(f"{label}: {rel}: vectors do not all have the same positive width")
+            flat = vectors.flatten()
+            if flat.null_count:
+                raise CheckpointError(f"{label}: {rel} has null vector components")
+            if at + len(vectors) > n:
+                raise CheckpointError(f"{label}: {rel} has more rows than its metadata says")
+            if len(vectors):
+                matrix[at:at + len(vectors)] = flat.to_numpy(zero_copy_only=False).reshape(len(vectors), -1)
+            at += len(vectors)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{label}: {rel} is not readable Parquet: {one_line(e)}") from e
+    if at != n or len(keys_col) != n:
+        raise CheckpointError(f"{label}: {rel}: {len(keys_col)} keys and {at} vectors, its metadata says {n} rows")
     # A null user_key is a deleted user's blanked row (see ModelArtifacts.user_keys); item ids are never null.
-    if (keys_col.null_count and key_column != USER_KEY) or vec_col.null_count:
+    if keys_col.null_count and key_column != USER_KEY:
         raise CheckpointError(f"{label}: {rel} has null keys or vectors")
-    n = table.num_rows
-    vectors = vec_col.combine_chunks() if vec_col.num_chunks else pa.array([], vec_col.type)
-    lengths = pc.list_value_length(vectors).to_numpy() if n else np.zeros(0, np.int32)
-    width = int(lengths[0]) if n else 0
-    if n and (width < 1 or (lengths != width).any()):
-        raise CheckpointError(f"{label}: {rel}: vectors do not all have the same positive width")
-    flat = vectors.flatten()
-    if flat.null_count:
-        raise CheckpointError(f"{label}: {rel} has null vector components")
-    # A writable copy: callers hand these to torch.from_numpy, which warns on Arrow's read-only buffers.
-    matrix = flat.to_numpy(zero_copy_only=False, writable=True).reshape(n, width)
     if pc.count_distinct(keys_col).as_py() != n - keys_col.null_count:
         raise CheckpointError(f"{label}: {rel}: {key_column} values are not unique")
-    return keys_col.to_pylist(), matrix
+    return keys_col, matrix if matrix is not None else np.zeros((0, 0), np.float32)
 
 
-def parse_seen(data: bytes, n_users: int, n_items: int, label: str
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def mapped_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed .npz on local disk, memory-mapped read-only where they lie in the file:
+    replicas on one node share their pages through the page cache, and pages nobody reads stay on disk. A member
+    that is compressed (or not a plain array) is read into memory instead."""
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with archive.open(info) as member:
+                    out[name] = np.lib.format.read_array(member, allow_pickle=False)
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)  # the local file header: its name and extra field lengths sit at bytes 26-29
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"member {info.filename!r} has no local header")
+            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
+                int.from_bytes(local[28:30], "little")
+            f.seek(start)
+            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                raise ValueError(f"member {info.filename!r} has an .npy format this reader does not map")
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename!r} holds Python objects")
+            offset = f.tell()
+            if offset - start + int(np.prod(shape)) * dtype.itemsize > info.file_size:
+                raise ValueError(f"member {info.filename!r} is shorter than its header says")
+            if int(np.prod(shape)) == 0:
+                out[name] = np.zeros(shape, dtype)
+            else:
+                out[name] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                                      order="F" if fortran else "C")
+    return out
+
+
+def parse_seen(source: bytes | str, n_users: int, n_items: int, label: str
                ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
-    """indptr, indices and, when the version carries it, the evidence behind each seen item."""
+    """indptr, indices and, when the version carries it, the evidence behind each seen item; from the file's bytes,
+    or from a path on local disk, memory-mapped (`mapped_npz`)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            indptr, indices = npz["indptr"], npz["indices"]
-            evidence = {name: npz[name] for name in EVIDENCE} if all(n in npz.files for n in EVIDENCE) else None
+        if isinstance(source, str):
+            npz = mapped_npz(source)
+        else:
+            with np.load(io.BytesIO(source), allow_pickle=False) as loaded:
+                npz = {name: loaded[name] for name in loaded.files}
+        indptr, indices = npz["indptr"], npz["indices"]
+        evidence = {name: npz[name] for name in EVIDENCE} if all(n in npz for n in EVIDENCE) else None
     except Exception as e:
         raise CheckpointError(f"{label}: {SEEN} is not a readable npz with indptr and indices: {one_line(e)}") from e
     if indptr.dtype != np.int64 or indices.dtype != np.int32 or indptr.ndim != 1 or indices.ndim != 1:
@@ -347,9 +423,12 @@ def encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
         MODEL: _model_bytes(a.state_dict, a.hparams),
         **attributes,
     }
-    seen = io.BytesIO()
-    np.savez(seen, indptr=indptr, indices=indices, **_as_evidence(a.seen_evidence, len(indices)))
-    out[SEEN] = seen.getbuffer()
+    # Spilled to an unlinked temporary file and mapped: at 10M shoppers the seen lists and their evidence run to
+    # gigabytes, which a publisher then need not hold twice in memory.
+    with tempfile.TemporaryFile() as spill:
+        np.savez(spill, indptr=indptr, indices=indices, **_as_evidence(a.seen_evidence, len(indices)))
+        spill.flush()
+        out[SEEN] = memoryview(mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ))
     if a.curve_png is not None:
         out[CURVE] = bytes(a.curve_png)
     if a.item_index is not None:
@@ -383,6 +462,8 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
 
 
 def _as_keys(keys: Sequence[str | None] | pa.Array, n: int, name: str, nullable: bool = False) -> pa.Array:
+    if isinstance(keys, UserKeys):
+        keys = keys.to_arrow()
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks()
     arr = keys.cast(pa.string()) if isinstance(keys, pa.Array) else pa.array(list(keys), pa.string())

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,7 @@ from registry.format import (
     version_label,
     version_number,
 )
+from registry.user_keys import UserKeys
 
 _HASH_CHUNK = 8 << 20
 
@@ -58,11 +61,11 @@ class LoadedVersion:
 
     version: str
     manifest: dict[str, Any]
-    user_keys: list[str | None]  # None: a deleted user
+    user_keys: UserKeys  # row i = user index i; None: a deleted user
     user_vectors: np.ndarray  # float32 [users, d]
     item_ids: list[str]
     item_vectors: np.ndarray  # float32 [items, d]
-    seen_indptr: np.ndarray  # int64 [users + 1]
+    seen_indptr: np.ndarray  # int64 [users + 1]; read-only, memory-mapped when read from local disk
     seen_indices: np.ndarray  # int32
     popularity: pa.Table  # POPULARITY_SCHEMA
     category_ids: list[str]  # row i = category index i
@@ -288,9 +291,23 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
     def read(rel: str) -> bytes:
         return read_file(storage, folder, rel, files[rel], label, verify)
 
+    def embeddings(rel: str, key_column: str) -> tuple[pa.Array, np.ndarray]:
+        # Checked by streaming, then decoded in ranges: a 10M-user file is never held whole as bytes as well.
+        if verify:
+            _check_streamed(storage, folder, rel, files[rel], label)
+        try:
+            source = storage.fs.open_input_file(f"{folder}/{rel}")
+        except OSError as e:
+            raise CheckpointError(f"{label}: {rel} is missing or unreadable: {one_line(e)}") from e
+        with source:
+            return parse_embeddings(source, key_column, label, rel)
+
     counts = manifest["node_counts"]
-    user_keys, user_vectors = parse_embeddings(read(USERS), USER_KEY, label, USERS)
-    item_ids, item_vectors = parse_embeddings(read(ITEMS), ITEM_ID, label, ITEMS)
+    keys, user_vectors = embeddings(USERS, USER_KEY)
+    user_keys = UserKeys(keys)
+    del keys
+    ids, item_vectors = embeddings(ITEMS, ITEM_ID)
+    item_ids = ids.to_pylist()
     n_users, n_items = len(user_keys), len(item_ids)
     if n_users != counts["user"]:
         raise CheckpointError(f"{label}: {USERS} has {n_users} rows, node_counts.user is {counts['user']}")
@@ -305,7 +322,8 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         if rel not in files:  # format 1
             attributes[node] = (_legacy_ids(storage, node, counts[node], label), None)
             continue
-        ids, vectors = parse_embeddings(read(rel), key_column, label, rel)
+        arr, vectors = embeddings(rel, key_column)
+        ids = arr.to_pylist()
         if len(ids) != counts[node]:
             raise CheckpointError(f"{label}: {rel} has {len(ids)} rows, node_counts.{node} is {counts[node]}")
         if len(ids) and vectors.shape[1] != width:
@@ -316,7 +334,19 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         from registry.item_index import parse
 
         index = parse(read(INDEX), item_vectors, label)
-    indptr, indices, evidence = parse_seen(read(SEEN), n_users, n_items, label)
+    if storage.is_local:
+        # Memory-mapped where it lies (registry.format.mapped_npz): versions are immutable once published, and
+        # removing one (retention) unlinks its files, which leaves a mapping intact.
+        if verify:
+            _check_streamed(storage, folder, SEEN, files[SEEN], label)
+        indptr, indices, evidence = parse_seen(f"{folder}/{SEEN}", n_users, n_items, label)
+    else:
+        # An object store cannot be mapped: a private local copy is (unlinked once mapped, so nothing is left).
+        spilled = _spill(storage, folder, SEEN, files[SEEN], label, verify)
+        try:
+            indptr, indices, evidence = parse_seen(spilled, n_users, n_items, label)
+        finally:
+            os.unlink(spilled)
     popularity = parse_popularity(read(POPULARITY), n_items, counts["category"], counts["brand"], label)
     if verify:
         # model.pt and curve.png are read lazily, but a version that serves must be whole: hash them now, streaming.
@@ -362,6 +392,25 @@ def read_file(storage: Storage, folder: str, rel: str, sha: str, label: str, ver
         if found != sha:
             raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {found[:12]}..., manifest {sha[:12]}...)")
     return data
+
+
+def _spill(storage: Storage, folder: str, rel: str, sha: str, label: str, verify: bool) -> str:
+    """A local temporary copy of one file of the version, checked against its sha256 as it is copied."""
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(prefix="ig-version-", suffix="-" + rel.replace("/", "-"), delete=False) as out:
+        try:
+            with storage.fs.open_input_stream(f"{folder}/{rel}") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except OSError as e:
+            os.unlink(out.name)
+            raise CheckpointError(f"{label}: {rel} is missing or unreadable: {one_line(e)}") from e
+    if verify and digest.hexdigest() != sha:
+        os.unlink(out.name)
+        raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
+                              f"manifest {sha[:12]}...)")
+    return out.name
 
 
 def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str) -> None:

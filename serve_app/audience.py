@@ -93,15 +93,19 @@ def inputs_for(model: ServingModel, target: Target) -> dict[str, Any]:
             "target_vector": None if vectors is None else vectors[target.index].astype(np.float64)}
 
 
-def ranked(scores: np.ndarray, rows: np.ndarray, keys: list[str | None], top: int,
+def ranked(scores: np.ndarray, rows: np.ndarray, keys: registry.UserKeys, top: int,
            deleted: Collection[str] = ()) -> pa.Table:
     """The `top` best of these users, highest affinity first, ties broken by key (reproducible); deleted users (no
     key in the version, or a tombstone since) never appear."""
-    keep = np.array([keys[r] is not None and keys[r] not in deleted for r in rows], bool)
+    keep = keys.present(rows)
+    if deleted:
+        keep &= ~np.isin(rows, keys.rows_of(deleted))
     rows, scores = rows[keep], scores[keep]
-    key_arr = np.array([keys[r] for r in rows], dtype=object)
-    order = np.lexsort((key_arr, -scores))[:top]
-    return pa.table({"user_key": pa.array(key_arr[order].tolist(), pa.string()),
+    if len(scores) > top > 0:  # only users scoring at least the top-th best can be in it (ties at the cut included)
+        cut = np.partition(scores, len(scores) - top)[len(scores) - top]
+        rows, scores = rows[scores >= cut], scores[scores >= cut]
+    order = np.lexsort((keys.sortable(rows), -scores))[:top]
+    return pa.table({"user_key": pa.array([keys[int(r)] for r in rows[order]], pa.string()),
                      "affinity": pa.array(scores[order].astype(np.float32)),
                      "rank": pa.array(np.arange(1, len(order) + 1, dtype=np.int32))})
 
@@ -157,7 +161,7 @@ def build_audience(cfg: AppConfig, category: str | None, brand: str | None, top:
                           batch_format="numpy", concurrency=1)
              .to_arrow_refs())
     candidates = pa.concat_tables([t for t in ray.get(parts) if t.num_rows])
-    keys = candidates["user_key"].to_pylist()
+    keys = registry.UserKeys(candidates["user_key"])  # each user is in one block: the blocks' keys are distinct
     best = ranked(candidates["affinity"].to_numpy().astype(np.float64), np.arange(len(keys)), keys, top)
     path = audience_path(storage, model.version, target, top)
     storage.write_parquet(path, best, durable=True)

@@ -21,13 +21,13 @@ from core.config import EventName
 from core.storage import Storage
 
 log = logging.getLogger("serve_app.model_store")
+EXCLUSION_BLOCK_USERS = 262_144
 EVENT_TYPES: tuple[str, ...] = get_args(EventName)  # the order of the evidence's counts (registry EVIDENCE)
 
 
 @dataclass(frozen=True)
 class ServingModel:
     version: str
-    user_row: dict[str, int]  # user_key -> row of users
     users: torch.Tensor  # [U, d]
     items: torch.Tensor  # [I, d]
     item_ids: list[str]
@@ -41,7 +41,7 @@ class ServingModel:
     item_category: np.ndarray  # category index per item row, -1 when none
     category_index: dict[str, int]
     item_brand: np.ndarray  # brand index per item row, -1 when none
-    user_keys: list[str | None]  # row -> user_key (None: a deleted user)
+    user_keys: registry.UserKeys  # row -> user_key (None: a deleted user); .row(key) -> row
     category_ids: list[str]  # category index -> the category's id
     brand_ids: list[str]
     category_vectors: np.ndarray | None  # float32 [categories, d]; None in format-1 versions
@@ -63,15 +63,23 @@ class ServingModel:
 def exclusion_csr(indptr: np.ndarray, indices: np.ndarray, evidence: dict[str, np.ndarray] | None,
                   seen_events: Collection[str]) -> tuple[np.ndarray, np.ndarray]:
     """The seen items whose evidence holds an event of one of `seen_events`. A version without events by type (older,
-    or from a log with one event type) excludes every seen item, as it always did."""
+    or from a log with one event type) excludes every seen item, as it always did. In blocks of users, so the
+    temporaries follow a block, not every seen item of 10M shoppers."""
     if evidence is None or "counts" not in evidence or set(EVENT_TYPES) <= set(seen_events):
         return indptr, indices
     cols = [EVENT_TYPES.index(e) for e in seen_events]
-    keep = (evidence["counts"][:, cols] > 0).any(axis=1)
-    owner = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    out = np.zeros_like(indptr)
-    np.cumsum(np.bincount(owner[keep], minlength=len(indptr) - 1), out=out[1:])
-    return out, indices[keep]
+    counts = evidence["counts"]
+    n_users = len(indptr) - 1
+    out = np.zeros(len(indptr), np.int64)
+    kept = []
+    for start in range(0, n_users, EXCLUSION_BLOCK_USERS):
+        end = min(start + EXCLUSION_BLOCK_USERS, n_users)
+        lo, hi = int(indptr[start]), int(indptr[end])
+        keep = (np.asarray(counts[lo:hi])[:, cols] > 0).any(axis=1)
+        running = np.concatenate(([0], np.cumsum(keep)))
+        out[start + 1 : end + 1] = out[start] + running[np.asarray(indptr[start + 1 : end + 1]) - lo]
+        kept.append(np.asarray(indices[lo:hi])[keep])
+    return out, np.concatenate(kept) if kept else indices[:0].copy()
 
 
 def build_serving_model(loaded: registry.LoadedVersion, seen_events: Collection[str] = EVENT_TYPES) -> ServingModel:
@@ -97,7 +105,6 @@ def build_serving_model(loaded: registry.LoadedVersion, seen_events: Collection[
             by_category[cat_keys[c]] = order[ordered_cats == c]
     model = ServingModel(
         version=loaded.version,
-        user_row={k: i for i, k in enumerate(loaded.user_keys) if k is not None},
         users=torch.from_numpy(loaded.user_vectors),
         items=torch.from_numpy(loaded.item_vectors),
         item_ids=loaded.item_ids,

@@ -160,7 +160,7 @@ class Scorer:
             return None, []
         covered = Coverage(model.live_through_ms, model.watermark_ms)
         fresh = [e for e in live or () if not covered.covers(e) and e.item_id in model.item_row]
-        return model.user_row.get(user_key), fresh
+        return model.user_keys.row(user_key), fresh
 
     def _vector(self, model: ServingModel, row: int | None, fresh: list[LiveEvent], now_ms: float
                 ) -> tuple[torch.Tensor | None, np.ndarray]:

@@ -156,7 +156,7 @@ def deleted_rows(user_keys: pa.Array, tombstones: pa.Array) -> np.ndarray:
 def blanked(loaded: registry.LoadedVersion, tombstones: pa.Array) -> registry.ModelArtifacts | None:
     """The version again with its deleted users blanked, or None when it holds none: what an update publishes
     when a deletion must reach the next version but training brought nothing publishable."""
-    keys = pa.array(loaded.user_keys, pa.string())
+    keys = loaded.user_keys.to_arrow()
     deleted = np.flatnonzero(pc.fill_null(pc.is_in(keys, value_set=tombstones), False).to_numpy(zero_copy_only=False))
     if not len(deleted):
         return None

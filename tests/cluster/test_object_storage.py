@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import requests
@@ -55,7 +56,10 @@ def test_ingest_train_publish_and_serve_from_a_bucket(ray_session, s3_endpoint: 
 
     first = run_train(cfg, TrainOptions())["version"]
     assert registry.latest_version(storage) == first  # LATEST is one object, PUT after the version verified
-    assert registry.load_version(storage, first).metrics[f"recall@{cfg.train.k}"] >= 0
+    from_bucket = registry.load_version(storage, first)
+    assert from_bucket.metrics[f"recall@{cfg.train.k}"] >= 0
+    # The seen lists are mapped from a private local copy (unlinked at once), as from local disk.
+    assert isinstance(from_bucket.seen_indices, np.memmap) and not from_bucket.seen_indices.flags.writeable
 
     config = write_config(tmp_path / "cfg.yaml", root=root, data={"root": root, "shards": 2, **s3},
                           serve={"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1, "poll_interval_s": 0.3})

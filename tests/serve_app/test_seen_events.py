@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import registry
 from core.config import parse_config
 from core.storage import Storage
+from serve_app import model_store
 from serve_app.live_state import LiveEvent
 from serve_app.model_store import EVENT_TYPES, ServingModel, build_serving_model, exclusion_csr
 from serve_app.ranking import seen_live, top_k
@@ -83,13 +84,19 @@ def test_live_events_exclude_their_item_only_when_their_type_is_seen() -> None:
 @given(st.lists(st.lists(st.tuples(st.integers(0, 30), st.lists(st.integers(0, 3), min_size=5, max_size=5)
                                    .filter(any)),  # a seen pair holds at least one event
                          max_size=6), min_size=1, max_size=8),
-       st.sets(st.sampled_from(EVENT_TYPES)))
-def test_exclusion_keeps_exactly_the_items_with_a_seen_type_event(users: list, types: set[str]) -> None:
+       st.sets(st.sampled_from(EVENT_TYPES)), st.integers(1, 4))
+def test_exclusion_keeps_exactly_the_items_with_a_seen_type_event(users: list, types: set[str], block: int) -> None:
     rows = [sorted({item: counts for item, counts in user}.items()) for user in users]
     indptr = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
     indices = np.array([item for r in rows for item, _ in r], np.int32)
     counts = np.array([c for r in rows for _, c in r], np.int32).reshape(-1, len(EVENT_TYPES))
-    out_ptr, out_idx = exclusion_csr(indptr, indices, {"counts": counts}, types)
+    saved = model_store.EXCLUSION_BLOCK_USERS
+    model_store.EXCLUSION_BLOCK_USERS = block  # blocks of users, so their boundaries fall everywhere
+    try:
+        out_ptr, out_idx = exclusion_csr(indptr, indices, {"counts": counts}, types)
+    finally:
+        model_store.EXCLUSION_BLOCK_USERS = saved
+    assert len(out_ptr) == len(indptr) and out_ptr[-1] == len(out_idx)
     for u, r in enumerate(rows):
         expected = [item for item, c in r if any(c[EVENT_TYPES.index(t)] > 0 for t in types)]
         assert out_idx[out_ptr[u]:out_ptr[u + 1]].tolist() == expected
