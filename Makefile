@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests bench-catalogue bench-seen-events clean
+.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests bench-catalogue bench-seen-events bench-defaults clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -57,6 +57,9 @@ bench-train-scale: $(STAMP)
 
 bench-seen-events: $(STAMP)
 	$(BIN)/python -m bench.seen_events $(ARGS)
+
+bench-defaults: $(STAMP)
+	$(BIN)/python -m bench.defaults $(ARGS)
 
 clean:
 	rm -rf var .pytest_cache

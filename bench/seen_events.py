@@ -3,7 +3,8 @@ purchase prediction.
 
 Taobao UserBehavior (../shared/data/taobao_userbehavior), split in time: everything before the last `--test-days`
 days is ingested and trained on through the product path (`datasets.ingest`, `trainers.train` on Ray Train, the
-shipped ray_config.yaml's hyper-parameters); the purchases of the last days are the targets. The one published
+shipped ray_config.yaml's hyper-parameters, `--set` overriding a train key); the purchases of the last days are the
+targets. The one published
 version is then asked for each buyer's top 20 the way a replica answers, once per candidate setting of
 data.seen_events (what a replica excludes, `serve_app.model_store.exclusion_csr`), and Recall@20 / NDCG@20 of the
 purchases are reported side by side, with popularity under the same exclusions. Prints JSON.
@@ -73,8 +74,8 @@ def evaluate(loaded, purchases: list[tuple[str, str]], key: bytes, k: int) -> li
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.seen_events", description=__doc__)
     p.add_argument("--data", type=Path, default=Path(os.environ.get("IG_REAL_DATA", "../shared/data")))
-    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "ray_config.yaml",
-                   help="hyper-parameters to train with (data.root is replaced)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a train key of the shipped config (YAML value), e.g. --set relations=by_event")
     p.add_argument("--test-days", type=float, default=2.0, help="the last N days' purchases are the targets")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{source} not found: --data must name ../shared/data")
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     import registry
-    from core.config import load_config
+    from bench.defaults import shipped, train_overrides
     from core.storage import storage_for
     from datasets.ingest import Request, run_ingest
     from trainers.train import TrainOptions, run_train
@@ -92,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     purchases, cutoff = split_log(source, work / "train.csv", args.test_days)
-    shipped = load_config(args.config)
-    cfg = shipped.model_copy(update={"data": shipped.data.model_copy(update={"root": str(work / "root")})})
+    try:
+        cfg = shipped(work / "root", train=train_overrides(args.set))
+    except ValueError as e:
+        p.error(f"--set {e}")
     started = time.perf_counter()
     ingested = run_ingest(cfg, Request(source=str(work / "train.csv"), fmt="taobao", holdout=None))
     trained = run_train(cfg, TrainOptions(num_workers=args.workers))
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(loaded, purchases, os.environ["IG_PSEUDONYM_KEY"].encode(), cfg.train.k)
     for r in results:
         print(json.dumps(r), flush=True)
-    print(json.dumps({"bench": "seen_events", "cutoff_unix_s": cutoff, "test_days": args.test_days,
+    print(json.dumps({"bench": "seen_events", "overrides": args.set, "cutoff_unix_s": cutoff,
+                      "test_days": args.test_days,
                       "accepted": ingested["accepted"], "train_seconds": trained["train_seconds"],
                       "seconds": round(time.perf_counter() - started, 1), "results": results}))
     return 0

@@ -3,10 +3,10 @@
 Side by side in one run on the same machine: popularity, GF-CF (the training-free graph filter, `bench.gfcf`;
 published at 0.1849 / 0.1518 on this split), implicit's iALS (factors 256, regularization 1.0, alpha 10, 15
 iterations) and our model trained by `trainers.train` on Ray Train (2 CPU workers by default) under a fixed time
-budget. Ours runs the spectral-filter start (`--dim 1024 --spectral-filter 3 --item-degree-power 0.5 --lr 0.001`,
-the figures of the README's Gowalla section; `--dim 64 --spectral-filter -1 --item-degree-power 0 --lr 0.02` is the
-shipped config's model). All are scored by the same full-ranking metric code with training items masked. `--only`
-runs a subset.
+budget, with the shipped `ray_config.yaml` as it is (only the storage root, the workers and the budget, a cap on the
+shipped epochs, differ; `--set train.KEY=VALUE` overrides a key for an experiment, e.g. `--set epochs=10000` to train
+until the budget, and the JSON says which). All are
+scored by the same full-ranking metric code with training items masked. `--only` runs a subset.
 Prints one JSON object per ranker and a final JSON list.
 """
 
@@ -24,7 +24,8 @@ import psutil
 import scipy.sparse as sp
 import torch
 
-from core.config import AppConfig, parse_config
+from bench.defaults import shipped, train_overrides
+from core.config import AppConfig
 from core.storage import Storage
 from datasets.ingest import Request, run_ingest
 from trainers.baselines import popularity_metrics
@@ -108,15 +109,16 @@ def ials(cfg: AppConfig, threads: int) -> dict:
             "ndcg@20": m["ndcg@20"], "peak_gib": mem.gib}
 
 
-def ours(cfg: AppConfig, workers: int, budget: float) -> dict:
+def ours(cfg: AppConfig, workers: int, budget: float, overrides: dict) -> dict:
     with PeakMemory() as mem:
-        summary = run_train(cfg, TrainOptions(num_workers=workers, epochs=10_000, time_budget_s=budget))
+        summary = run_train(cfg, TrainOptions(num_workers=workers, time_budget_s=budget))
     import registry
 
     history = registry.read_manifest(Storage(cfg.data.root), summary["version"])["extra"]["history"]
     epoch_s = np.diff([0.0] + [h["seconds"] for h in history])
     best = max(history, key=lambda h: h.get("recall@20", -1))
-    return {"ranker": f"InterestGCN ({workers} Ray Train workers)", "seconds": summary["train_seconds"],
+    return {"ranker": f"InterestGCN ({workers} Ray Train workers)", "overrides": overrides,
+            "seconds": summary["train_seconds"],
             "command_seconds": summary["seconds"], "recall@20": summary["metrics"]["recall@20"],
             "ndcg@20": summary["metrics"]["ndcg@20"], "best_recall@20": best["recall@20"],
             "epochs": summary["epochs"], "median_epoch_s": round(float(np.median(epoch_s)), 1),
@@ -131,13 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=900.0, help="training budget of our model")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--batch-size", type=int, default=8192, help="per worker (2 workers: 16384 a step)")
-    p.add_argument("--dim", type=int, default=1024, help="embedding width of ours")
-    p.add_argument("--spectral-filter", type=float, default=3.0,
-                   help="train.spectral_filter of ours (beta of exp(beta sigma)); negative: the sqrt(sigma) start")
-    p.add_argument("--item-degree-power", type=float, default=0.5, help="train.item_degree_power of ours")
-    p.add_argument("--lr", type=float, default=0.001,
-                   help="train.lr of ours: BPR at the shipped 0.02 pulls the filter start down (0.181 after 7 steps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a train key of the shipped config for ours (YAML value), e.g. --set lr=0.01")
     p.add_argument("--only", default=",".join(RANKERS), help=f"comma-separated subset of {','.join(RANKERS)}")
     args = p.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -145,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--only: unknown ranker(s) {', '.join(unknown)}; choose from {', '.join(RANKERS)}")
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     OUT.mkdir(exist_ok=True)
-    cfg = parse_config({"data": {"root": str(OUT / "gowalla-root")},
-                        "train": {"batch_size": args.batch_size, "use_gpu": args.use_gpu,
-                                  "num_workers": args.workers, "eval_every": 1, "embedding_dim": args.dim,
-                                  "spectral_filter": None if args.spectral_filter < 0 else args.spectral_filter,
-                                  "item_degree_power": args.item_degree_power,
-                                  "lr": args.lr}})
+    try:
+        overrides = train_overrides(args.set)
+    except ValueError as e:
+        p.error(f"--set {e}")
+    cfg = shipped(OUT / "gowalla-root",
+                  train={**overrides, "use_gpu": args.use_gpu, "num_workers": args.workers, "eval_every": 1})
     ingest_once(cfg, args.data)
     results = []
     for name in only:
@@ -163,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "ials":
             results.append(ials(cfg, threads=psutil.cpu_count() or 2))
         else:
-            results.append(ours(cfg, args.workers, args.budget_s))
+            results.append(ours(cfg, args.workers, args.budget_s, overrides))
         print(json.dumps(results[-1]), flush=True)
     print(json.dumps(results))
     return 0

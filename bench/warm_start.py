@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.warm_start", description=__doc__)
     p.add_argument("--data", type=Path, default=Path(os.environ.get("IG_REAL_DATA", "../shared/data")))
     p.add_argument("--first-days", type=int, default=6, help="taobao: days that train the parent")
-    p.add_argument("--epochs", type=int, default=30, help="epochs of each full (re)training")
+    p.add_argument("--epochs", type=int, help="epochs of each full (re)training (default: train.epochs)")
     p.add_argument("--update-epochs", type=float, help="passes of each warm start (default: update.epochs)")
     p.add_argument("--steps", type=int, help="most optimiser steps of each warm start (default: update.max_steps)")
     p.add_argument("--update-lr", type=float, help="learning rate of each warm start (default: update.lr)")
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-events", type=int, default=1000, help="--stream: largest increment")
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
-    train = {"epochs": args.epochs, "batch_size": 4096, "num_workers": 2, "eval_every": args.epochs}
+    train = {"num_workers": 2, **({"epochs": args.epochs, "eval_every": args.epochs} if args.epochs else {})}
     given = {"epochs": args.update_epochs, "max_steps": args.steps, "lr": args.update_lr,
              "touched_only_below": args.touched_only_below}
     update = {k: v for k, v in given.items() if v is not None}

@@ -82,25 +82,42 @@ class PrivacyConfig(_Section):
 
 
 class TrainConfig(_Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; CPU and gloo otherwise")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker")
-    epochs: int = Field(20, ge=1, description="full passes over the training pairs")
+    epochs: int = Field(1, ge=1, description="full passes over the training pairs")
     time_budget_s: float | None = Field(None, gt=0, description="stop cleanly and publish after this many seconds")
-    embedding_dim: int = Field(64, ge=1, description="embedding width")
+    embedding_dim: int = Field(1024, ge=1, description="embedding width, and the rank of the spectral-filter start")
     num_layers: int = Field(3, ge=0, description="propagation layers")
-    lr: float = Field(0.02, gt=0, description="Adam learning rate")
+    lr: float = Field(0.001, gt=0, description="Adam learning rate")
     lr_decay: float = Field(0.85, gt=0, le=1, description="learning rate factor per epoch")
     init: Literal["normal", "spectral"] = Field(
         "spectral", description="embedding start: normal noise (LightGCN paper) or the graph's top singular vectors")
     spectral_filter: float | None = Field(
-        None, ge=0, description="spectral start shaped so that, after propagation, scores are the low-pass filter "
-        "exp(beta * sigma) of the top embedding_dim singular pairs (SVD-GCN; randomized SVD); null: sqrt(sigma) each "
-        "side (exact SVD)")
+        3.5, ge=0, description="spectral start shaped so that, after propagation, scores are the low-pass filter "
+        "exp(beta * sigma / sigma_1) of the top embedding_dim singular pairs of the interest graph (users, categories "
+        "and brands against items; SVD-GCN; randomized SVD); null: sqrt(sigma) each side (exact SVD)")
+    weighted_edges: bool = Field(
+        False, description="user-item edges weigh log2(1 + weight) in the adjacency (event types, recency); false: "
+                          "1, who touched what")
+    relations: Literal["one", "by_event"] = Field(
+        "one", description="user-item edges: one relation (weighted as weighted_edges says), or by_event: each event "
+                           "type a relation of its own, normalised by its own degrees and weighted by "
+                           "data.event_weights")
+    degree_exponent: float = Field(
+        0.4, ge=0, le=1, description="the adjacency is D^-e A D^-e: 0.5 is LightGCN's symmetric normalisation, below "
+                                     "it popular nodes weigh more (SGFCF's generalised normalisation); the spectral "
+                                     "start uses the same")
     item_degree_power: float = Field(
-        0.0, ge=0, le=1, description="items' final embeddings times (degree / mean)^power (GF-CF's D^1/2 "
+        0.3, ge=0, le=1, description="items' final embeddings times (degree / mean)^power (GF-CF's D^1/2 "
         "on the item side); 0: off")
     batch_size: int = Field(16384, ge=1, description="BPR triples per step per worker")
+    fanout: int = Field(
+        32, ge=1, description="neighbours a step reads per node (more are sampled uniformly and reweighted): the "
+                              "step's cost follows the batch, not the node's degree")
+    refreshes_per_epoch: int = Field(
+        4, ge=1, description="full forward propagations per epoch that refresh the stored embeddings a step's deeper "
+                             "layers and hard negatives read")
     negatives: int = Field(
         32, ge=1, description="negative candidates per positive; the best-scoring one is used (1: uniform sampling)")
     l2: float = Field(1e-4, ge=0, description="L2 on the batch's ego embeddings (LightGCN paper)")
@@ -114,6 +131,9 @@ class TrainConfig(_Section):
     )
     holdout_days: float = Field(1.0, gt=0, description="event logs: the last N days form the holdout")
     eval_batch_users: int = Field(1024, ge=1, description="users scored per evaluation batch (bounds memory)")
+    eval_max_users: int | None = Field(
+        50_000, ge=1, description="users an evaluation scores (full ranking costs users x items): a seeded sample "
+                                  "when more have held-out pairs, the same for popularity; null: all")
     seed: int = Field(0, description="random seed")
     eval_every: int = Field(1, ge=1, description="evaluate (and checkpoint) every N epochs")
     max_failures: int = Field(2, ge=0, description="worker losses a run survives, resuming from its last checkpoint")
@@ -129,7 +149,7 @@ class UpdateConfig(_Section):
     replay_ratio: float = Field(1.0, ge=0, description="old interactions replayed per new one")
     epochs: float = Field(4.0, gt=0, description="passes over an update's pairs (new + replay)")
     max_steps: int = Field(50, ge=1, description="most optimiser steps per warm-start update")
-    lr: float = Field(0.02, gt=0, description="learning rate of a warm start (a fresh Adam over few steps)")
+    lr: float = Field(0.001, gt=0, description="learning rate of a warm start (a fresh Adam over few steps)")
     tolerance: float = Field(0.02, ge=0, le=1, description="publish only if Recall@K >= (1 - tolerance) x parent's")
     touched_only_below: float = Field(
         0.05, ge=0, description="a cycle whose new pairs are under this share of the training pairs moves only the "

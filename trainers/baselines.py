@@ -5,17 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainers.data import InterestGraph, Split
+from trainers.data import InterestGraph, Split, evaluated_pairs
 from trainers.metrics import recall_ndcg_at_k
 from trainers.sampling import csr_from_pairs
 
 
-def popularity_metrics(graph: InterestGraph, sp: Split, k: int, batch_users: int = 1024) -> dict[str, float]:
-    """Recall/NDCG@K of ranking every user's unseen items by training-pair popularity."""
+def popularity_metrics(graph: InterestGraph, sp: Split, k: int, batch_users: int = 1024,
+                       max_users: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Recall/NDCG@K of ranking every user's unseen items by training-pair popularity, on the users the model's
+    evaluation scores (`max_users`, `seed`: `data.evaluated_pairs`)."""
     counts = np.bincount(sp.train_item, minlength=graph.num_items).astype(np.float32)
     scores = torch.from_numpy(counts)
     train = csr_from_pairs(sp.train_user, sp.train_item, graph.num_users, graph.num_items)
-    test = csr_from_pairs(sp.test_user, sp.test_item, graph.num_users, graph.num_items)
+    test = csr_from_pairs(*evaluated_pairs(sp, max_users, seed), graph.num_users, graph.num_items)
     k_eff = min(k, graph.num_items)
     out = recall_ndcg_at_k(lambda b: scores.expand(len(b), -1).clone(), train, test, k_eff, batch_users)
     return {f"recall@{k}": out[f"recall@{k_eff}"], f"ndcg@{k}": out[f"ndcg@{k_eff}"]}

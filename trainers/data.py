@@ -48,6 +48,11 @@ class InterestGraph:
     # the events by type, int32 [pairs, len(EVENT_TYPES)].
     ui_weight_recent: np.ndarray | None = None
     ui_event_counts: np.ndarray | None = None
+    event_weights: dict[str, float] | None = None  # data.event_weights the graph was built with (meta.json)
+
+    def relation_weights(self) -> np.ndarray:
+        """Each event type's weight, in the order of `ui_event_counts`' columns (1 each when not recorded)."""
+        return np.array([(self.event_weights or {}).get(t, 1.0) for t in s.EVENT_TYPES], dtype=np.float32)
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Split:
     test_item: np.ndarray
     mode: str
     test_mask: np.ndarray  # over the graph's edges: which are held out (all False for the official file)
+    train_event_counts: np.ndarray | None = None  # events by type behind each training pair (None: not recorded)
 
 
 def _ints(table: pa.Table, name: str) -> np.ndarray:
@@ -101,6 +107,7 @@ def load_graph(storage: Storage) -> InterestGraph:
                           if s.WEIGHT_RECENT in edges.column_names else None),
         ui_event_counts=(np.stack([edges.column(n).to_numpy() for n in s.EVENT_COUNTS], axis=1).astype(np.int32)
                          if all(n in edges.column_names for n in s.EVENT_COUNTS) else None),
+        event_weights=meta.get("event_weights"),
     )
 
 
@@ -139,6 +146,18 @@ def _test_mask(graph: InterestGraph, mode: str, holdout_days: float, watermark_m
     return test
 
 
+def evaluated_pairs(sp: Split, max_users: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out (user, item) pairs an evaluation scores: every test user's, or those of a seeded sample of
+    `max_users` test users when there are more. Full ranking costs users x items, which at a million of each is
+    out of reach for every user; the model and its baselines are scored on the same sample."""
+    users = np.unique(sp.test_user)
+    if max_users is None or len(users) <= max_users:
+        return sp.test_user, sp.test_item
+    chosen = np.random.default_rng(seed).choice(users, size=max_users, replace=False)
+    keep = np.isin(sp.test_user, chosen)
+    return sp.test_user[keep], sp.test_item[keep]
+
+
 def parent_holdout(graph: InterestGraph, mode: str, holdout_days: float, parent_watermark_ms: int) -> np.ndarray:
     """Edges the parent version held out of its training: a warm start must learn them, as a retrain would."""
     mode = resolve_mode(graph, mode)
@@ -160,6 +179,7 @@ def split(graph: InterestGraph, mode: str = "auto", holdout_days: float = 1.0) -
         if not len(graph.official_user):
             raise GraphMissingError("holdout mode 'official' needs a holdout file (ingest with --holdout)")
         return Split(u, i, w, graph.ui_last_ts, graph.official_user, graph.official_item, mode,
-                     np.zeros(len(u), dtype=bool))
+                     np.zeros(len(u), dtype=bool), graph.ui_event_counts)
     test = _test_mask(graph, mode, holdout_days, graph.watermark_ms, np.ones(len(u), dtype=bool))
-    return Split(u[~test], i[~test], w[~test], graph.ui_last_ts[~test], u[test], i[test], mode, test)
+    counts = None if graph.ui_event_counts is None else graph.ui_event_counts[~test]
+    return Split(u[~test], i[~test], w[~test], graph.ui_last_ts[~test], u[test], i[test], mode, test, counts)

@@ -50,8 +50,5 @@ class _FaultySession:
     def restored_dir(self) -> str | None:
         return self._inner.restored_dir()
 
-    def wrap(self, model: Any) -> Any:
-        return self._inner.wrap(model)
-
     def device(self) -> Any:
         return self._inner.device()

@@ -1,4 +1,7 @@
-"""The per-worker training loop: full-graph LightGCN propagation, BPR on this worker's shard of training pairs.
+"""The per-worker training loop: BPR on this worker's shard of training pairs, each step over the batch's nodes.
+
+Steps propagate only the batch (`trainers.minibatch`: one live layer over sampled neighbours, deeper layers from
+embeddings refreshed a few times per epoch); evaluation and the published vectors use the full propagation.
 
 `train_loop_per_worker(config)` is what Ray Train runs on each worker; `config["inputs"]` is a typed
 `WorkerInputs`. The loop talks to its runtime only through a small `Session`, so tests drive it in-process
@@ -21,10 +24,11 @@ import torch
 import torch.distributed as dist
 
 from core.config import TrainConfig
-from trainers.data import InterestGraph, Split, load_graph, split
+from trainers.data import InterestGraph, Split, evaluated_pairs, load_graph, split
 from trainers.graph import NodeOffsets, build_norm_adjacency, node_offsets
 from trainers.losses import bpr_loss, l2_reg, softmax_loss
 from trainers.metrics import recall_ndcg_at_k
+from trainers.minibatch import History, NeighbourRows, batch_output, refresh, sparse_rows_grad
 from trainers.model import InterestGCN
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.spectral import spectral_embeddings
@@ -39,8 +43,6 @@ class Session(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...
 
     def restored_dir(self) -> str | None: ...
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
     def device(self) -> torch.device: ...
 
@@ -68,15 +70,14 @@ class LocalSession:
     def restored_dir(self) -> str | None:
         return self.restore_from
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
     def device(self) -> torch.device:
         return torch.device("cpu")
 
 
 class RayTrainSession:
-    """The loop's view of Ray Train: rank, DDP wrapping, reports with checkpoints, restore after a failure."""
+    """The loop's view of Ray Train: rank, device, reports with checkpoints, restore after a failure. Ranks share
+    gradients through the process group Ray Train sets up (`minibatch.sparse_rows_grad`), not through DDP: a step's
+    gradient is a few rows of the table, and DDP would all-reduce all of it."""
 
     def __init__(self) -> None:
         import ray.train
@@ -100,11 +101,6 @@ class RayTrainSession:
         self._restored = tempfile.TemporaryDirectory(prefix="ig-restore-")
         return checkpoint.to_directory(self._restored.name)
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
     def device(self) -> torch.device:
         import ray.train.torch
 
@@ -124,16 +120,22 @@ def _all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]
     return t.tolist()
 
 
-def _rank_test_csr(sp: Split, num_users: int, num_items: int, rank: int, world: int) -> Csr:
-    mine = sp.test_user % world == rank
-    return csr_from_pairs(sp.test_user[mine], sp.test_item[mine], num_users, num_items)
+def _rank_test_csr(sp: Split, hp: TrainConfig, num_users: int, num_items: int, rank: int, world: int) -> Csr:
+    users, items = evaluated_pairs(sp, hp.eval_max_users, hp.seed)
+    mine = users % world == rank
+    return csr_from_pairs(users[mine], items[mine], num_users, num_items)
 
 
-def build_adjacency(graph: InterestGraph, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> torch.Tensor:
-    """The normalised adjacency over these user-item pairs and every item's categories and brands."""
+def build_adjacency(graph: InterestGraph, users: np.ndarray, items: np.ndarray, weights: np.ndarray,
+                    counts: np.ndarray | None, hp: TrainConfig) -> torch.Tensor:
+    """The normalised adjacency over these user-item pairs (`counts`: their events by type) and every item's
+    categories and brands; with train.relations by_event, each event type is a relation of its own."""
+    by_event = hp.relations == "by_event" and counts is not None
     return build_norm_adjacency(
         graph.num_users, graph.num_items, graph.num_categories, graph.num_brands, users, items, weights,
-        graph.ic_item, graph.ic_cat, graph.ib_item, graph.ib_brand,
+        graph.ic_item, graph.ic_cat, graph.ib_item, graph.ib_brand, weighted=hp.weighted_edges,
+        exponent=hp.degree_exponent, relations=counts if by_event else None,
+        relation_weights=graph.relation_weights() if by_event else None,
     )
 
 
@@ -162,7 +164,7 @@ class Worker:
     offsets: NodeOffsets
     adj: torch.Tensor
     model: InterestGCN
-    wrapped: torch.nn.Module
+    rows: NeighbourRows  # the adjacency's rows, sampled per step
     optimiser: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_csr: Csr
@@ -178,6 +180,7 @@ class Worker:
     total_steps: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # where this worker's time went (update timings)
     frozen: torch.Tensor | None = None  # rows of the embedding table a warm start must not move (bool per node)
+    stored: History | None = None  # propagated stored embeddings: a step's deeper layers and negatives' scores
 
     @property
     def rank(self) -> int:
@@ -206,7 +209,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     sp = split(graph, hp.holdout, hp.holdout_days)
     offsets = node_offsets(graph.num_users, graph.num_items, graph.num_categories, graph.num_brands)
     device = session.device()
-    adj = build_adjacency(graph, sp.train_user, sp.train_item, sp.train_weight).to(device)
+    adj = build_adjacency(graph, sp.train_user, sp.train_item, sp.train_weight, sp.train_event_counts, hp).to(device)
     model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers)
     model.set_output_scale(item_degree_scale(offsets, sp.train_item, hp.item_degree_power))
     if inputs.warm is not None:
@@ -214,11 +217,10 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     elif hp.init == "spectral":
         with torch.no_grad():
             model.embedding.weight.copy_(spectral_embeddings(
-                graph.num_users, graph.num_items, sp.train_user, sp.train_item, graph.ic_item, graph.ic_cat,
-                graph.ib_item, graph.ib_brand, offsets, hp.embedding_dim, seed=hp.seed,
-                filter_beta=hp.spectral_filter, num_layers=hp.num_layers))
+                adj, offsets, hp.embedding_dim, seed=hp.seed, filter_beta=hp.spectral_filter,
+                num_layers=hp.num_layers))
     model.to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=hp.lr)
+    optimiser = _optimiser(model, hp.lr)
     # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=hp.lr_decay)
     train_csr = csr_from_pairs(sp.train_user, sp.train_item, graph.num_users, graph.num_items)
@@ -230,8 +232,8 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         steps = steps_per_pass(len(pairs_user), session.world, hp.batch_size)
     worker = Worker(
         inputs=inputs, session=session, hp=hp, device=device, graph=graph, sp=sp, offsets=offsets, adj=adj,
-        model=model, wrapped=model, optimiser=optimiser, scheduler=scheduler, train_csr=train_csr,
-        test_csr=_rank_test_csr(sp, graph.num_users, graph.num_items, session.rank, session.world),
+        model=model, rows=NeighbourRows(adj, hp.fanout), optimiser=optimiser, scheduler=scheduler, train_csr=train_csr,
+        test_csr=_rank_test_csr(sp, hp, graph.num_users, graph.num_items, session.rank, session.world),
         sampler=NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items),
         pairs_user=pairs_user, pairs_item=pairs_item, steps=steps, started=time.time())
     if inputs.warm is not None and inputs.warm.trainable is not None:
@@ -251,23 +253,56 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         mark = time.time()
         worker.parent_metrics, _ = evaluate(worker)
         worker.phases["eval_parent"] = round(time.time() - mark, 3)
-    worker.wrapped = session.wrap(model)
     return worker
 
 
-def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.Generator, candidates: int,
-                    emb: torch.Tensor, u_t: torch.Tensor, item_base: int, device: torch.device) -> torch.Tensor:
-    """One negative per user: the best-scoring of `candidates` uniform non-positives (dynamic negative sampling).
+def _optimiser(model: InterestGCN, lr: float) -> torch.optim.Optimizer:
+    """A lazy Adam: a step's gradient is a few rows of the table, and only those rows (and their moments) move."""
+    return torch.optim.SparseAdam(list(model.parameters()), lr=lr)
 
-    Uniform negatives are soon too easy for BPR to learn from; the hardest of a few keeps the gradient useful.
-    """
+
+def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.Generator, candidates: int,
+                    emb: torch.Tensor, item_base: int, device: torch.device) -> np.ndarray:
+    """One negative per user (node ids): the best-scoring of `candidates` uniform non-positives by `emb` (dynamic
+    negative sampling). Uniform negatives are soon too easy for BPR to learn from; the hardest of a few keeps the
+    gradient useful."""
     neg = sampler.sample(np.repeat(users, candidates), rng).reshape(len(users), candidates) + item_base
-    n_t = torch.from_numpy(neg).to(device)
-    if candidates > 1:
-        with torch.no_grad():
-            scores = (emb[n_t] * emb[u_t].unsqueeze(1)).sum(-1)
-            n_t = n_t.gather(1, scores.argmax(dim=1, keepdim=True))
-    return n_t[:, 0]
+    if candidates == 1:
+        return neg[:, 0]
+    n_t, u_t = torch.from_numpy(neg).to(device), torch.from_numpy(users).to(device)
+    best = torch.empty(len(users), dtype=torch.int64, device=device)
+    # In chunks: all candidates' vectors at once would be batch x candidates x dim floats (2 GB at 1,024 dims).
+    chunk = max(1, (1 << 22) // (candidates * emb.shape[1]))
+    with torch.no_grad():
+        for s in range(0, len(users), chunk):
+            scores = torch.bmm(emb[n_t[s : s + chunk]], emb[u_t[s : s + chunk]].unsqueeze(2)).squeeze(2)
+            best[s : s + chunk] = scores.argmax(dim=1)
+    return neg[np.arange(len(users)), best.cpu().numpy()]
+
+
+def train_step(w: Worker, users: np.ndarray, pos: np.ndarray, rng: np.random.Generator) -> float:
+    """One optimiser step on (user, positive item) node ids: a hard negative each, the final embeddings of the
+    batch's nodes only, BPR (or softmax) plus L2 on their ego rows, the rows' gradient shared between ranks."""
+    hp = w.hp
+    assert w.stored is not None
+    neg = _hard_negatives(w.sampler, users, rng, hp.negatives, w.stored.final, w.offsets.item, w.device)
+    nodes, inverse = np.unique(np.concatenate([users, pos, neg]), return_inverse=True)
+    out, ego = batch_output(w.model, w.stored, w.rows, nodes, rng, w.device)
+    b = len(users)
+    at = torch.from_numpy(inverse.reshape(-1)).to(w.device)
+    u_i, p_i, n_i = at[:b], at[b : 2 * b], at[2 * b :]
+    if hp.loss == "softmax":
+        rank_loss = softmax_loss(out[u_i], out[p_i], out[n_i], hp.temperature)
+    else:
+        rank_loss = bpr_loss(out[u_i], out[p_i], out[n_i])
+    loss = rank_loss + hp.l2 * l2_reg(ego[u_i], ego[p_i], ego[n_i], b)
+    w.optimiser.zero_grad()
+    loss.backward()
+    table = w.model.embedding.weight
+    # Rows a warm start must not move get no gradient, and a lazy Adam leaves a row without one where it is.
+    table.grad = sparse_rows_grad(table.grad, w.frozen, w.world)
+    w.optimiser.step()
+    return float(loss.detach())
 
 
 def train_epoch(w: Worker, epoch: int) -> EpochResult:
@@ -277,33 +312,20 @@ def train_epoch(w: Worker, epoch: int) -> EpochResult:
     order = rng.permutation(np.arange(w.rank, len(w.pairs_user), w.world))
     if len(order) < w.steps * hp.batch_size:  # wrap around so short shards still fill every step
         order = np.resize(order, w.steps * hp.batch_size)
-    item_base = w.offsets.item
+    # The stored embeddings are refreshed a fixed number of times per pass, so their cost per step is a share of
+    # the graph that shrinks as the epoch's steps grow: an epoch costs a few forward passes plus its batches.
+    refresh_every = max(1, math.ceil(w.steps / hp.refreshes_per_epoch))
     loss_sum, step, stop = 0.0, 0, False
     for step in range(w.steps):
+        if step % refresh_every == 0:
+            w.stored = refresh(w.model, w.adj)
         idx = order[step * hp.batch_size : (step + 1) * hp.batch_size]
-        users = w.pairs_user[idx]
-        u_t = torch.from_numpy(users).to(w.device)
-        p_t = torch.from_numpy(w.pairs_item[idx] + item_base).to(w.device)
-        emb = w.wrapped(w.adj)
-        n_t = _hard_negatives(w.sampler, users, rng, hp.negatives, emb, u_t, item_base, w.device)
-        ego = w.model.ego
-        if hp.loss == "softmax":
-            rank_loss = softmax_loss(emb[u_t], emb[p_t], emb[n_t], hp.temperature)
-        else:
-            rank_loss = bpr_loss(emb[u_t], emb[p_t], emb[n_t])
-        loss = rank_loss + hp.l2 * l2_reg(ego[u_t], ego[p_t], ego[n_t], len(idx))
-        w.optimiser.zero_grad()
-        loss.backward()
-        if w.frozen is not None:
-            # Zero gradient on a fresh Adam is zero movement: rows the increment did not touch stay the parent's.
-            w.model.embedding.weight.grad[w.frozen] = 0
-        w.optimiser.step()
-        loss_sum += float(loss.detach())
+        loss_sum += train_step(w, w.pairs_user[idx], w.pairs_item[idx] + w.offsets.item, rng)
         w.total_steps += 1
         out_of_time = inputs.deadline is not None and time.time() >= inputs.deadline
         out_of_steps = inputs.max_steps is not None and w.total_steps >= inputs.max_steps
         stop = out_of_time or out_of_steps
-        if w.world > 1:  # every rank stops at the same step, or DDP's all-reduce would wait for one that stopped
+        if w.world > 1:  # every rank stops at the same step, or the gradient exchange would wait for one that stopped
             stop = _all_reduce([float(stop)], w.world, "max")[0] > 0
         if stop:
             break
@@ -348,7 +370,7 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     r, g, held = w.inputs.refit, w.graph, w.sp.test_mask
     mark = time.time()
     users, items = g.ui_user.astype(np.int64), g.ui_item.astype(np.int64)
-    w.adj = build_adjacency(g, users, items, g.ui_weight).to(w.device)
+    w.adj = build_adjacency(g, users, items, g.ui_weight, g.ui_event_counts, w.hp).to(w.device)
     w.model.set_output_scale(item_degree_scale(w.offsets, items, w.hp.item_degree_power))
     w.train_csr = csr_from_pairs(users, items, g.num_users, g.num_items)
     w.sampler = NegativeSampler(w.train_csr.indptr, w.train_csr.indices, g.num_items)
@@ -356,7 +378,8 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     pick = with_replay(new, np.flatnonzero(~held), r.replay_ratio, np.random.default_rng(w.hp.seed * 7_919 + epoch))
     w.pairs_user, w.pairs_item = users[pick], items[pick]
     w.steps = passes_to_steps(len(pick), w.world, w.hp.batch_size, r.epochs, r.max_steps)
-    w.optimiser = torch.optim.Adam(w.model.parameters(), lr=r.lr)
+    w.rows = NeighbourRows(w.adj, w.hp.fanout)
+    w.optimiser = _optimiser(w.model, r.lr)
     w.scheduler = torch.optim.lr_scheduler.ExponentialLR(w.optimiser, gamma=1.0)
     w.inputs = dataclasses.replace(w.inputs, deadline=None, max_steps=None)
     result = train_epoch(w, epoch)
@@ -429,8 +452,8 @@ def run_worker(inputs: WorkerInputs, session: Session) -> None:
 
 
 def steps_per_pass(pairs: int, world: int, batch: int) -> int:
-    """Steps for one pass over `pairs` split across `world` ranks. Every rank takes the same number, or DDP's
-    all-reduce would wait for a rank that stopped."""
+    """Steps for one pass over `pairs` split across `world` ranks. Every rank takes the same number, or the
+    gradient exchange would wait for a rank that stopped."""
     return max(1, math.ceil(math.ceil(pairs / world) / batch))
 
 

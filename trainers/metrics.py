@@ -52,6 +52,10 @@ def recall_ndcg_from_topk(topk_items: np.ndarray, test_sets: Sequence[Collection
     return {f"recall@{k}": r / max(count, 1), f"ndcg@{k}": n / max(count, 1), "users": count}
 
 
+# Scores held at once by an evaluation batch (float32: 512 MB): at a million items, 128 users a batch.
+MAX_BATCH_SCORES = 1 << 27
+
+
 @torch.no_grad()
 def recall_ndcg_at_k(
     scores_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -63,19 +67,23 @@ def recall_ndcg_at_k(
     """Rank all items for every user with >= 1 test item; memory is O(batch_users x num_items).
 
     ``scores_fn(user_ids)`` returns float scores [batch, num_items] for local user ids. Training
-    items are set to -inf before top-K. Metrics are averaged over evaluated users.
+    items are set to -inf before top-K. Metrics are averaged over evaluated users. Batches shrink so that one
+    holds at most `MAX_BATCH_SCORES` scores.
     """
     test_indptr = np.asarray(test_csr.indptr, dtype=np.int64)
     train_indptr = np.asarray(train_csr.indptr, dtype=np.int64)
     n_test_all = np.diff(test_indptr)
     eval_users = np.flatnonzero(n_test_all > 0)
     recall_sum = ndcg_sum = 0.0
+    if len(eval_users):  # one user's scores say how many items there are, hence how many users a batch holds
+        num_items = scores_fn(torch.from_numpy(eval_users[:1])).shape[1]
+        if k > num_items:
+            raise ValueError(f"k={k} exceeds the number of items ({num_items})")
+        batch_users = max(1, min(batch_users, MAX_BATCH_SCORES // max(num_items, 1)))
     for start in range(0, len(eval_users), batch_users):
         users = eval_users[start : start + batch_users]
         scores = scores_fn(torch.from_numpy(users)).float()
         num_items = scores.shape[1]
-        if start == 0 and k > num_items:
-            raise ValueError(f"k={k} exceeds the number of items ({num_items})")
         # The train CSR may cover fewer users than the test one (cold users); eval_users is sorted,
         # so the covered users are a prefix of the batch and batch rows still line up.
         covered = users[users < len(train_indptr) - 1]

@@ -111,7 +111,7 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: st
         user_keys, user_vectors, indptr, indices, model_state, evidence = forget(
             deleted, user_keys, user_vectors, indptr, indices, model_state, evidence)
     baseline = popularity_metrics(graph, split(graph, cfg.train.holdout, cfg.train.holdout_days), k,
-                                  cfg.train.eval_batch_users)
+                                  cfg.train.eval_batch_users, cfg.train.eval_max_users, cfg.train.seed)
     artifacts = registry.ModelArtifacts(
         user_keys=user_keys,
         user_vectors=user_vectors,

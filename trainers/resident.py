@@ -104,8 +104,9 @@ class CycleBoard:
 
 
 class _CycleSession:
-    """One cycle's view of the resident run: ranks and DDP from Ray Train; the final checkpoint is kept in memory
-    (rank 0) for the board, not reported, so a restarted group never resumes an old cycle's state."""
+    """One cycle's view of the resident run: ranks, device and process group from Ray Train; the final checkpoint
+    is kept in memory (rank 0) for the board, not reported, so a restarted group never resumes an old cycle's
+    state."""
 
     def __init__(self, train_session: Any) -> None:
         self._train = train_session
@@ -120,9 +121,6 @@ class _CycleSession:
 
     def restored_dir(self) -> str | None:
         return None
-
-    def wrap(self, model: Any) -> Any:
-        return self._train.wrap(model)
 
     def device(self) -> Any:
         return self._train.device()
@@ -159,7 +157,7 @@ def resident_loop_per_worker(config: dict) -> None:
             ray.get(board.finish.remote(cycle, {"files": [ray.put(capture.files)], "metrics": capture.metrics}))
         done = cycle
         del capture
-        gc.collect()  # DDP's reference cycles would keep this cycle's model (and GPU memory) until a later sweep
+        gc.collect()  # reference cycles would keep this cycle's model (and GPU memory) until a later sweep
 
 
 def _barrier(world: int) -> None:

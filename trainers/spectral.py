@@ -15,16 +15,6 @@ from scipy.sparse.linalg import svds
 from trainers.graph import NodeOffsets
 
 
-def normalised_interactions(num_users: int, num_items: int, users: np.ndarray, items: np.ndarray) -> sp.csr_matrix:
-    """D_U^-1/2 R D_I^-1/2 of the binary user x item matrix: the matrix whose singular pairs the start uses."""
-    r = sp.csr_matrix((np.ones(len(users), np.float64), (users, items)), shape=(num_users, num_items))
-    r.sum_duplicates()
-    r.data[:] = 1.0
-    du = np.maximum(np.asarray(r.sum(axis=1)).ravel(), 1.0)
-    di = np.maximum(np.asarray(r.sum(axis=0)).ravel(), 1.0)
-    return (sp.diags(du**-0.5) @ r @ sp.diags(di**-0.5)).tocsr()
-
-
 def randomized_svd(m: sp.csr_matrix, k: int, iterations: int,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k (u, sigma, v) of a sparse matrix by subspace iteration (Halko et al. 2011), in torch's threads.
@@ -49,47 +39,55 @@ def randomized_svd(m: sp.csr_matrix, k: int, iterations: int,
 
 def filter_coefficients(sigma: np.ndarray, beta: float, num_layers: int) -> np.ndarray:
     """Per-component scale of both sides' start such that, after `num_layers` of LightGCN propagation and its mean
-    readout, a user-item score is sum_k u_k exp(beta sigma_k) v_k: the SVD-GCN filter (Peng et al., CIKM 2022).
+    readout, a user-item score is sum_k u_k exp(beta sigma_k / sigma_1) v_k: the SVD-GCN filter (Peng et al.,
+    CIKM 2022) over singular values relative to the largest (which is 1 under D^-1/2 normalisation, more below it).
     On the bipartite graph one layer multiplies a singular pair by sigma, so the readout multiplies each side by
     p(sigma) = (1 + sigma + ... + sigma^L) / (L + 1); the start divides that out."""
     readout = sum(sigma**layer for layer in range(num_layers + 1)) / (num_layers + 1)
-    return np.exp(0.5 * beta * sigma) / readout  # readout >= 1 / (L + 1): sigma is never negative
+    top = max(float(sigma.max(initial=0.0)), 1e-12)
+    return np.exp(0.5 * beta * sigma / top) / readout  # readout >= 1 / (L + 1): sigma is never negative
 
 
-def spectral_embeddings(num_users: int, num_items: int, users: np.ndarray, items: np.ndarray,
-                        ic_item: np.ndarray, ic_cat: np.ndarray, ib_item: np.ndarray, ib_brand: np.ndarray,
-                        offsets: NodeOffsets, dim: int, std: float = 0.1, seed: int = 0,
+def interest_block(adj: torch.Tensor, offsets: NodeOffsets) -> sp.csr_matrix:
+    """The model's normalised adjacency between items (columns) and every other node (rows: users, then categories,
+    then brands). Every edge of the interest graph has an item at one end, so the graph is bipartite and this
+    block's singular pairs are the adjacency's eigenpairs: u_k on the other side, v_k on the items, sigma_k."""
+    crow = adj.crow_indices().cpu().numpy().astype(np.int64)
+    cols = adj.col_indices().cpu().numpy().astype(np.int64)
+    vals = adj.values().cpu().numpy()
+    rows = np.r_[offsets.user : offsets.item, offsets.category : offsets.num_nodes]
+    starts, ends = crow[rows], crow[rows + 1]
+    lens = ends - starts
+    pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()), dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    return sp.csr_matrix((vals[pos], cols[pos] - offsets.item, indptr), shape=(len(rows), offsets.num_items))
+
+
+def spectral_embeddings(adj: torch.Tensor, offsets: NodeOffsets, dim: int, std: float = 0.1, seed: int = 0,
                         filter_beta: float | None = None, num_layers: int = 0,
                         iterations: int = 3) -> torch.Tensor:
-    """[num_nodes, dim]: users and items from the SVD, categories and brands the mean of their items. With
-    `filter_beta`, the start is shaped to the low-pass filter exp(beta sigma) after `num_layers` of propagation,
-    from a randomized SVD; without, each side gets sqrt(sigma) from the exact one."""
+    """[num_nodes, dim] from the top singular pairs of the adjacency's item block (`interest_block`): users,
+    categories and brands from the left vectors, items from the right ones. With `filter_beta`, the start is shaped
+    so that after `num_layers` of propagation a score is the low-pass filter exp(beta sigma / sigma_1), from a
+    randomized SVD; without, each side gets sqrt(sigma) from the exact one."""
     rng = np.random.default_rng(seed)
     out = rng.normal(0.0, std, size=(offsets.num_nodes, dim)).astype(np.float32)
-    k = min(dim, num_users - 1, num_items - 1)
-    if k < 1 or len(users) == 0:
+    block = interest_block(adj, offsets)
+    k = min(dim, block.shape[0] - 1, block.shape[1] - 1)
+    if k < 1 or block.nnz == 0:
         return torch.from_numpy(out)
-    rn = normalised_interactions(num_users, num_items, users, items)
     if filter_beta is None:
-        u, sigma, vt = svds(rn, k=k, random_state=seed)
+        u, sigma, vt = svds(block.astype(np.float64), k=k, random_state=seed)
         scale = np.sqrt(np.maximum(sigma, 0.0))
         v = vt.T
     else:
-        u, sigma, v = randomized_svd(rn, k, iterations, seed)
+        u, sigma, v = randomized_svd(block, k, iterations, seed)
         scale = filter_coefficients(sigma, filter_beta, num_layers)
-    user_vec, item_vec = u * scale, v * scale
+    other_vec, item_vec = u * scale, v * scale
     # Same overall spread as the default initialisation, so learning rates keep their meaning.
-    factor = std / max(float(np.concatenate([user_vec, item_vec]).std()), 1e-12)
-    out[offsets.user : offsets.user + num_users, :k] = user_vec * factor
-    out[offsets.item : offsets.item + num_items, :k] = item_vec * factor
-    if k < dim:
-        out[offsets.user : offsets.item + num_items, k:] *= 0.1
-    for base, count, member_item, member in ((offsets.category, offsets.brand - offsets.category, ic_item, ic_cat),
-                                             (offsets.brand, offsets.num_nodes - offsets.brand, ib_item, ib_brand)):
-        if count and len(member):
-            sums = np.zeros((count, dim))
-            np.add.at(sums, member, out[offsets.item + member_item])
-            n = np.bincount(member, minlength=count)[:, None]
-            has = n[:, 0] > 0
-            out[base : base + count][has] = (sums[has] / n[has]).astype(np.float32)
+    factor = std / max(float(np.concatenate([other_vec, item_vec]).std()), 1e-12)
+    others = np.r_[offsets.user : offsets.item, offsets.category : offsets.num_nodes]
+    out[others, :k] = other_vec * factor
+    out[offsets.item : offsets.category, :k] = item_vec * factor
+    out[:, k:] *= 0.1
     return torch.from_numpy(out)

@@ -1,8 +1,9 @@
 """`python -m trainers.train`: train the GNN on Ray Train across N workers and publish a checkpoint version.
 
-DDP across workers (gloo on CPU, NCCL with --use-gpu); each worker trains on its own shard of the training pairs,
-checkpoints every evaluation through Ray Train, and a lost worker is replaced and resumes from the last checkpoint
-(train.max_failures). The last line printed is one JSON object: version, parent, epochs, seconds, metrics.
+Data-parallel across workers (gloo on CPU, NCCL with --use-gpu; ranks exchange the rows their batches touched); each
+worker trains on its own shard of the training pairs, checkpoints every evaluation through Ray Train, and a lost
+worker is replaced and resumes from the last checkpoint (train.max_failures). The last line printed is one JSON
+object: version, parent, epochs, seconds, metrics.
 """
 
 from __future__ import annotations

@@ -154,3 +154,27 @@ def test_bpr_training_separates_two_clusters():
         correct += int((s_held > s_other).sum())
         total += s_held.numel() * s_other.numel()
     assert correct / total > 0.95
+
+
+def test_event_types_as_relations_normalise_each_by_its_own_degrees():
+    """u0 viewed i0 and bought i1, u1 viewed i1 twice: views (weight 1) and purchases (weight 3) are relations of
+    their own, so u0's purchase is not diluted by its view and i1's purchase by u1's views."""
+    users, items = np.array([0, 0, 1, 1], dtype=I64), np.array([0, 1, 1, 1], dtype=I64)
+    counts = np.array([[1, 0], [0, 1], [1, 0], [1, 0]])  # columns: view, purchase; u1-i1 given twice
+    adj = build_norm_adjacency(2, 2, 0, 0, users, items, None, np.zeros(0, I64),
+                               np.zeros(0, I64), np.zeros(0, I64), np.zeros(0, I64), exponent=0.5,
+                               relations=counts, relation_weights=np.array([1.0, 3.0])).to_dense()
+    # view degrees: u0 1, u1 1, i0 1, i1 1; purchase degrees: u0 1, i1 1
+    want = {(0, 2): 1 / 4, (0, 3): 3 / 4, (1, 3): 1 / 4}  # node ids: u0 u1 | i0 i1 = 0 1 | 2 3
+    for (a, b), v in want.items():
+        assert adj[a, b].item() == pytest.approx(v) and adj[b, a].item() == pytest.approx(v)
+    assert int((adj != 0).sum()) == 2 * len(want)
+
+
+def test_one_relation_is_the_plain_normalisation():
+    rng = np.random.default_rng(3)
+    u, i = rng.integers(0, 20, 80), rng.integers(0, 15, 80)
+    plain = build_norm_adjacency(20, 15, 0, 0, u, i, None, *[np.zeros(0, I64)] * 4, weighted=False, exponent=0.4)
+    by_event = build_norm_adjacency(20, 15, 0, 0, u, i, None, *[np.zeros(0, I64)] * 4, exponent=0.4,
+                                    relations=np.ones((80, 1)), relation_weights=np.array([5.0]))
+    assert torch.allclose(plain.to_dense(), by_event.to_dense(), atol=1e-6)

@@ -7,52 +7,70 @@ import torch
 from trainers.graph import build_norm_adjacency, node_offsets
 from trainers.loop import item_degree_scale
 from trainers.model import InterestGCN
-from trainers.spectral import filter_coefficients, normalised_interactions, randomized_svd, spectral_embeddings
+from trainers.spectral import filter_coefficients, interest_block, randomized_svd, spectral_embeddings
 
 E = np.array([], dtype=np.int64)
+USERS, ITEMS, CATS, BRANDS = 40, 30, 4, 3
 
 
-def _graph(seed: int, users: int = 40, items: int = 30, pairs: int = 300) -> tuple[np.ndarray, np.ndarray]:
+def _adjacency(seed: int, attributes: bool, exponent: float = 0.5) -> torch.Tensor:
+    """A random interest graph where every node has an edge; with `attributes`, items in categories and brands."""
     rng = np.random.default_rng(seed)
-    u, i = rng.integers(0, users, pairs), rng.integers(0, items, pairs)
-    u, i = np.concatenate([u, np.arange(users), np.arange(items) % users]), np.concatenate(
-        [i, np.arange(users) % items, np.arange(items)])  # every node has an edge
-    return u, i
+    u, i = rng.integers(0, USERS, 300), rng.integers(0, ITEMS, 300)
+    u, i = np.concatenate([u, np.arange(USERS), np.arange(ITEMS) % USERS]), np.concatenate(
+        [i, np.arange(USERS) % ITEMS, np.arange(ITEMS)])
+    items = np.arange(ITEMS)
+    ic, ib = ((items, items % CATS), (items[::2], items[::2] % BRANDS)) if attributes else ((E, E), (E, E))
+    return build_norm_adjacency(USERS, ITEMS, CATS if attributes else 0, BRANDS if attributes else 0, u, i,
+                                rng.uniform(1, 8, len(u)).astype(np.float32), *ic, *ib, exponent=exponent)
+
+
+def test_the_interest_block_is_the_adjacency_between_items_and_every_other_node():
+    adj = _adjacency(0, attributes=True)
+    off = node_offsets(USERS, ITEMS, CATS, BRANDS)
+    dense = adj.to_dense().numpy()
+    others = np.r_[0:USERS, off.category : off.num_nodes]
+    np.testing.assert_allclose(interest_block(adj, off).toarray(), dense[others][:, off.item : off.category])
+    # Bipartite: nothing else is connected, so the block's singular pairs are the adjacency's eigenpairs.
+    items = slice(off.item, off.category)
+    assert np.abs(dense[others][:, others]).sum() == 0 and np.abs(dense[items, items]).sum() == 0
 
 
 def test_randomized_svd_finds_the_top_singular_values():
-    u, i = _graph(0)
-    m = normalised_interactions(40, 30, u, i)
-    _, sigma, _ = randomized_svd(m, 8, iterations=6)
-    exact = np.linalg.svd(m.toarray(), compute_uv=False)[:8]
+    block = interest_block(_adjacency(0, attributes=True), node_offsets(USERS, ITEMS, CATS, BRANDS))
+    _, sigma, _ = randomized_svd(block, 8, iterations=6)
+    exact = np.linalg.svd(block.toarray(), compute_uv=False)[:8]
     np.testing.assert_allclose(sigma, exact, rtol=1e-3)
 
 
-@pytest.mark.parametrize("layers, beta", [(0, 2.0), (3, 3.0), (2, 0.0)])
-def test_filter_start_scores_the_low_pass_filter_after_propagation(layers, beta):
-    users, items, k = 40, 30, 12
-    u, i = _graph(1)
-    off = node_offsets(users, items, 0, 0)
-    emb = spectral_embeddings(users, items, u, i, E, E, E, E, off, k, filter_beta=beta, num_layers=layers,
-                              iterations=8)
+@pytest.mark.parametrize("layers, beta, attributes, exponent", [
+    (0, 2.0, False, 0.5), (3, 3.0, False, 0.5), (2, 0.0, False, 0.5), (3, 3.5, True, 0.5), (3, 3.5, True, 0.4)])
+def test_filter_start_scores_the_low_pass_filter_after_propagation(layers, beta, attributes, exponent):
+    """Users and categories against items, on the weighted heterogeneous graph and under the generalised
+    normalisation: after the model's own propagation, scores are sum_k u_k exp(beta sigma_k / sigma_1) v_k."""
+    k = 12
+    off = node_offsets(USERS, ITEMS, CATS if attributes else 0, BRANDS if attributes else 0)
+    adj = _adjacency(1, attributes, exponent)
+    emb = spectral_embeddings(adj, off, k, filter_beta=beta, num_layers=layers, iterations=8)
     model = InterestGCN(off.num_nodes, k, layers)
     with torch.no_grad():
         model.embedding.weight.copy_(emb)
-        adj = build_norm_adjacency(users, items, 0, 0, u, i, None, E, E, E, E, weighted=False)
         out = model(adj).double().numpy()
-    got = out[:users] @ out[users:].T
-    lu, sigma, lv = randomized_svd(normalised_interactions(users, items, u, i), k, iterations=8)
-    want = (lu * np.exp(beta * sigma)) @ lv.T
+    others = np.r_[0:USERS, off.category : off.num_nodes]
+    got = out[others] @ out[off.item : off.category].T
+    lu, sigma, lv = randomized_svd(interest_block(adj, off), k, iterations=8)
+    want = (lu * np.exp(beta * sigma / sigma.max())) @ lv.T
     # Equal up to the start's overall scale, which only sets the learning rate's meaning.
     scale = float((got * want).sum() / (want * want).sum())
     np.testing.assert_allclose(got, scale * want, atol=1e-4 * np.abs(scale * want).max())
 
 
-def test_filter_coefficients_undo_the_mean_readout():
-    sigma = np.array([1.0, 0.5, 0.1])
+@pytest.mark.parametrize("top", [1.0, 1.6])
+def test_filter_coefficients_undo_the_mean_readout(top):
+    sigma = np.array([top, 0.5, 0.1])
     a = filter_coefficients(sigma, 2.0, 3)
     readout = (1 + sigma + sigma**2 + sigma**3) / 4
-    np.testing.assert_allclose((a * readout) ** 2, np.exp(2.0 * sigma))
+    np.testing.assert_allclose((a * readout) ** 2, np.exp(2.0 * sigma / top))
 
 
 def test_item_degree_scale_multiplies_only_items():

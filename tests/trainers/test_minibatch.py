@@ -1,0 +1,113 @@
+"""Steps over the batch's nodes: exact against the full propagation, unbiased sampling, sparse rows shared by ranks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainers.graph import build_norm_adjacency
+from trainers.minibatch import NeighbourRows, batch_output, refresh, sparse_rows_grad
+from trainers.model import InterestGCN
+
+
+def _graph(seed: int, users: int = 30, items: int = 25, pairs: int = 200) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    cats = 3
+    return build_norm_adjacency(users, items, cats, 0, rng.integers(0, users, pairs), rng.integers(0, items, pairs),
+                                rng.uniform(1, 5, pairs).astype(np.float32), np.arange(items),
+                                rng.integers(0, cats, items), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2, 3])
+def test_a_batch_with_every_neighbour_and_fresh_history_is_the_full_propagation(layers: int) -> None:
+    adj = _graph(0)
+    model = InterestGCN(adj.shape[0], 8, layers)
+    nodes = np.array([0, 3, 7, 31, 40, 56], dtype=np.int64)
+    out, ego = batch_output(model, refresh(model, adj), NeighbourRows(adj, fanout=10_000), nodes,
+                            np.random.default_rng(0), torch.device("cpu"))
+    with torch.no_grad():
+        full = model(adj)
+    assert torch.allclose(out, full[nodes], atol=1e-5)
+    assert torch.equal(ego, model.embedding.weight[nodes])
+    assert torch.allclose(refresh(model, adj).final, full, atol=1e-5)
+
+
+def test_the_step_gradient_reaches_the_batch_and_its_neighbours_as_sparse_rows() -> None:
+    """The live layer's gradient, against a dense reference whose deeper layers are held constant."""
+    adj = _graph(1)
+    model = InterestGCN(adj.shape[0], 4, 3)
+    stored = refresh(model, adj)
+    nodes = np.array([2, 5, 33, 41], dtype=np.int64)
+    target = torch.randn(len(nodes), 4)
+    out, _ = batch_output(model, stored, NeighbourRows(adj, fanout=10_000), nodes, np.random.default_rng(0),
+                          torch.device("cpu"))
+    (out * target).sum().backward()
+    grad = model.embedding.weight.grad
+    assert grad is not None and grad.is_sparse
+
+    w = model.embedding.weight.detach().clone().requires_grad_(True)
+    a = adj.to_dense()
+    ref = (w[nodes] + a[nodes] @ (w + stored.deeper)) / 4
+    (ref * target).sum().backward()
+    assert torch.allclose(grad.to_dense(), w.grad, atol=1e-6)
+    touched = set(np.flatnonzero(w.grad.abs().sum(1).numpy() > 0))
+    assert touched <= set(nodes) | set(np.flatnonzero(a[nodes].sum(0).numpy() > 0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(degree=st.integers(1, 60), fanout=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_sampled_rows_are_real_neighbours_and_unbiased(degree: int, fanout: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    items = rng.choice(200, size=degree, replace=False)
+    adj = build_norm_adjacency(1, 200, 0, 0, np.zeros(degree, np.int64), items,
+                               rng.uniform(1, 4, degree).astype(np.float32), np.zeros(0, np.int64),
+                               np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    rows = NeighbourRows(adj, fanout)
+    x = rng.normal(size=(adj.shape[0], 3))
+    exact = adj.to_dense().numpy()[0] @ x
+    draws = 400 if degree > fanout else 1
+    mean = np.zeros(3)
+    for _ in range(draws):
+        row, col, weight = rows.sample(np.array([0]), rng)
+        assert len(col) == min(degree, fanout) and (row == 0).all()
+        assert set(col) <= set(items + 1)  # item nodes start after the one user
+        mean += weight @ x[col]
+    mean /= draws
+    assert np.allclose(mean, exact, atol=0.25 * np.abs(x).max() * max(1.0, np.sqrt(degree / fanout / draws) * 4))
+
+
+def test_rows_a_warm_start_must_not_move_get_no_gradient() -> None:
+    grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 4, 7]]), torch.ones(4, 2), (10, 2))
+    frozen = torch.zeros(10, dtype=torch.bool)
+    frozen[4] = True
+    out = sparse_rows_grad(grad, frozen, world=1)
+    assert out.indices()[0].tolist() == [1, 7]
+    assert torch.equal(out.to_dense()[1], torch.ones(2))
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # Rank 0 touched rows 1 and 3, rank 1 rows 3 and 5 (and more of them): the average is over both ranks.
+    index = torch.tensor([[1, 3]]) if rank == 0 else torch.tensor([[3, 5, 5]])
+    values = torch.full((index.shape[1], 2), float(rank + 1))
+    grad = sparse_rows_grad(torch.sparse_coo_tensor(index, values, (6, 2)), None, world)
+    torch.save(grad.to_dense(), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ranks_exchange_their_rows_and_agree_on_the_average() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(2, f"file://{tmp}/store", tmp), nprocs=2)
+        got = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    expected = torch.zeros(6, 2)
+    expected[1], expected[3], expected[5] = 0.5, (1 + 2) / 2, 2.0  # rank 1's two row-5 entries sum to 4
+    assert torch.equal(got[0], got[1])
+    assert torch.allclose(got[0], expected)
