@@ -28,7 +28,7 @@ from trainers.data import InterestGraph, Split, evaluated_pairs, load_graph, spl
 from trainers.graph import NodeOffsets, build_norm_adjacency, node_offsets
 from trainers.losses import bpr_loss, l2_reg, softmax_loss
 from trainers.metrics import recall_ndcg_at_k
-from trainers.minibatch import History, NeighbourRows, batch_output, refresh, sparse_rows_grad
+from trainers.minibatch import History, NeighbourRows, RowAdam, batch_output, compact, exchange_rows, refresh
 from trainers.model import InterestGCN
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.spectral import spectral_embeddings
@@ -76,7 +76,7 @@ class LocalSession:
 
 class RayTrainSession:
     """The loop's view of Ray Train: rank, device, reports with checkpoints, restore after a failure. Ranks share
-    gradients through the process group Ray Train sets up (`minibatch.sparse_rows_grad`), not through DDP: a step's
+    gradients through the process group Ray Train sets up (`minibatch.exchange_rows`), not through DDP: a step's
     gradient is a few rows of the table, and DDP would all-reduce all of it."""
 
     def __init__(self) -> None:
@@ -256,9 +256,9 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     return worker
 
 
-def _optimiser(model: InterestGCN, lr: float) -> torch.optim.Optimizer:
+def _optimiser(model: InterestGCN, lr: float) -> RowAdam:
     """A lazy Adam: a step's gradient is a few rows of the table, and only those rows (and their moments) move."""
-    return torch.optim.SparseAdam(list(model.parameters()), lr=lr)
+    return RowAdam([model.embedding.weight], lr=lr)
 
 
 def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.Generator, candidates: int,
@@ -286,9 +286,9 @@ def train_step(w: Worker, users: np.ndarray, pos: np.ndarray, rng: np.random.Gen
     hp = w.hp
     assert w.stored is not None
     neg = _hard_negatives(w.sampler, users, rng, hp.negatives, w.stored.final, w.offsets.item, w.device)
-    nodes, inverse = np.unique(np.concatenate([users, pos, neg]), return_inverse=True)
-    out, ego = batch_output(w.model, w.stored, w.rows, nodes, rng, w.device)
-    b = len(users)
+    nodes, inverse = compact(np.concatenate([users, pos, neg]), w.offsets.num_nodes)
+    batch = batch_output(w.model, w.stored, w.rows, nodes, rng, w.device)
+    out, ego, b = batch.out, batch.ego, len(users)
     at = torch.from_numpy(inverse.reshape(-1)).to(w.device)
     u_i, p_i, n_i = at[:b], at[b : 2 * b], at[2 * b :]
     if hp.loss == "softmax":
@@ -296,12 +296,9 @@ def train_step(w: Worker, users: np.ndarray, pos: np.ndarray, rng: np.random.Gen
     else:
         rank_loss = bpr_loss(out[u_i], out[p_i], out[n_i])
     loss = rank_loss + hp.l2 * l2_reg(ego[u_i], ego[p_i], ego[n_i], b)
-    w.optimiser.zero_grad()
     loss.backward()
-    table = w.model.embedding.weight
     # Rows a warm start must not move get no gradient, and a lazy Adam leaves a row without one where it is.
-    table.grad = sparse_rows_grad(table.grad, w.frozen, w.world)
-    w.optimiser.step()
+    w.optimiser.step(rows=exchange_rows(batch.index, batch.leaf.grad, w.frozen, w.world))
     return float(loss.detach())
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from trainers.model import InterestGCN
@@ -41,13 +41,24 @@ class _RowsTimes(torch.autograd.Function):
         return None, None, torch.sparse.mm(ctx.rows_t, grad_out)
 
 
-def _csr(row: np.ndarray, col: np.ndarray, weight: np.ndarray, shape: tuple[int, int],
-         device: torch.device) -> Tensor:
-    """A CSR matrix from entries already grouped by row (`col` ascending within a row is not required)."""
-    indptr = np.zeros(shape[0] + 1, np.int64)
-    np.cumsum(np.bincount(row, minlength=shape[0]), out=indptr[1:])
-    return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(col), torch.from_numpy(weight),
-                                   size=shape, check_invariants=False).to(device)
+def _csr(row: np.ndarray, col: np.ndarray, weight: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """A CSR matrix of these entries (counting sort: linear in the entries, no comparison sort)."""
+    return sp.csr_matrix((weight, (row, col)), shape=shape)
+
+
+def _torch_csr(m: sp.csr_matrix, device: torch.device) -> Tensor:
+    return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                   torch.from_numpy(m.indices.astype(np.int64)),
+                                   torch.from_numpy(m.data.astype(np.float32)), size=m.shape,
+                                   check_invariants=False).to(device)
+
+
+def compact(ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct ids, ascending; each id's position among them): np.unique's answer without its sort, by a
+    mark per possible id, linear in `size` + len(ids)."""
+    mark = np.zeros(size, dtype=bool)
+    mark[ids] = True
+    return np.flatnonzero(mark), (np.cumsum(mark) - 1)[ids]
 
 
 class NeighbourRows:
@@ -102,57 +113,97 @@ def refresh(model: InterestGCN, adj: Tensor) -> History:
     return History(deeper=deeper, final=final)
 
 
+@dataclass
+class Batch:
+    """One step's view of the table: the rows it reads (`index`: the batch's nodes and their sampled neighbours,
+    sorted) as a leaf that collects the step's gradient, and the final and layer-0 embeddings of the batch's nodes."""
+
+    index: Tensor
+    leaf: Tensor
+    out: Tensor
+    ego: Tensor
+
+
 def batch_output(model: InterestGCN, history: History, rows: NeighbourRows, nodes: np.ndarray,
-                 rng: np.random.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Final embeddings of `nodes` (one live layer over sampled neighbours, deeper layers from `history`) and
-    their ego rows. Both read the table through sparse lookups, so the table's gradient is sparse."""
+                 rng: np.random.Generator, device: torch.device) -> Batch:
+    """Final embeddings of `nodes` (sorted, unique): one live layer over sampled neighbours, deeper layers from
+    `history`. The rows read are gathered once into a leaf tensor, so the gradient is theirs alone, dense."""
     table = model.embedding.weight
-    nodes_t = torch.from_numpy(nodes).to(device)
-    ego = F.embedding(nodes_t, table, sparse=True)
     if model.num_layers == 0:
-        out = ego
+        index = torch.from_numpy(nodes).to(device)
+        leaf = table.detach()[index].requires_grad_(True)
+        out = ego = leaf
     else:
         row, col, weight = rows.sample(nodes, rng)
-        uniq, inverse = np.unique(col, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        uniq_t = torch.from_numpy(uniq).to(device)
-        x = F.embedding(uniq_t, table, sparse=True)
-        if history.deeper is not None:
-            x = x + history.deeper[uniq_t]
-        by_row = _csr(row, inverse, weight, (len(nodes), len(uniq)), device)
-        order = np.argsort(inverse, kind="stable")
-        by_col = _csr(inverse[order], row[order], weight[order], (len(uniq), len(nodes)), device)
-        out = (ego + _RowsTimes.apply(by_row, by_col, x)) / (model.num_layers + 1)
+        index_np, position = compact(np.concatenate([nodes, col]), table.shape[0])
+        index = torch.from_numpy(index_np).to(device)
+        leaf = table.detach()[index].requires_grad_(True)
+        x = leaf if history.deeper is None else leaf + history.deeper[index]
+        by_row = _csr(row, position[len(nodes) :], weight, (len(nodes), len(index_np)))
+        ego = leaf[torch.from_numpy(position[: len(nodes)]).to(device)]
+        layer = _RowsTimes.apply(_torch_csr(by_row, device), _torch_csr(by_row.T.tocsr(), device), x)
+        out = (ego + layer) / (model.num_layers + 1)
     if model.output_scale is not None:
-        out = out * model.output_scale[nodes_t].unsqueeze(1)
-    return out, ego
+        out = out * model.output_scale[torch.from_numpy(nodes).to(device)].unsqueeze(1)
+    return Batch(index=index, leaf=leaf, out=out, ego=ego)
 
 
-def sparse_rows_grad(grad: Tensor, frozen: Tensor | None, world: int) -> Tensor:
-    """The table's sparse gradient, coalesced, without the rows a warm start must not move, averaged over ranks.
+def exchange_rows(index: Tensor, grad: Tensor, frozen: Tensor | None, world: int) -> tuple[Tensor, Tensor]:
+    """The rows' gradient without the rows a warm start must not move, summed over ranks and averaged, by row.
 
-    Ranks exchange only the rows they touched (an all-gather of indices and values, padded to the longest), which
-    at 1M users and items is a few MB per step where a dense all-reduce would move the whole table.
+    Ranks exchange only the rows they read (an all-gather of indices and values, padded to the longest), which at
+    1M users and items is a few MB per step where a dense all-reduce would move the whole table.
     """
-    grad = grad.coalesce()
-    index, values = grad.indices()[0], grad.values()
     if frozen is not None:
         keep = ~frozen[index]
-        index, values = index[keep], values[keep]
-    if world > 1:
-        size = torch.tensor([len(index)], device=values.device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size)
-        longest = int(max(int(s) for s in sizes))
-        pad_index = torch.full((longest,), -1, dtype=index.dtype, device=index.device)
-        pad_index[: len(index)] = index
-        pad_values = torch.zeros((longest, values.shape[1]), dtype=values.dtype, device=values.device)
-        pad_values[: len(index)] = values
-        all_index = [torch.empty_like(pad_index) for _ in range(world)]
-        all_values = [torch.empty_like(pad_values) for _ in range(world)]
-        dist.all_gather(all_index, pad_index)
-        dist.all_gather(all_values, pad_values)
-        index, values = torch.cat(all_index), torch.cat(all_values) / world
-        real = index >= 0
-        index, values = index[real], values[real]
-    return torch.sparse_coo_tensor(index.unsqueeze(0), values, grad.shape, check_invariants=False).coalesce()
+        index, grad = index[keep], grad[keep]
+    if world == 1:
+        return index, grad
+    size = torch.tensor([len(index)], device=grad.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(n) for n in sizes))
+    pad_index = torch.full((longest,), -1, dtype=index.dtype, device=index.device)
+    pad_index[: len(index)] = index
+    pad_grad = torch.zeros((longest, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+    pad_grad[: len(index)] = grad
+    all_index = [torch.empty_like(pad_index) for _ in range(world)]
+    all_grad = [torch.empty_like(pad_grad) for _ in range(world)]
+    dist.all_gather(all_index, pad_index)
+    dist.all_gather(all_grad, pad_grad)
+    index, grad = torch.cat(all_index), torch.cat(all_grad)
+    real = index >= 0
+    rows, where = torch.unique(index[real], return_inverse=True)
+    summed = torch.zeros((len(rows), grad.shape[1]), dtype=grad.dtype, device=grad.device)
+    return rows, summed.index_add_(0, where, grad[real]) / world
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Adam over the rows of an embedding table, lazily: a step moves the rows given (and their moments) and leaves
+    every other row where it is (as torch's SparseAdam, without its masking passes: the rows come unique)."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None, rows: tuple[Tensor, Tensor] | None = None) -> None:  # type: ignore[override]
+        """One step for the (only) table: `rows` = (unique row indices, their gradient [rows, dim])."""
+        if rows is None:
+            raise ValueError("RowAdam.step needs rows=(index, grad)")
+        index, grad = rows
+        group = self.param_groups[0]
+        table = group["params"][0]
+        state = self.state[table]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(table)
+            state["exp_avg_sq"] = torch.zeros_like(table)
+        state["step"] += 1
+        b1, b2 = group["betas"]
+        m = state["exp_avg"][index].mul_(b1).add_(grad, alpha=1 - b1)
+        v = state["exp_avg_sq"][index].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        state["exp_avg"][index] = m
+        state["exp_avg_sq"][index] = v
+        step = float(state["step"])
+        denom = (v / (1 - b2**step)).sqrt_().add_(group["eps"])
+        table.index_add_(0, index, m.div_(denom), alpha=-group["lr"] / (1 - b1**step))
