@@ -142,6 +142,15 @@ def train_once(root: Path, workers: int, args: argparse.Namespace) -> dict:
 
 
 def popularity(root: Path, eval_users: int) -> dict:
+    """Popularity on the same held-out sample, in a process of its own: the whole graph it loads (4 GB at 38M pairs)
+    is given back before the training workers need the memory."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_popularity, (root, eval_users))
+
+
+def _popularity(root: Path, eval_users: int) -> dict:
     from trainers.baselines import popularity_metrics
     from trainers.data import load_graph, split
 

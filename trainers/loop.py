@@ -205,7 +205,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     torch.set_num_threads(inputs.threads)
     torch.manual_seed(hp.seed)
     mark = time.time()
-    graph = load_graph(inputs.storage)
+    graph = load_graph(inputs.storage, evidence=False, event_counts=hp.relations == "by_event")
     sp = split(graph, hp.holdout, hp.holdout_days)
     offsets = node_offsets(graph.num_users, graph.num_items, graph.num_categories, graph.num_brands)
     device = session.device()

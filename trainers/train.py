@@ -122,13 +122,13 @@ def run_train(cfg: AppConfig, opts: TrainOptions | None = None, parent: str | No
     """Train and publish; returns the JSON summary. `extra` goes to the workers' inputs (max_steps,
     session_wrapper)."""
     from core.runtime import ensure_ray
-    from trainers.data import load_graph
+    from trainers.data import graph_meta
     from trainers.publish import publish_from_checkpoint
 
     opts = opts or TrainOptions()
     started = time.time()
     storage = storage_for(cfg)
-    load_graph(storage)  # fail here, with a clear message, rather than inside every worker
+    graph_meta(storage)  # fail here, with a clear message, rather than inside every worker
     ensure_ray(cfg)
     inputs = worker_inputs(cfg, opts, started, **extra)
     name = time.strftime("train-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
