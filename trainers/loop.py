@@ -164,7 +164,7 @@ class Worker:
     offsets: NodeOffsets
     adj: torch.Tensor
     model: InterestGCN
-    rows: NeighbourRows  # the adjacency's rows, sampled per step
+    neighbours: NeighbourRows  # the adjacency's rows, sampled per step
     optimiser: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_csr: Csr
@@ -232,7 +232,8 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         steps = steps_per_pass(len(pairs_user), session.world, hp.batch_size)
     worker = Worker(
         inputs=inputs, session=session, hp=hp, device=device, graph=graph, sp=sp, offsets=offsets, adj=adj,
-        model=model, rows=NeighbourRows(adj, hp.fanout), optimiser=optimiser, scheduler=scheduler, train_csr=train_csr,
+        model=model, neighbours=NeighbourRows(adj, hp.fanout), optimiser=optimiser, scheduler=scheduler,
+        train_csr=train_csr,
         test_csr=_rank_test_csr(sp, hp, graph.num_users, graph.num_items, session.rank, session.world),
         sampler=NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items),
         pairs_user=pairs_user, pairs_item=pairs_item, steps=steps, started=time.time())
@@ -287,7 +288,7 @@ def train_step(w: Worker, users: np.ndarray, pos: np.ndarray, rng: np.random.Gen
     assert w.stored is not None
     neg = _hard_negatives(w.sampler, users, rng, hp.negatives, w.stored.final, w.offsets.item, w.device)
     nodes, inverse = compact(np.concatenate([users, pos, neg]), w.offsets.num_nodes)
-    batch = batch_output(w.model, w.stored, w.rows, nodes, rng, w.device)
+    batch = batch_output(w.model, w.stored, w.neighbours, nodes, rng, w.device)
     out, ego, b = batch.out, batch.ego, len(users)
     at = torch.from_numpy(inverse.reshape(-1)).to(w.device)
     u_i, p_i, n_i = at[:b], at[b : 2 * b], at[2 * b :]
@@ -375,7 +376,7 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     pick = with_replay(new, np.flatnonzero(~held), r.replay_ratio, np.random.default_rng(w.hp.seed * 7_919 + epoch))
     w.pairs_user, w.pairs_item = users[pick], items[pick]
     w.steps = passes_to_steps(len(pick), w.world, w.hp.batch_size, r.epochs, r.max_steps)
-    w.rows = NeighbourRows(w.adj, w.hp.fanout)
+    w.neighbours = NeighbourRows(w.adj, w.hp.fanout)
     w.optimiser = _optimiser(w.model, r.lr)
     w.scheduler = torch.optim.lr_scheduler.ExponentialLR(w.optimiser, gamma=1.0)
     w.inputs = dataclasses.replace(w.inputs, deadline=None, max_steps=None)
