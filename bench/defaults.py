@@ -65,11 +65,11 @@ def requests(name: str, data: Path) -> tuple[dict, list[Request]]:
     return {}, [Request(source=str(d / "train.txt"), fmt="lightgcn", holdout=str(d / "test.txt"))]
 
 
-def run(name: str, data: Path, workers: int | None) -> dict:
+def run(name: str, data: Path, workers: int | None, train: dict | None = None) -> dict:
     root = OUT / name
     shutil.rmtree(root, ignore_errors=True)
     source, reqs = requests(name, data)
-    cfg = shipped(root, source)
+    cfg = shipped(root, source, train)
     started = time.time()
     for req in reqs:
         run_ingest(cfg, req)
@@ -89,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(os.environ.get("IG_REAL_DATA", "../shared/data")))
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=["beauty", "taobao"])
     p.add_argument("--workers", type=int, help="Ray Train workers (default: the shipped train.num_workers)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train setting over the shipped one (to compare a candidate default), repeatable")
     args = p.parse_args(argv)
+    train = train_overrides(args.overrides)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     results = []
     for name in args.datasets:
-        results.append(run(name, args.data, args.workers))
+        results.append({**run(name, args.data, args.workers, train), "overrides": args.overrides})
         print(json.dumps(results[-1]), flush=True)
     print(json.dumps(results))
     return 0

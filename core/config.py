@@ -98,8 +98,8 @@ class TrainConfig(_Section):
         "exp(beta * sigma / sigma_1) of the top embedding_dim singular pairs of the interest graph (users, categories "
         "and brands against items; SVD-GCN; randomized SVD); null: sqrt(sigma) each side (exact SVD)")
     weighted_edges: bool = Field(
-        False, description="user-item edges weigh log2(1 + weight) in the adjacency (event types, recency); false: "
-                          "1, who touched what")
+        True, description="user-item edges weigh log2(1 + weight) (event types, recency), scaled to mean 1 over the "
+                          "pairs, in the adjacency; false: 1, who touched what")
     relations: Literal["one", "by_event"] = Field(
         "one", description="user-item edges: one relation (weighted as weighted_edges says), or by_event: each event "
                            "type a relation of its own, normalised by its own degrees and weighted by "

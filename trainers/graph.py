@@ -110,9 +110,9 @@ def build_norm_adjacency(
     0.5 being LightGCN's D^-1/2 A D^-1/2. Below 0.5 a popular node's edges weigh more (SGFCF's generalised
     normalisation, Xia et al. KDD 2024).
 
-    Duplicate pairs are merged before weighting: user-item weights are summed and then compressed
-    with :func:`compress_interaction_weight` (``weighted``) or set to 1 (not ``weighted``);
-    item-category and item-brand edges always weigh 1. Nodes without edges get an all-zero row.
+    Duplicate pairs are merged before weighting: user-item weights are summed, compressed with
+    :func:`compress_interaction_weight` and scaled to mean 1 over the pairs (``weighted``), or set to 1 (not
+    ``weighted``); item-category and item-brand edges always weigh 1. Nodes without edges get an all-zero row.
 
     With `relations` (events by type per pair, [pairs, types]) each event type is a relation of its own: a pair's
     entry is sum_t w_t / W * [n_t > 0] * deg_t(u)^-e * deg_t(i)^-e, each relation normalised by its own degrees
@@ -164,6 +164,11 @@ def build_norm_adjacency(
     is_ui = hi < off.item
     if weighted and ui_weight is not None:
         hv = torch.where(is_ui, compress_interaction_weight(hv), torch.ones_like(hv))
+        # Mean 1 over the pairs: the weights set how a shopper's pairs share their edges, not how much the
+        # interactions outweigh the attribute edges (a log of one event type is then exactly the unweighted graph).
+        ui_pos = is_ui & (hv > 0)
+        if bool(ui_pos.any()):
+            hv = torch.where(is_ui, hv / hv[ui_pos].mean(), hv)
     else:
         hv = torch.ones_like(hv)
     keep = hv > 0  # zero/negative interaction weights mean "no edge", not a zero-degree anchor

@@ -173,6 +173,7 @@ class Worker:
     pairs_user: np.ndarray
     pairs_item: np.ndarray
     steps: int  # optimiser steps per epoch, the same on every rank
+    passes: float  # passes over this rank's pairs that an epoch's steps make (a warm start, a refit: several)
     started: float  # wall clock at which training began (earlier when resumed: seconds count on)
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -226,17 +227,17 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     train_csr = csr_from_pairs(sp.train_user, sp.train_item, graph.num_users, graph.num_items)
     if inputs.warm is not None:
         pairs_user, pairs_item = update_pairs(sp, inputs.warm.pair_index)
-        steps = inputs.warm.steps
+        steps, passes = inputs.warm.steps, inputs.warm.passes
     else:
         pairs_user, pairs_item = train_csr_pairs(train_csr)
-        steps = steps_per_pass(len(pairs_user), session.world, hp.batch_size)
+        steps, passes = steps_per_pass(len(pairs_user), session.world, hp.batch_size), 1.0
     worker = Worker(
         inputs=inputs, session=session, hp=hp, device=device, graph=graph, sp=sp, offsets=offsets, adj=adj,
         model=model, neighbours=NeighbourRows(adj, hp.fanout), optimiser=optimiser, scheduler=scheduler,
         train_csr=train_csr,
         test_csr=_rank_test_csr(sp, hp, graph.num_users, graph.num_items, session.rank, session.world),
         sampler=NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items),
-        pairs_user=pairs_user, pairs_item=pairs_item, steps=steps, started=time.time())
+        pairs_user=pairs_user, pairs_item=pairs_item, steps=steps, passes=passes, started=time.time())
     if inputs.warm is not None and inputs.warm.trainable is not None:
         worker.frozen = torch.from_numpy(~np.asarray(_resolve(inputs.warm.trainable), dtype=bool)).to(device)
     worker.phases["setup"] = round(time.time() - mark, 3)
@@ -304,12 +305,13 @@ def train_step(w: Worker, users: np.ndarray, pos: np.ndarray, rng: np.random.Gen
 
 
 def train_epoch(w: Worker, epoch: int) -> EpochResult:
-    """One pass of `w.steps` steps over this rank's pairs (wrapping round when they are fewer)."""
+    """`w.passes` passes over this rank's pairs in `w.steps` steps (wrapping round between passes)."""
     hp, inputs = w.hp, w.inputs
     rng = np.random.default_rng(hp.seed * 1_000_003 + epoch * 1_009 + w.rank)
     order = rng.permutation(np.arange(w.rank, len(w.pairs_user), w.world))
-    if len(order) < w.steps * hp.batch_size:  # wrap around so short shards still fill every step
-        order = np.resize(order, w.steps * hp.batch_size)
+    batch = step_batch(len(order), w.steps, w.passes, hp.batch_size)
+    if len(order) < w.steps * batch:  # wrap around so several passes, and short shards, fill every step
+        order = np.resize(order, w.steps * batch)
     # The stored embeddings are refreshed a fixed number of times per pass, so their cost per step is a share of
     # the graph that shrinks as the epoch's steps grow: an epoch costs a few forward passes plus its batches.
     refresh_every = max(1, math.ceil(w.steps / hp.refreshes_per_epoch))
@@ -317,7 +319,7 @@ def train_epoch(w: Worker, epoch: int) -> EpochResult:
     for step in range(w.steps):
         if step % refresh_every == 0:
             w.stored = refresh(w.model, w.adj)
-        idx = order[step * hp.batch_size : (step + 1) * hp.batch_size]
+        idx = order[step * batch : (step + 1) * batch]
         loss_sum += train_step(w, w.pairs_user[idx], w.pairs_item[idx] + w.offsets.item, rng)
         w.total_steps += 1
         out_of_time = inputs.deadline is not None and time.time() >= inputs.deadline
@@ -376,6 +378,7 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     pick = with_replay(new, np.flatnonzero(~held), r.replay_ratio, np.random.default_rng(w.hp.seed * 7_919 + epoch))
     w.pairs_user, w.pairs_item = users[pick], items[pick]
     w.steps = passes_to_steps(len(pick), w.world, w.hp.batch_size, r.epochs, r.max_steps)
+    w.passes = r.epochs
     w.neighbours = NeighbourRows(w.adj, w.hp.fanout)
     w.optimiser = _optimiser(w.model, r.lr)
     w.scheduler = torch.optim.lr_scheduler.ExponentialLR(w.optimiser, gamma=1.0)
@@ -399,8 +402,11 @@ def save_state(w: Worker, entry: dict[str, Any], final: bool, emb: torch.Tensor 
     with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
         checkpoint_dir = None
         if w.rank == 0:
+            optimiser = w.optimiser.state_dict()
+            if final:  # nothing resumes after the last report, and the moments are twice the table
+                optimiser = {"state": {}, "param_groups": optimiser["param_groups"]}
             TrainState(
-                model=w.model.state_dict(), optimiser=w.optimiser.state_dict(), scheduler=w.scheduler.state_dict(),
+                model=w.model.state_dict(), optimiser=optimiser, scheduler=w.scheduler.state_dict(),
                 epoch=entry["epoch"], history=w.history, seconds=time.time() - w.started,
                 hparams={"num_nodes": w.offsets.num_nodes, "embedding_dim": w.hp.embedding_dim,
                          "num_layers": w.hp.num_layers},
@@ -453,6 +459,12 @@ def steps_per_pass(pairs: int, world: int, batch: int) -> int:
     """Steps for one pass over `pairs` split across `world` ranks. Every rank takes the same number, or the
     gradient exchange would wait for a rank that stopped."""
     return max(1, math.ceil(math.ceil(pairs / world) / batch))
+
+
+def step_batch(pairs: int, steps: int, passes: float, batch: int) -> int:
+    """Triples per step on a rank: `passes` over its `pairs` in `steps` steps, at most `batch`. A cycle's thousand
+    pairs are not padded to full batches (4 steps of 16,384 were 64 passes where 4 were asked: slower, and overfit)."""
+    return max(1, min(batch, math.ceil(pairs * passes / max(steps, 1))))
 
 
 def passes_to_steps(pairs: int, world: int, batch: int, passes: float, max_steps: int) -> int:

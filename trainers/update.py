@@ -115,6 +115,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                                          loaded.node_counts))
     warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
                      steps=update_steps(cfg, opts.num_workers or cfg.train.num_workers, len(pair_index)),
+                     passes=cfg.update.epochs,
                      trainable=trainable)
     # The architecture is the parent's (a full retrain is how a config change of it takes effect); one "epoch" of
     # `steps` steps, evaluated once at its end.

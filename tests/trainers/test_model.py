@@ -26,10 +26,10 @@ TINY = dict(
 )
 
 
-def _expected_dense(w00: float) -> torch.Tensor:
+def _expected_dense(w00: float, w: float = 1.0) -> torch.Tensor:
     a = torch.zeros(6, 6)
-    for i, j, w in [(0, 2, w00), (0, 3, 1), (1, 3, 1), (2, 4, 1), (3, 4, 1), (3, 5, 1)]:
-        a[i, j] = a[j, i] = w
+    for i, j, weight in [(0, 2, w00), (0, 3, w), (1, 3, w), (2, 4, 1), (3, 4, 1), (3, 5, 1)]:
+        a[i, j] = a[j, i] = weight
     d = a.sum(1).pow(-0.5)
     return d[:, None] * a * d[None, :]
 
@@ -39,15 +39,16 @@ def test_offsets():
     assert (off.user, off.item, off.category, off.brand, off.num_nodes) == (0, 2, 5, 9, 14)
 
 
-@pytest.mark.parametrize("weighted, w00", [(False, 1.0), (True, 2.0)])  # weighted: log2(1 + (1 + 2)) = 2
-def test_tiny_adjacency_matches_hand_built(weighted, w00):
+# weighted: log2(1 + (1 + 2)) = 2 and log2(1 + 1) = 1 twice, scaled to mean 1 over the three pairs
+@pytest.mark.parametrize("weighted, w00, w", [(False, 1.0, 1.0), (True, 1.5, 0.75)])
+def test_tiny_adjacency_matches_hand_built(weighted, w00, w):
     adj = build_norm_adjacency(**TINY, weighted=weighted)
     assert adj.layout == torch.sparse_csr and adj.dtype == torch.float32
     dense = adj.to_dense()
     assert torch.allclose(dense, dense.T)
-    assert torch.allclose(dense, _expected_dense(w00), atol=1e-6)
+    assert torch.allclose(dense, _expected_dense(w00, w), atol=1e-6)
     # D^-1/2 A D^-1/2 has sqrt(deg) as eigenvector with eigenvalue 1 (rows "normalised" in this sense)
-    sqrt_deg = torch.tensor([w00 + 1, 1, w00 + 1, 4, 2, 1]).sqrt()
+    sqrt_deg = torch.tensor([w00 + w, w, w00 + 1, 2 * w + 2, 2, 1]).sqrt()
     assert torch.allclose(dense @ sqrt_deg, sqrt_deg, atol=1e-6)
     # unweighted: entry (u1, i1) = 1/sqrt(deg(u1) deg(i1)) = 1/sqrt(1*4)
     if not weighted:
@@ -178,3 +179,17 @@ def test_one_relation_is_the_plain_normalisation():
     by_event = build_norm_adjacency(20, 15, 0, 0, u, i, None, *[np.zeros(0, I64)] * 4, exponent=0.4,
                                     relations=np.ones((80, 1)), relation_weights=np.array([5.0]))
     assert torch.allclose(plain.to_dense(), by_event.to_dense(), atol=1e-6)
+
+
+def test_uniform_weights_give_the_unweighted_graph_exactly():
+    """A log of one event type (every pair the same weight) has the unweighted adjacency, whatever that weight:
+    weights set how pairs share a node, not how much interactions outweigh attribute edges."""
+    rng = np.random.default_rng(3)
+    u, i = rng.integers(0, 30, 200), rng.integers(0, 25, 200)
+    u, i = np.unique(np.stack([u, i]), axis=1)
+    attrs = [np.arange(25), rng.integers(0, 4, 25), np.arange(0, 25, 2), rng.integers(0, 3, 13)]
+    plain = build_norm_adjacency(30, 25, 4, 3, u, i, None, *attrs, weighted=False, exponent=0.4).to_dense()
+    for weight in (0.3, 8.0):
+        w = np.full(len(u), weight, np.float32)
+        weighted = build_norm_adjacency(30, 25, 4, 3, u, i, w, *attrs, weighted=True, exponent=0.4).to_dense()
+        assert torch.allclose(weighted, plain, atol=1e-6)

@@ -51,14 +51,14 @@ def test_filter_start_scores_the_low_pass_filter_after_propagation(layers, beta,
     k = 12
     off = node_offsets(USERS, ITEMS, CATS if attributes else 0, BRANDS if attributes else 0)
     adj = _adjacency(1, attributes, exponent)
-    emb = spectral_embeddings(adj, off, k, filter_beta=beta, num_layers=layers, iterations=8)
+    emb = spectral_embeddings(adj, off, k, filter_beta=beta, num_layers=layers, iterations=12)
     model = InterestGCN(off.num_nodes, k, layers)
     with torch.no_grad():
         model.embedding.weight.copy_(emb)
         out = model(adj).double().numpy()
     others = np.r_[0:USERS, off.category : off.num_nodes]
     got = out[others] @ out[off.item : off.category].T
-    lu, sigma, lv = randomized_svd(interest_block(adj, off), k, iterations=8)
+    lu, sigma, lv = randomized_svd(interest_block(adj, off), k, iterations=12)
     want = (lu * np.exp(beta * sigma / sigma.max())) @ lv.T
     # Equal up to the start's overall scale, which only sets the learning rate's meaning.
     scale = float((got * want).sum() / (want * want).sum())
