@@ -217,9 +217,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         model.load_state_dict(_resolve(inputs.warm.init_state))
     elif hp.init == "spectral":
         with torch.no_grad():
-            model.embedding.weight.copy_(spectral_embeddings(
-                adj, offsets, hp.embedding_dim, seed=hp.seed, filter_beta=hp.spectral_filter,
-                num_layers=hp.num_layers))
+            model.embedding.weight.copy_(_spectral_start(adj, offsets, hp, session, device))
     model.to(device)
     optimiser = _optimiser(model, hp.lr)
     # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.
@@ -256,6 +254,21 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         worker.parent_metrics, _ = evaluate(worker)
         worker.phases["eval_parent"] = round(time.time() - mark, 3)
     return worker
+
+
+def _spectral_start(adj: torch.Tensor, offsets: NodeOffsets, hp: TrainConfig, session: Session,
+                    device: torch.device) -> torch.Tensor:
+    """The filter start, computed once: rank 0 runs the randomized SVD and broadcasts the result. Every rank would
+    compute the same start, each with its own copy of the SVD's working memory (at 1M users and items that copy is
+    what two workers on one 24 GB machine could not both hold)."""
+    if session.world == 1 or session.rank == 0:
+        start = spectral_embeddings(adj, offsets, hp.embedding_dim, seed=hp.seed, filter_beta=hp.spectral_filter,
+                                    num_layers=hp.num_layers).to(device)
+    else:
+        start = torch.empty(offsets.num_nodes, hp.embedding_dim, device=device)
+    if session.world > 1:
+        dist.broadcast(start, src=0)
+    return start
 
 
 def _optimiser(model: InterestGCN, lr: float) -> RowAdam:
