@@ -138,6 +138,10 @@ class Storage:
             with self.fs.open_output_stream(path) as f:
                 f.write(buf.getvalue())
 
+    def parquet_columns(self, path: str) -> list[str]:
+        """The column names of a Parquet file, from its footer alone."""
+        return pq.read_schema(path, filesystem=self.fs).names
+
     def read_parquet(self, paths: list[str], columns: list[str] | None = None, schema: pa.Schema | None = None
                      ) -> pa.Table:
         if not paths:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from core.storage import GRAPH, HOLDOUT, Storage
 from datasets import idmaps
@@ -92,7 +91,7 @@ def load_graph(storage: Storage, evidence: bool = True, event_counts: bool = Fal
     files = storage.list_files(GRAPH, s.UI_EDGES, suffix=".parquet")
     columns = None
     if not evidence and files:  # a graph written before the events by type were kept has no such columns
-        present = set(pq.read_schema(files[0], filesystem=storage.fs).names)
+        present = set(storage.parquet_columns(files[0]))
         columns = [c for c in (*TRAINING_COLUMNS, *(s.EVENT_COUNTS if event_counts else ())) if c in present]
     edges = storage.read_parquet(files, columns=columns, schema=s.USER_ITEM_EDGE_SCHEMA)
     ic = storage.read_parquet([storage.path(GRAPH, s.ITEM_CATEGORY_FILE)])

@@ -259,8 +259,8 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
 def _spectral_start(adj: torch.Tensor, offsets: NodeOffsets, hp: TrainConfig, session: Session,
                     device: torch.device) -> torch.Tensor:
     """The filter start, computed once: rank 0 runs the randomized SVD and broadcasts the result. Every rank would
-    compute the same start, each with its own copy of the SVD's working memory (at 1M users and items that copy is
-    what two workers on one 24 GB machine could not both hold)."""
+    compute the same start (same graph, same seed), each spending its own core and its own SVD working memory on
+    it. The other ranks wait in the broadcast, so the SVD must end within the process group's timeout."""
     if session.world == 1 or session.rank == 0:
         start = spectral_embeddings(adj, offsets, hp.embedding_dim, seed=hp.seed, filter_beta=hp.spectral_filter,
                                     num_layers=hp.num_layers).to(device)
