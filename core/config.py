@@ -154,6 +154,11 @@ class UpdateConfig(_Section):
     touched_only_below: float = Field(
         0.05, ge=0, description="a cycle whose new pairs are under this share of the training pairs moves only the "
                                 "rows they touch (new nodes, both ends of new pairs); 0: every cycle moves every row")
+    refilter_above: float = Field(
+        0.1, ge=0, description="a cycle whose new pairs are at least this share of the training pairs starts again "
+                               "from the spectral filter of the grown graph and takes one pass over every pair at "
+                               "train.lr, as a retrain does, on the update's workers (still gated against its "
+                               "parent); above 1: never")
     resident: bool = Field(True, description="--every: keep the Ray Train workers up between cycles (no start-up per "
                                              "cycle; their CPUs/GPUs stay reserved)")
 

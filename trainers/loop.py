@@ -24,13 +24,14 @@ import torch
 import torch.distributed as dist
 
 from core.config import TrainConfig
-from trainers.data import InterestGraph, Split, evaluated_pairs, load_graph, split
-from trainers.graph import NodeOffsets, build_norm_adjacency, node_offsets
+from trainers.data import InterestGraph, Split, evaluated_pairs
+from trainers.graph import NodeOffsets, node_offsets
 from trainers.losses import bpr_loss, l2_reg, softmax_loss
 from trainers.metrics import recall_ndcg_at_k
 from trainers.minibatch import History, NeighbourRows, RowAdam, batch_output, compact, exchange_rows, refresh
 from trainers.model import InterestGCN
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
+from trainers.shared_graph import build_adjacency, build_shared_graph
 from trainers.spectral import spectral_embeddings
 from trainers.train_state import TrainState, save_embeddings
 from trainers.worker_inputs import WorkerInputs
@@ -126,19 +127,6 @@ def _rank_test_csr(sp: Split, hp: TrainConfig, num_users: int, num_items: int, r
     return csr_from_pairs(users[mine], items[mine], num_users, num_items)
 
 
-def build_adjacency(graph: InterestGraph, users: np.ndarray, items: np.ndarray, weights: np.ndarray,
-                    counts: np.ndarray | None, hp: TrainConfig) -> torch.Tensor:
-    """The normalised adjacency over these user-item pairs (`counts`: their events by type) and every item's
-    categories and brands; with train.relations by_event, each event type is a relation of its own."""
-    by_event = hp.relations == "by_event" and counts is not None
-    return build_norm_adjacency(
-        graph.num_users, graph.num_items, graph.num_categories, graph.num_brands, users, items, weights,
-        graph.ic_item, graph.ic_cat, graph.ib_item, graph.ib_brand, weighted=hp.weighted_edges,
-        exponent=hp.degree_exponent, relations=counts if by_event else None,
-        relation_weights=graph.relation_weights() if by_event else None,
-    )
-
-
 def item_degree_scale(offsets: NodeOffsets, items: np.ndarray, power: float) -> torch.Tensor | None:
     """Items' outputs times (degree / mean degree)^power over these pairs' items, every other node's 1; None when
     power is 0. GF-CF and the spectral filter score with D_I^1/2 on the item side: their best Gowalla figures need
@@ -206,11 +194,11 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     torch.set_num_threads(inputs.threads)
     torch.manual_seed(hp.seed)
     mark = time.time()
-    graph = load_graph(inputs.storage, evidence=False, event_counts=hp.relations == "by_event")
-    sp = split(graph, hp.holdout, hp.holdout_days)
+    shared = _resolve(inputs.shared) if inputs.shared is not None else build_shared_graph(inputs.storage, hp)
+    graph, sp = shared.graph, shared.sp
     offsets = node_offsets(graph.num_users, graph.num_items, graph.num_categories, graph.num_brands)
     device = session.device()
-    adj = build_adjacency(graph, sp.train_user, sp.train_item, sp.train_weight, sp.train_event_counts, hp).to(device)
+    adj = shared.adjacency(device)
     model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers)
     model.set_output_scale(item_degree_scale(offsets, sp.train_item, hp.item_degree_power))
     if inputs.warm is not None:
@@ -222,19 +210,21 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     optimiser = _optimiser(model, hp.lr)
     # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=hp.lr_decay)
-    train_csr = csr_from_pairs(sp.train_user, sp.train_item, graph.num_users, graph.num_items)
-    if inputs.warm is not None:
+    train_csr = shared.train_csr
+    if inputs.warm is not None and inputs.warm.pair_index is not None:
         pairs_user, pairs_item = update_pairs(sp, inputs.warm.pair_index)
+    else:
+        pairs_user, pairs_item = shared.pairs_user, shared.pairs_item
+    if inputs.warm is not None:
         steps, passes = inputs.warm.steps, inputs.warm.passes
     else:
-        pairs_user, pairs_item = train_csr_pairs(train_csr)
         steps, passes = steps_per_pass(len(pairs_user), session.world, hp.batch_size), 1.0
     worker = Worker(
         inputs=inputs, session=session, hp=hp, device=device, graph=graph, sp=sp, offsets=offsets, adj=adj,
         model=model, neighbours=NeighbourRows(adj, hp.fanout), optimiser=optimiser, scheduler=scheduler,
         train_csr=train_csr,
         test_csr=_rank_test_csr(sp, hp, graph.num_users, graph.num_items, session.rank, session.world),
-        sampler=NegativeSampler(train_csr.indptr, train_csr.indices, graph.num_items),
+        sampler=shared.sampler,
         pairs_user=pairs_user, pairs_item=pairs_item, steps=steps, passes=passes, started=time.time())
     if inputs.warm is not None and inputs.warm.trainable is not None:
         worker.frozen = torch.from_numpy(~np.asarray(_resolve(inputs.warm.trainable), dtype=bool)).to(device)
@@ -248,11 +238,17 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         worker.start_epoch, worker.history = state.epoch + 1, state.history
         worker.started = time.time() - state.seconds
         worker.parent_metrics, worker.total_steps = state.parent_metrics, state.steps
-    elif inputs.warm is not None and inputs.warm.eval_parent:
-        # The starting point scored on the same holdout: what a warm start must not fall below.
-        mark = time.time()
-        worker.parent_metrics, _ = evaluate(worker)
-        worker.phases["eval_parent"] = round(time.time() - mark, 3)
+    elif inputs.warm is not None:
+        if inputs.warm.eval_parent:
+            # The starting point scored on the same holdout: what a warm start must not fall below.
+            mark = time.time()
+            worker.parent_metrics, _ = evaluate(worker)
+            worker.phases["eval_parent"] = round(time.time() - mark, 3)
+        if inputs.warm.refilter:
+            mark = time.time()
+            with torch.no_grad():
+                model.embedding.weight.copy_(_spectral_start(adj, offsets, hp, session, device))
+            worker.phases["refilter"] = round(time.time() - mark, 3)
     return worker
 
 
@@ -497,12 +493,6 @@ def update_pairs(sp: Split, pair_index: Any) -> tuple[np.ndarray, np.ndarray]:
     """A warm start's training pairs, chosen by the driver (indices into the split's training pairs)."""
     idx = np.asarray(_resolve(pair_index), dtype=np.int64)
     return sp.train_user[idx].astype(np.int64), sp.train_item[idx].astype(np.int64)
-
-
-def train_csr_pairs(csr: Csr) -> tuple[np.ndarray, np.ndarray]:
-    """Deduplicated (user, item) training pairs in CSR order."""
-    users = np.repeat(np.arange(len(csr.indptr) - 1, dtype=np.int64), np.diff(csr.indptr))
-    return users, np.asarray(csr.indices, dtype=np.int64)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -103,7 +103,9 @@ def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, nam
 def fitted(cfg: AppConfig, opts: TrainOptions, inputs: WorkerInputs, name: str) -> Iterator[tuple[str, dict]]:
     """Run the TorchTrainer; returns a local directory holding the final checkpoint and the last metrics."""
     from trainers.loop import train_loop_per_worker
+    from trainers.shared_graph import with_shared_graph
 
+    inputs = with_shared_graph(inputs, opts.num_workers or cfg.train.num_workers, cfg.train.cpus_per_worker)
     trainer = trainer_for(cfg, opts, train_loop_per_worker, {"inputs": inputs}, name)
     result = trainer.fit()
     if result.error is not None:

@@ -58,6 +58,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     from core.runtime import ensure_ray
     from datasets.tombstones import load_tombstones
     from trainers.data import load_graph, split
+    from trainers.loop import steps_per_pass
     from trainers.publish import blanked, publish_and_prune, publish_from_checkpoint
     from trainers.train import fitted, run_train, worker_inputs
     from trainers.train_state import TrainState
@@ -109,19 +110,27 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     # lr per step, and through the propagation a few hundred new pairs reach most of the table (most such cycles
     # fell below their parent); a day's worth needs every row (bench.warm_start --stream and day by day).
     new_share = new_pairs / max(len(sp.train_user), 1)
+    world = opts.num_workers or cfg.train.num_workers
+    # A large increment (a day's worth) is not reached by a few small steps from the parent: the filter of the grown
+    # graph is, in the time of its SVD (bench.warm_start, day by day).
+    refilter = new_share >= cfg.update.refilter_above and cfg.train.init == "spectral"
     trainable = None
-    if new_share < cfg.update.touched_only_below:
+    if new_share < cfg.update.touched_only_below and not refilter:
         trainable = ray.put(touched_rows(graph, sp.train_user, sp.train_item, pair_index, new_pairs,
                                          loaded.node_counts))
-    warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
-                     steps=update_steps(cfg, opts.num_workers or cfg.train.num_workers, len(pair_index)),
-                     passes=cfg.update.epochs,
-                     trainable=trainable)
+    if refilter:
+        warm = WarmStart(init_state=ray.put(grown), pair_index=None, refilter=True,
+                         steps=steps_per_pass(len(sp.train_user), world, cfg.train.batch_size))
+    else:
+        warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
+                         steps=update_steps(cfg, world, len(pair_index)), passes=cfg.update.epochs,
+                         trainable=trainable)
     # The architecture is the parent's (a full retrain is how a config change of it takes effect); one "epoch" of
     # `steps` steps, evaluated once at its end.
     train = cfg.train.model_copy(update={"embedding_dim": parent_state["hparams"]["embedding_dim"],
                                          "num_layers": parent_state["hparams"]["num_layers"],
-                                         "epochs": 1, "eval_every": 1, "lr": cfg.update.lr})
+                                         "epochs": 1, "eval_every": 1,
+                                         "lr": cfg.train.lr if refilter else cfg.update.lr})
     inputs = worker_inputs(cfg, opts, started, warm=warm, train=train, **extra)
     name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     mark = time.time()
@@ -146,7 +155,8 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
         base.update({"metrics": metrics, "parent_metrics": parent_metrics, "steps": state.steps,
                      "train_pairs": state.split["train_pairs"], "new_pairs": new_pairs,
                      "new_share": round(new_share, 4),
-                     "resident": resident is not None, "touched_only": trainable is not None})
+                     "resident": resident is not None, "touched_only": trainable is not None,
+                     "refilter": refilter})
         if metrics[f"recall@{k}"] < floor:
             reason = (f"recall@{k} {metrics[f'recall@{k}']:.4f} is below (1 - {cfg.update.tolerance}) x the parent's "
                       f"{parent_metrics[f'recall@{k}']:.4f} on the same holdout; LATEST stays {parent}")

@@ -15,13 +15,17 @@ class WarmStart:
     """A warm-start cycle: where it starts, what it trains on, for how long."""
 
     init_state: Any  # the grown parent's state_dict, or an ObjectRef to it (large: it goes through the object store)
-    pair_index: Any  # int64 indices into the split's training pairs (new + replayed), or an ObjectRef to them
+    # int64 indices into the split's training pairs (new + replayed), or an ObjectRef to them; None: every pair
+    pair_index: Any
     steps: int  # optimiser steps of the cycle: one "epoch" that wraps over its pairs, one checkpoint, no decay
     passes: float = 1.0  # passes over its pairs those steps make (update.epochs): what sizes a step's batch
     eval_parent: bool = True  # score the starting point on the same holdout first: the gate's baseline
     # bool per node (the homogeneous table), or an ObjectRef to it: the rows a small cycle may move
     # (update.touched_only_below); None: every row
     trainable: Any = None
+    # Train from the spectral filter of the grown graph rather than from the parent (update.refilter_above): the
+    # parent is still loaded first, as the gate's baseline
+    refilter: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,5 +49,8 @@ class WorkerInputs:
     max_steps: int | None = None  # stop after this many optimiser steps
     warm: WarmStart | None = None
     refit: Refit | None = None  # full training only; never an official test file (it is the benchmark's)
+    # An ObjectRef to the run's `trainers.shared_graph.SharedGraph` (built once, mapped by every worker of a node);
+    # None: the worker builds its own
+    shared: Any = None
     # Tests only: wraps the worker's session (fault injection, trainers.faults); None in production.
     session_wrapper: Callable[[Any], Any] | None = None

@@ -43,6 +43,33 @@ def test_loop_in_process_learns_and_reports_final_embeddings(small_graph: AppCon
     assert emb["users"].shape == (users["num_nodes"]["user"], 32)
 
 
+def test_workers_map_one_shared_graph_from_the_object_store(small_graph: AppConfig, tmp_path: Path) -> None:
+    """With more than one worker the read-only set-up (graph, split, adjacency, positives, sampler) is built once by
+    a Ray task; a worker maps it from the object store (read-only, no copy of its own) and sets up exactly what it
+    would have built itself."""
+    import ray
+
+    from trainers.loop import set_up
+    from trainers.shared_graph import with_shared_graph
+
+    inputs = worker_inputs(small_graph, TrainOptions(epochs=1), time.time())
+    assert with_shared_graph(inputs, 1, 0.5).shared is None  # one worker builds its own: nothing to share
+    shared_inputs = with_shared_graph(inputs, 2, 0.5)
+    assert isinstance(shared_inputs.shared, ray.ObjectRef)
+    own = set_up(inputs, LocalSession(out_dir=str(tmp_path / "own")))
+    mapped = set_up(shared_inputs, LocalSession(out_dir=str(tmp_path / "mapped")))
+    assert not mapped.pairs_user.flags.writeable and not mapped.sp.train_user.flags.writeable
+    # The adjacency tensor is a view of the object store's pages, not a copy.
+    assert mapped.adj.values().data_ptr() == ray.get(shared_inputs.shared).adj_values.ctypes.data
+    assert torch.equal(own.adj.to_dense(), mapped.adj.to_dense())
+    assert np.array_equal(own.pairs_user, mapped.pairs_user) and np.array_equal(own.pairs_item, mapped.pairs_item)
+    assert torch.equal(own.model.embedding.weight, mapped.model.embedding.weight)
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, own.graph.num_users, 50)
+    assert np.array_equal(own.sampler.sample(users, np.random.default_rng(1)),
+                          mapped.sampler.sample(users, np.random.default_rng(1)))
+
+
 def test_time_budget_stops_cleanly(small_graph: AppConfig, tmp_path: Path) -> None:
     session = LocalSession(out_dir=str(tmp_path))
     inputs = replace(worker_inputs(small_graph, TrainOptions(epochs=1000), time.time()), deadline=time.time() + 2.0)
@@ -118,6 +145,31 @@ def test_a_warm_start_moves_only_the_rows_it_may(small_graph: AppConfig, tmp_pat
     frozen = torch.from_numpy(~trainable)
     assert torch.equal(after[frozen], before["embedding.weight"][frozen])
     assert not torch.equal(after[~frozen], before["embedding.weight"][~frozen])
+
+
+def test_a_refilter_cycle_scores_its_parent_then_starts_from_the_filter(small_graph: AppConfig, tmp_path: Path
+                                                                         ) -> None:
+    """A large increment (update.refilter_above): the parent is scored first (the gate's baseline), then the table
+    is the spectral filter of the current graph, exactly what a fresh training starts from, and the cycle passes
+    over every training pair."""
+    from trainers.loop import set_up
+    from trainers.train_state import TrainState
+    from trainers.worker_inputs import WarmStart
+
+    first = LocalSession(out_dir=str(tmp_path / "first"))
+    run_worker(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()), first)
+    parent = TrainState.load(first.last_checkpoint).model
+    fresh = set_up(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()),
+                   LocalSession(out_dir=str(tmp_path / "fresh")))
+    warm = WarmStart(init_state=parent, pair_index=None, steps=2, refilter=True)
+    cycle = set_up(worker_inputs(small_graph, TrainOptions(), time.time(), warm=warm,
+                                 train=small_graph.train.model_copy(update={"epochs": 1})),
+                   LocalSession(out_dir=str(tmp_path / "cycle")))
+    assert cycle.parent_metrics is not None and cycle.parent_metrics["recall@20"] > 0
+    assert "refilter" in cycle.phases
+    assert not torch.equal(cycle.model.embedding.weight, parent["embedding.weight"])
+    assert torch.equal(cycle.model.embedding.weight, fresh.model.embedding.weight)
+    assert len(cycle.pairs_user) == len(fresh.pairs_user) and cycle.steps == 2 and cycle.passes == 1.0
 
 
 def test_the_refit_learns_the_holdout_after_it_was_scored(small_graph: AppConfig, tmp_path: Path) -> None:

@@ -150,6 +150,31 @@ def test_degraded_update_is_refused_and_latest_stays(own: dict) -> None:
     assert registry.latest_version(storage) == before
 
 
+def test_a_large_increment_refilters_and_is_still_gated(own: dict) -> None:
+    """A cycle whose new pairs reach update.refilter_above (here 0: every cycle) starts again from the filter of
+    the grown graph, passes once over every training pair at train.lr, and is gated against its parent like any
+    other cycle."""
+    from trainers.loop import steps_per_pass
+
+    cfg: AppConfig = own["cfg"]
+    storage = Storage(cfg.data.root)
+    parent = registry.latest_version(storage)
+    now_s = int(time.time()) - 60
+    (own["new"] / "events-more.csv").write_text(
+        HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
+    cfg.update.refilter_above = 0.0
+    summary = run_update(cfg)
+    assert summary["refilter"] and not summary["touched_only"] and summary["new_pairs"] > 0
+    assert "refilter" in summary["timings"]["worker"] and summary["parent_metrics"]["recall@20"] > 0
+    assert summary["steps"] == steps_per_pass(summary["train_pairs"], 1, cfg.train.batch_size)
+    floor = (1 - cfg.update.tolerance) * summary["parent_metrics"]["recall@20"]
+    if summary["version"] is None:  # refused: said why, LATEST kept
+        assert summary["candidate_metrics"]["recall@20"] < floor and registry.latest_version(storage) == parent
+    else:
+        assert summary["metrics"]["recall@20"] >= floor
+        assert registry.load_version(storage, summary["version"]).parent == parent
+
+
 def test_every_mode_survives_a_crashed_cycle(own: dict) -> None:
     """A cycle that fails (here: the ingest state is unreadable, until the operator restores it) is logged and
     reported, and the next cycle runs. Bad input files no longer fail a cycle at all: they are quarantined."""
