@@ -1,11 +1,12 @@
 """What every training worker reads and none writes, built once per run and shared through Ray's object store.
 
 Each worker used to load the graph, split it and build the adjacency, the training CSR and the negative sampler
-itself: identical copies, one per worker. At 1M users, 1M items and 50M events that is about 5 GB each, and two
-workers on one 24 GB node did not fit (Ray's memory monitor killed them at 10.2 GB per worker). With more than one
-worker, one Ray task builds them (`build_shared_graph`) and returns them into the object store; workers on a node
-map the same pages (numpy arrays come back from the object store zero-copy and read-only), so a node holds one
-copy whatever its number of workers. A single worker builds them in its own process: nothing to share.
+itself: identical copies, one per worker. At 1M users, 1M items and 50M events that is about 4 GB each (4.1 GB in
+the object store), and two workers on one 24 GB node did not fit (Ray's memory monitor killed them at 10.2 GB per
+worker). With more than one worker, one Ray task builds them (`build_shared_graph`) and returns them into the
+object store; workers on a node map the same pages (numpy arrays come back from the object store zero-copy and
+read-only), so a node holds one copy whatever its number of workers. A single worker builds them in its own
+process: nothing to share.
 """
 
 from __future__ import annotations
