@@ -93,7 +93,7 @@ def with_shared_graph(inputs: WorkerInputs, workers: int, cpus: float) -> Worker
     """`inputs` whose workers map one `SharedGraph` built by a Ray task (more than one worker), or `inputs` as
     they are (one worker builds its own). The task asks for one worker's CPUs, so it fits wherever a worker does;
     the reference lives as long as the caller holds the returned inputs (a replaced worker maps it again)."""
-    if workers <= 1 or inputs.shared is not None:
+    if workers <= 1:
         return inputs
     import ray
 

@@ -136,13 +136,18 @@ def test_update_publishes_a_child_with_new_users_and_items_and_learns_late_event
     assert {(graph.ui_user[e], graph.ui_item[e]) for e in late} <= trained_on
 
 
+def _later_clicks(folder: Path) -> None:
+    """Twenty clicks by new shoppers a minute ago: a cycle's worth of new pairs."""
+    now_s = int(time.time()) - 60
+    (folder / "events-more.csv").write_text(
+        HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
+
+
 def test_degraded_update_is_refused_and_latest_stays(own: dict) -> None:
     cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
     before = registry.latest_version(storage)
-    now_s = int(time.time()) - 60
-    (own["new"] / "events-more.csv").write_text(
-        HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
+    _later_clicks(own["new"])
     cfg.update.lr = 50.0  # forces the model off a cliff
     summary = run_update(cfg)
     assert summary["version"] is None and "below" in summary["reason"], summary
@@ -159,9 +164,7 @@ def test_a_large_increment_refilters_and_is_still_gated(own: dict) -> None:
     cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
     parent = registry.latest_version(storage)
-    now_s = int(time.time()) - 60
-    (own["new"] / "events-more.csv").write_text(
-        HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
+    _later_clicks(own["new"])
     cfg.update.refilter_above = 0.0
     summary = run_update(cfg)
     assert summary["refilter"] and not summary["touched_only"] and summary["new_pairs"] > 0
