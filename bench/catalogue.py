@@ -36,26 +36,27 @@ DIM, CLUSTERS, USERS, SEEN = 64, 4000, 20_000, 30
 BLOCK = 1_000_000
 
 
-def synthetic(n_items: int, seed: int = 0, n_users: int = USERS, seen_per_user: int = SEEN
+def synthetic(n_items: int, seed: int = 0, n_users: int = USERS, seen_per_user: int = SEEN, dim: int = DIM
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Item vectors, user vectors, seen lists (CSR: indptr, indices) and item clusters: clusters of Zipf-like
     sizes, lengths log-normal; everything in blocks of a million rows (10M shoppers' temporaries at once would not
     fit)."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(CLUSTERS, DIM)).astype(np.float32) / np.sqrt(DIM)
+    rows = BLOCK * DIM // max(dim, DIM)  # a block's float64 temporaries stay near 0.5 GB at any width
+    centres = rng.normal(size=(CLUSTERS, dim)).astype(np.float32) / np.sqrt(dim)
     weights = 1.0 / np.arange(1, CLUSTERS + 1) ** 0.8
     weights /= weights.sum()
     cluster = rng.choice(CLUSTERS, n_items, p=weights).astype(np.int32)
-    items = np.empty((n_items, DIM), np.float32)
-    for start in range(0, n_items, BLOCK):
-        end = min(start + BLOCK, n_items)
-        block = centres[cluster[start:end]] + rng.normal(0, 0.6 / np.sqrt(DIM), (end - start, DIM))
+    items = np.empty((n_items, dim), np.float32)
+    for start in range(0, n_items, rows):
+        end = min(start + rows, n_items)
+        block = centres[cluster[start:end]] + rng.normal(0, 0.6 / np.sqrt(dim), (end - start, dim))
         items[start:end] = block * rng.lognormal(0, 0.25, (end - start, 1))
-    users = np.empty((n_users, DIM), np.float32)
-    for start in range(0, n_users, BLOCK):
-        end = min(start + BLOCK, n_users)
+    users = np.empty((n_users, dim), np.float32)
+    for start in range(0, n_users, rows):
+        end = min(start + rows, n_users)
         likes = rng.choice(CLUSTERS, (end - start, 3), p=weights)
-        users[start:end] = centres[likes].mean(axis=1) + rng.normal(0, 0.3 / np.sqrt(DIM), (end - start, DIM))
+        users[start:end] = centres[likes].mean(axis=1) + rng.normal(0, 0.3 / np.sqrt(dim), (end - start, dim))
     counts, parts = np.zeros(n_users, np.int64), []
     for start in range(0, n_users, BLOCK):  # each shopper's distinct items, sorted (np.unique per row)
         end = min(start + BLOCK, n_users)
@@ -153,6 +154,22 @@ def model_memory(root: str) -> dict:
     done = subprocess.run([sys.executable, "-c", _MEASURE, root], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def as_format_2(root: str) -> None:
+    """The latest version as the format-2 code published it (vectors served from the Parquet files, no .npy
+    copies): the replica memory before format 3, measured on the same version."""
+    import registry
+    from core.storage import Storage
+
+    storage = Storage(root)
+    folder = Path(storage.path("checkpoints", "versions", registry.latest_version(storage)))
+    manifest = json.loads((folder / registry.MANIFEST).read_text())
+    for rel in (registry.USER_VECTORS, registry.ITEM_VECTORS):
+        (folder / rel).unlink()
+        del manifest["files"][rel]
+    manifest["format"] = 2
+    (folder / registry.MANIFEST).write_text(json.dumps(manifest))
 
 
 def recall_at_20(root: str, sample: int, nprobe: int) -> dict:
@@ -255,10 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-users", type=int, default=USERS,
                    help="shoppers in each version (memory at scale: e.g. 1000000 with --sizes 1000000)")
     p.add_argument("--seen", type=int, default=SEEN, help="items drawn per shopper's seen list (distinct ones kept)")
+    p.add_argument("--dim", type=int, default=DIM, help="vector width (the shipped model's: model.embedding_dim)")
     p.add_argument("--keep", action="store_true", help="keep each size's root under bench/out")
     p.add_argument("--memory-only", action="store_true",
                    help="publish and measure a replica's memory for the version; no recall, no serving")
     p.add_argument("--no-index", action="store_true", help="publish without the index (exact scoring's memory)")
+    p.add_argument("--format-2", action="store_true",
+                   help="--memory-only: also the same version as format 2 (vectors decoded from Parquet, as before)")
     args = p.parse_args(argv)
     require_hey()
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
@@ -274,15 +294,21 @@ def main(argv: list[str] | None = None) -> int:
         root = str(OUT / f"catalogue-{n}")
         shutil.rmtree(root, ignore_errors=True)
         items, users, indptr, indices, cluster = synthetic(n, n_users=max(args.model_users, USERS),
-                                                           seen_per_user=args.seen)
+                                                           seen_per_user=args.seen, dim=args.dim)
+        started = time.time()
         version, build_s, index_bytes = publish(root, items, users, indptr, indices, cluster,
                                                 with_index=not args.no_index)
-        r = {"items": n, "users": len(users), "dim": DIM, "version": version, "index_build_s": round(build_s, 1),
+        publish_s = time.time() - started - build_s
+        r = {"items": n, "users": len(users), "dim": args.dim, "version": version, "index_build_s": round(build_s, 1),
+             "publish_s": round(publish_s, 1),
              "index_mb": round(index_bytes / 2**20, 1), "item_vectors_mb": round(items.nbytes / 2**20, 1),
              "user_vectors_mb": round(users.nbytes / 2**20, 1), "nprobe": nprobe}
         del items, users, indptr, indices, cluster
         if args.memory_only:
             r["replica_memory"] = model_memory(root)
+            if args.format_2:
+                as_format_2(root)
+                r["replica_memory_format_2"] = model_memory(root)
             print(json.dumps(r), flush=True)
             results.append(r)
             if not args.keep:

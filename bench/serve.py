@@ -1,11 +1,11 @@
 """`python -m bench.serve`: /recommend throughput and latency against a no-op Serve deployment, same run.
 
-Serves the latest Gowalla version (29,858 users, 40,981 items, 64 dims) and a no-op FastAPI deployment from the
-same Serve instance and proxy, and drives each with the same load generator: `hey` (compiled, its own process,
-keep-alive connections; `bench.load`), whose own CPU use is reported beside each figure, so the client is seen not
-to be the bottleneck. Then a hot swap under load: a new version is published while hey runs; non-2xx answers and
-the seconds until every replica serves it. `--mode ha` starts Ray with RAY_SERVE_ENABLE_HA_PROXY=1
-RAY_SERVE_THROUGHPUT_OPTIMIZED=1.
+Serves the latest Gowalla version (29,858 users, 40,981 items; 1,024 dims from bench.train_gowalla, the shipped
+width) and a no-op FastAPI deployment from the same Serve instance and proxy, and drives each with the same load
+generator: `hey` (compiled, its own process, keep-alive connections; `bench.load`), whose own CPU use is reported
+beside each figure, so the client is seen not to be the bottleneck. Then a hot swap under load: a new version is
+published while hey runs; non-2xx answers and the seconds until every replica serves it. `--mode ha` starts Ray with
+RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1.
 
 Without a Gowalla version under `--root` (`python -m bench.train_gowalla` makes the trained one), `--prepare`
 ingests Gowalla and trains one short epoch: serving cost depends on the sizes (users, items, dimensions, seen

@@ -13,6 +13,7 @@ from registry.format import (
     CURVE,
     FORMAT,
     INDEX,
+    ITEM_VECTORS,
     ITEMS,
     LATEST,
     MANIFEST,
@@ -21,6 +22,7 @@ from registry.format import (
     POPULARITY_SCHEMA,
     SEEN,
     STAGING_PREFIX,
+    USER_VECTORS,
     USERS,
     VERSIONS,
     CheckpointError,
@@ -44,9 +46,9 @@ from registry.user_keys import UserKeys
 from registry.writer import publish
 
 __all__ = [
-    "BRANDS", "CATEGORIES", "CLAIMS", "CURVE", "FORMAT", "INDEX", "ITEMS", "LATEST", "MANIFEST", "MODEL", "POPULARITY",
-    "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USERS", "VERSIONS", "CheckpointError", "LoadedVersion",
-    "ModelArtifacts", "config_hash", "latest_version", "list_versions", "load_latest", "load_newest_good",
-    "load_version", "publish",
-    "UserKeys", "prune", "read_curve", "read_manifest", "remove_stale_staging", "version_name", "version_number",
+    "BRANDS", "CATEGORIES", "CLAIMS", "CURVE", "FORMAT", "INDEX", "ITEM_VECTORS", "ITEMS", "LATEST", "MANIFEST",
+    "MODEL", "POPULARITY", "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USER_VECTORS", "USERS", "VERSIONS",
+    "CheckpointError", "LoadedVersion", "ModelArtifacts", "config_hash", "latest_version", "list_versions",
+    "load_latest", "load_newest_good", "load_version", "publish", "UserKeys", "prune", "read_curve", "read_manifest",
+    "remove_stale_staging", "version_name", "version_number",
 ]

@@ -6,8 +6,11 @@ Layout under `<data.root>/checkpoints/`:
         manifest.json      format, version, parent, created_at, watermark_ms, config_hash, metrics, k, node_counts,
                            extra, files
         model.pt           torch.save({"state_dict": ..., "hparams": ...}), for warm starts
-        embeddings/users.parquet       user_key string, vector list<float32>; row i is user index i
+        embeddings/users.parquet       user_key string, vector list<float32> (large_list past 2**31 values);
+                                       row i is user index i: the export anyone can score from (DESIGN 3.3)
+        embeddings/users.npy           format 3: the same vectors as float32 [users, d], C order, .npy 1.0
         embeddings/items.parquet       item_id string, vector list<float32>; row i is item index i
+        embeddings/items.npy           format 3: the item vectors, as users.npy
         embeddings/categories.parquet  category_id string, vector list<float32>; row i is category index i
         embeddings/brands.parquet      brand_id string, vector list<float32>; row i is brand index i
         seen.npz           CSR of each user's seen items: indptr int64 [users + 1], indices int32; with the evidence
@@ -25,7 +28,12 @@ Layout under `<data.root>/checkpoints/`:
     .claims/               object stores: version-number claims (see registry.writer)
 
 A version carries everything serving needs. Format 1 (before categories and brands were carried) has no
-`format` key and no categories/brands files; it still loads (registry.reader).
+`format` key and no categories/brands files; it still loads (registry.reader). Format 2 serves the user and item
+vectors decoded from their Parquet files; format 3 also writes them as plain .npy files, which a reader on local
+disk memory-maps where they lie (`mapped_vectors`), as it maps seen.npz: at the shipped 1,024 dimensions a million
+shoppers' vectors are 4 GB, which every replica on a node then shares through the page cache instead of each
+holding a decoded copy. The Parquet files keep their vectors: they are the export DESIGN 3.3 promises to readers
+without this code, and a format-3 reader reads only their keys.
 
 Pure: no Ray, no torch_geometric; torch is imported only where model.pt is written.
 """
@@ -52,7 +60,7 @@ import pyarrow.parquet as pq
 
 from registry.user_keys import UserKeys
 
-FORMAT = 2  # what this code writes; a manifest without "format" is format 1
+FORMAT = 3  # what this code writes; a manifest without "format" is format 1
 
 VERSIONS = "versions"
 LATEST = "LATEST"
@@ -62,6 +70,8 @@ USERS = "embeddings/users.parquet"
 ITEMS = "embeddings/items.parquet"
 CATEGORIES = "embeddings/categories.parquet"
 BRANDS = "embeddings/brands.parquet"
+USER_VECTORS = "embeddings/users.npy"  # format 3
+ITEM_VECTORS = "embeddings/items.npy"  # format 3
 SEEN = "seen.npz"
 POPULARITY = "popularity.parquet"
 CURVE = "curve.png"
@@ -86,6 +96,7 @@ EVIDENCE = {"weight": (np.float32, ()), "weight_recent": (np.float32, ()), "coun
             "last_ts": (np.int64, ())}
 
 _BATCH_ROWS = 65_536  # rows of vectors decoded at a time
+LIST_VALUES_MAX = 2**31 - 1  # values a list<float32> column holds (int32 offsets); past it, large_list
 
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -205,7 +216,9 @@ def check_manifest(manifest: Any, label: str) -> None:
 
 def required_files(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     """The files a version of this manifest's format must list."""
-    return REQUIRED_FILES if manifest.get("format", 1) < 2 else (*REQUIRED_FILES, CATEGORIES, BRANDS)
+    fmt = manifest.get("format", 1)
+    return (*REQUIRED_FILES, *((CATEGORIES, BRANDS) if fmt >= 2 else ()),
+            *((USER_VECTORS, ITEM_VECTORS) if fmt >= 3 else ()))
 
 
 def parse_parquet(data: bytes, label: str, rel: str) -> pa.Table:
@@ -230,7 +243,7 @@ def parse_embeddings(source: bytes | pa.NativeFile, key_column: str, label: str,
     key_type, vec_type = schema.field(key_column).type, schema.field(VECTOR).type
     if not pa.types.is_string(key_type):
         raise CheckpointError(f"{label}: {rel}: {key_column} is {key_type}, expected string")
-    if not pa.types.is_list(vec_type) or vec_type.value_type != pa.float32():
+    if not (pa.types.is_list(vec_type) or pa.types.is_large_list(vec_type)) or vec_type.value_type != pa.float32():
         raise CheckpointError(f"{label}: {rel}: {VECTOR} is {vec_type}, expected list<float32>")
     try:
         keys_col = file.read(columns=[key_column]).column(0).combine_chunks()
@@ -260,12 +273,61 @@ def parse_embeddings(source: bytes | pa.NativeFile, key_column: str, label: str,
         raise CheckpointError(f"{label}: {rel} is not readable Parquet: {one_line(e)}") from e
     if at != n or len(keys_col) != n:
         raise CheckpointError(f"{label}: {rel}: {len(keys_col)} keys and {at} vectors, its metadata says {n} rows")
-    # A null user_key is a deleted user's blanked row (see ModelArtifacts.user_keys); item ids are never null.
-    if keys_col.null_count and key_column != USER_KEY:
-        raise CheckpointError(f"{label}: {rel} has null keys or vectors")
-    if pc.count_distinct(keys_col).as_py() != n - keys_col.null_count:
-        raise CheckpointError(f"{label}: {rel}: {key_column} values are not unique")
+    _check_keys(keys_col, key_column, label, rel)
     return keys_col, matrix if matrix is not None else np.zeros((0, 0), np.float32)
+
+
+def _check_keys(keys: pa.Array, key_column: str, label: str, rel: str) -> None:
+    # A null user_key is a deleted user's blanked row (see ModelArtifacts.user_keys); other ids are never null.
+    if keys.null_count and key_column != USER_KEY:
+        raise CheckpointError(f"{label}: {rel} has null keys")
+    if pc.count_distinct(keys).as_py() != len(keys) - keys.null_count:
+        raise CheckpointError(f"{label}: {rel}: {key_column} values are not unique")
+
+
+def parse_keys(source: pa.NativeFile, key_column: str, label: str, rel: str) -> pa.Array:
+    """The keys of an embeddings file, its vectors left unread (format 3 serves them from the .npy beside it)."""
+    try:
+        file = pq.ParquetFile(source)
+        names = file.schema_arrow.names
+        if key_column not in names or VECTOR not in names:
+            raise CheckpointError(f"{label}: {rel} has columns {names}, expected [{key_column!r}, {VECTOR!r}]")
+        if not pa.types.is_string(file.schema_arrow.field(key_column).type):
+            raise CheckpointError(f"{label}: {rel}: {key_column} is {file.schema_arrow.field(key_column).type}, "
+                                  "expected string")
+        keys = file.read(columns=[key_column]).column(0).combine_chunks()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{label}: {rel} is not readable Parquet: {one_line(e)}") from e
+    _check_keys(keys, key_column, label, rel)
+    return keys
+
+
+def mapped_vectors(path: str, rows: int, label: str, rel: str) -> np.ndarray:
+    """A format-3 vectors file (float32 [rows, d], C order, .npy) on local disk, memory-mapped copy-on-write:
+    replicas on a node share its pages through the page cache, pages nobody reads stay on disk, and a write into
+    the array (none is made) would land in a private copy, never in the version."""
+    try:
+        with open(path, "rb") as f:
+            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                raise ValueError("an .npy format this reader does not map")
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+            size = f.seek(0, 2)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{label}: {rel} is not a readable .npy file: {one_line(e)}") from e
+    if dtype != np.dtype("<f4") or len(shape) != 2 or fortran or shape[1] < 1:
+        raise CheckpointError(f"{label}: {rel} holds {dtype}{list(shape)}{' (Fortran order)' if fortran else ''}, "
+                              "expected a float32 [rows, width] matrix in C order")
+    if shape[0] != rows:
+        raise CheckpointError(f"{label}: {rel} has {shape[0]} rows, its keys {rows}")
+    if size != offset + shape[0] * shape[1] * 4:
+        raise CheckpointError(f"{label}: {rel} is {size} bytes, its header says {offset + shape[0] * shape[1] * 4}")
+    if rows == 0:
+        return np.zeros(shape, np.float32)
+    return np.memmap(path, dtype=np.float32, mode="c", offset=offset, shape=shape)
 
 
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -416,19 +478,19 @@ def encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
     if a.parent is not None:
         version_number(a.parent)
 
+    evidence = _as_evidence(a.seen_evidence, len(indices))
+    # The large files are spilled to unlinked temporary files and mapped: at a million shoppers and 1,024
+    # dimensions each copy of the vectors is 4 GB, which a publisher then need not hold again in memory.
     out: dict[str, Any] = {
-        USERS: _parquet_bytes(_embedding_table(USER_KEY, user_keys, user_vectors)),
-        ITEMS: _parquet_bytes(_embedding_table(ITEM_ID, item_ids, item_vectors)),
+        USERS: _spilled(lambda f: pq.write_table(_embedding_table(USER_KEY, user_keys, user_vectors), f)),
+        ITEMS: _spilled(lambda f: pq.write_table(_embedding_table(ITEM_ID, item_ids, item_vectors), f)),
+        USER_VECTORS: _spilled(lambda f: np.lib.format.write_array(f, user_vectors, version=(1, 0))),
+        ITEM_VECTORS: _spilled(lambda f: np.lib.format.write_array(f, item_vectors, version=(1, 0))),
+        SEEN: _spilled(lambda f: np.savez(f, indptr=indptr, indices=indices, **evidence)),
         POPULARITY: _parquet_bytes(popularity),
-        MODEL: _model_bytes(a.state_dict, a.hparams),
+        MODEL: _spilled(lambda f: _save_model(a.state_dict, a.hparams, f)),
         **attributes,
     }
-    # Spilled to an unlinked temporary file and mapped: at 10M shoppers the seen lists and their evidence run to
-    # gigabytes, which a publisher then need not hold twice in memory.
-    with tempfile.TemporaryFile() as spill:
-        np.savez(spill, indptr=indptr, indices=indices, **_as_evidence(a.seen_evidence, len(indices)))
-        spill.flush()
-        out[SEEN] = memoryview(mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ))
     if a.curve_png is not None:
         out[CURVE] = bytes(a.curve_png)
     if a.item_index is not None:
@@ -450,12 +512,18 @@ def encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
     return out, manifest
 
 
+def _spilled(write: Any) -> memoryview:
+    """What `write(file)` writes, in an unlinked temporary file, mapped read-only."""
+    with tempfile.TemporaryFile() as spill:
+        write(spill)
+        spill.flush()
+        return memoryview(mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ))
+
+
 def _as_matrix(x: Any, name: str) -> np.ndarray:
     m = np.ascontiguousarray(x, dtype=np.float32)
     if m.ndim != 2 or m.shape[1] < 1:
         raise ValueError(f"{name} must be a 2-d matrix with at least one column, got shape {m.shape}")
-    if m.size >= 2**31:
-        raise ValueError(f"{name} has {m.size} values; list<float32> offsets are int32, so at most 2**31 - 1")
     if not np.isfinite(m).all():
         raise ValueError(f"{name} has NaN or infinite values")
     return m
@@ -498,8 +566,12 @@ def _as_popularity(pop: pa.Table | Mapping[str, Any]) -> pa.Table:
 
 def _embedding_table(key_column: str, keys: pa.Array, vectors: np.ndarray) -> pa.Table:
     n, width = vectors.shape
-    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
-    return pa.table({key_column: keys, VECTOR: pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))})
+    if n * width <= LIST_VALUES_MAX:
+        offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
+        return pa.table({key_column: keys, VECTOR: pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))})
+    # Past int32 offsets (10M shoppers at 1,024 dimensions): the same column as large_list<float32>.
+    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int64))
+    return pa.table({key_column: keys, VECTOR: pa.LargeListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))})
 
 
 def _parquet_bytes(table: pa.Table) -> pa.Buffer:
@@ -508,7 +580,7 @@ def _parquet_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-def _model_bytes(state_dict: Mapping[str, Any], hparams: Mapping[str, Any]) -> memoryview:
+def _save_model(state_dict: Mapping[str, Any], hparams: Mapping[str, Any], file: Any) -> None:
     import torch
 
     state = {}
@@ -519,9 +591,7 @@ def _model_bytes(state_dict: Mapping[str, Any], hparams: Mapping[str, Any]) -> m
             if value.untyped_storage().nbytes() != value.numel() * value.element_size():
                 value = value.clone()
         state[key] = value
-    buf = io.BytesIO()
-    torch.save({"state_dict": state, "hparams": dict(hparams)}, buf)
-    return buf.getbuffer()
+    torch.save({"state_dict": state, "hparams": dict(hparams)}, file)
 
 
 def _json_default(value: Any) -> Any:

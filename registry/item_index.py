@@ -78,14 +78,18 @@ def serialize(index: Any) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def parse(data: bytes, item_vectors: np.ndarray, label: str) -> Any:
-    """The index the bytes hold, checked against the version's item vectors (count, width, and the vectors
-    themselves on a spread of rows); CheckpointError when it is not theirs."""
+def parse(source: bytes | str, item_vectors: np.ndarray, label: str) -> Any:
+    """The index the bytes hold, or the file at a local path (an inverted file's lists memory-mapped where they
+    lie, shared by the replicas on a node like the version's vectors), checked against the version's item vectors
+    (count, width, and the vectors themselves on a spread of rows); CheckpointError when it is not theirs."""
     import faiss
 
     try:
         # The concrete class, owned by the returned object (a downcast proxy would dangle once this one is freed).
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if isinstance(source, str):
+            index = faiss.read_index(source, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        else:
+            index = faiss.deserialize_index(np.frombuffer(source, dtype=np.uint8))
     except Exception as e:  # faiss raises RuntimeError from C++ for any malformed input
         raise CheckpointError(f"{label}: {INDEX} is not a readable faiss index: {one_line(e)}") from e
     if not isinstance(index, faiss.IndexIVFFlat | faiss.IndexHNSWFlat) or \

@@ -29,6 +29,7 @@ from registry.format import (
     CURVE,
     INDEX,
     ITEM_ID,
+    ITEM_VECTORS,
     ITEMS,
     LATEST,
     MANIFEST,
@@ -36,14 +37,17 @@ from registry.format import (
     POPULARITY,
     SEEN,
     USER_KEY,
+    USER_VECTORS,
     USERS,
     VERSION_RE,
     VERSIONS,
     CheckpointError,
     ModelArtifacts,
     check_manifest,
+    mapped_vectors,
     one_line,
     parse_embeddings,
+    parse_keys,
     parse_popularity,
     parse_seen,
     required_files,
@@ -62,9 +66,10 @@ class LoadedVersion:
     version: str
     manifest: dict[str, Any]
     user_keys: UserKeys  # row i = user index i; None: a deleted user
-    user_vectors: np.ndarray  # float32 [users, d]
+    # float32 [users, d] and [items, d]; format 3: memory-mapped copy-on-write (registry.format.mapped_vectors)
+    user_vectors: np.ndarray
     item_ids: list[str]
-    item_vectors: np.ndarray  # float32 [items, d]
+    item_vectors: np.ndarray
     seen_indptr: np.ndarray  # int64 [users + 1]; read-only, memory-mapped when read from local disk
     seen_indices: np.ndarray  # int32
     popularity: pa.Table  # POPULARITY_SCHEMA
@@ -159,10 +164,11 @@ class LoadedVersion:
             brand_vectors=self.brand_vectors, parent=self.version, watermark_ms=self.watermark_ms,
             coverage=self.coverage, seen_evidence=self.seen_evidence,
             extra=self.extra, curve_png=self.load_curve_png())
-        if self.item_index is not None and "item_vectors" not in changes:  # the same items: the same index
-            from registry.item_index import serialize
-
-            fields["item_index"] = serialize(self.item_index)
+        if INDEX in self.manifest["files"] and "item_vectors" not in changes:  # the same items: the same index
+            # The published bytes: an index read with its lists mapped would serialise as an on-disk index that
+            # names this version's file.
+            fields["item_index"] = read_file(self.storage, self.folder, INDEX, self.manifest["files"][INDEX],
+                                             version_label(self.version), verify=True)
         fields.update(changes)
         return ModelArtifacts(**fields)
 
@@ -291,8 +297,8 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
     def read(rel: str) -> bytes:
         return read_file(storage, folder, rel, files[rel], label, verify)
 
-    def embeddings(rel: str, key_column: str) -> tuple[pa.Array, np.ndarray]:
-        # Checked by streaming, then decoded in ranges: a 10M-user file is never held whole as bytes as well.
+    def parquet(rel: str, parse: Any) -> Any:
+        # Checked by streaming, then parsed from the file: a 10M-user file is never held whole as bytes as well.
         if verify:
             _check_streamed(storage, folder, rel, files[rel], label)
         try:
@@ -300,13 +306,36 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         except OSError as e:
             raise CheckpointError(f"{label}: {rel} is missing or unreadable: {one_line(e)}") from e
         with source:
-            return parse_embeddings(source, key_column, label, rel)
+            return parse(source)
+
+    def embeddings(rel: str, key_column: str) -> tuple[pa.Array, np.ndarray]:
+        return parquet(rel, lambda source: parse_embeddings(source, key_column, label, rel))
+
+    def mapped(rel: str, path: str, parse: Any) -> Any:
+        # Where the file lies on local disk (versions are immutable once published, and removing one unlinks its
+        # files, which leaves a mapping intact); from an object store, a private local copy, unlinked once mapped.
+        if storage.is_local:
+            if verify:
+                _check_streamed(storage, folder, rel, files[rel], label)
+            return parse(path)
+        spilled = _spill(storage, folder, rel, files[rel], label, verify)
+        try:
+            return parse(spilled)
+        finally:
+            os.unlink(spilled)
+
+    def keys_and_vectors(rel: str, key_column: str, vectors_rel: str) -> tuple[pa.Array, np.ndarray]:
+        if vectors_rel not in files:  # formats 1-2: the vectors are in the Parquet file
+            return embeddings(rel, key_column)
+        keys = parquet(rel, lambda source: parse_keys(source, key_column, label, rel))
+        return keys, mapped(vectors_rel, f"{folder}/{vectors_rel}",
+                            lambda path: mapped_vectors(path, len(keys), label, vectors_rel))
 
     counts = manifest["node_counts"]
-    keys, user_vectors = embeddings(USERS, USER_KEY)
+    keys, user_vectors = keys_and_vectors(USERS, USER_KEY, USER_VECTORS)
     user_keys = UserKeys(keys)
     del keys
-    ids, item_vectors = embeddings(ITEMS, ITEM_ID)
+    ids, item_vectors = keys_and_vectors(ITEMS, ITEM_ID, ITEM_VECTORS)
     item_ids = ids.to_pylist()
     n_users, n_items = len(user_keys), len(item_ids)
     if n_users != counts["user"]:
@@ -333,24 +362,14 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
     if INDEX in files:
         from registry.item_index import parse
 
-        index = parse(read(INDEX), item_vectors, label)
-    if storage.is_local:
-        # Memory-mapped where it lies (registry.format.mapped_npz): versions are immutable once published, and
-        # removing one (retention) unlinks its files, which leaves a mapping intact.
-        if verify:
-            _check_streamed(storage, folder, SEEN, files[SEEN], label)
-        indptr, indices, evidence = parse_seen(f"{folder}/{SEEN}", n_users, n_items, label)
-    else:
-        # An object store cannot be mapped: a private local copy is (unlinked once mapped, so nothing is left).
-        spilled = _spill(storage, folder, SEEN, files[SEEN], label, verify)
-        try:
-            indptr, indices, evidence = parse_seen(spilled, n_users, n_items, label)
-        finally:
-            os.unlink(spilled)
+        index = mapped(INDEX, f"{folder}/{INDEX}", lambda path: parse(path, item_vectors, label))
+    indptr, indices, evidence = mapped(SEEN, f"{folder}/{SEEN}",
+                                       lambda path: parse_seen(path, n_users, n_items, label))
     popularity = parse_popularity(read(POPULARITY), n_items, counts["category"], counts["brand"], label)
     if verify:
         # model.pt and curve.png are read lazily, but a version that serves must be whole: hash them now, streaming.
-        for rel in sorted(set(files) - {USERS, ITEMS, SEEN, POPULARITY, CATEGORIES, BRANDS, INDEX}):
+        for rel in sorted(set(files) - {USERS, ITEMS, USER_VECTORS, ITEM_VECTORS, SEEN, POPULARITY, CATEGORIES,
+                                        BRANDS, INDEX}):
             _check_streamed(storage, folder, rel, files[rel], label)
     return LoadedVersion(
         version=manifest["version"] or "", manifest=manifest, user_keys=user_keys, user_vectors=user_vectors,

@@ -57,6 +57,19 @@ log = logging.getLogger("serve_app")
 api = FastAPI(title="interest-graph recommendations")
 
 
+async def _recommend_route(request: Request) -> Response:
+    """GET /recommend/{user_id} in front of FastAPI's route for it: the same method, without FastAPI's dependency
+    solving per request (the replica is Serve's, the user id the path's, the rest `query.read`). The FastAPI route
+    stays what OpenAPI documents, and answers the same way were it ever reached."""
+    replica = serve.get_replica_context().servable_object
+    return await replica.recommend(request.path_params["user_id"], request)
+
+
+# First in the router, and before the class below is decorated: serve.ingress deploys a frozen copy of `api` taken
+# at decoration (a route added after it never reaches a replica), and includes the class's routes after this one.
+api.router.routes.insert(0, Route("/recommend/{user_id}", _recommend_route, methods=["GET"]))
+
+
 class AppArgs(BaseModel):
     """Arguments of `build_app`, validated by Serve from the command line or a deploy config."""
 
@@ -348,18 +361,6 @@ def deployment_options(cfg: AppConfig) -> dict[str, Any]:
         "max_ongoing_requests": s.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     }
-
-
-async def _recommend_route(request: Request) -> Response:
-    """GET /recommend/{user_id} in front of FastAPI's route for it: the same method, without FastAPI's dependency
-    solving per request (the replica is Serve's, the user id the path's, the rest `query.read`). The FastAPI route
-    stays what OpenAPI documents, and answers the same way were it ever reached."""
-    replica = serve.get_replica_context().servable_object
-    return await replica.recommend(request.path_params["user_id"], request)
-
-
-# First in the router: FastAPI's routes, the class's included at decoration, come after it.
-api.router.routes.insert(0, Route("/recommend/{user_id}", _recommend_route, methods=["GET"]))
 
 
 def build_app(args: AppArgs) -> Application:

@@ -28,8 +28,8 @@ from core.storage import Storage
 
 N_USERS, N_ITEMS, DIM = 5, 7, 4
 MODES = ["local", "object_store"]
-ALL_FILES = [registry.USERS, registry.ITEMS, registry.CATEGORIES, registry.BRANDS, registry.SEEN, registry.POPULARITY,
-             registry.MODEL, registry.CURVE]
+ALL_FILES = [registry.USERS, registry.ITEMS, registry.USER_VECTORS, registry.ITEM_VECTORS, registry.CATEGORIES,
+             registry.BRANDS, registry.SEEN, registry.POPULARITY, registry.MODEL, registry.CURVE]
 
 
 def _artifacts(seed: int = 0, **overrides) -> registry.ModelArtifacts:
@@ -330,14 +330,42 @@ def _seen(indptr, indices) -> bytes:
     return buf.getvalue()
 
 
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array)
+    return buf.getvalue()
+
+
+def as_format_2(storage: Storage, version: str) -> None:
+    """The version as the format-2 code published it: the same files but the .npy vectors, which it did not write
+    (it served the Parquet files' vectors)."""
+    folder = _folder(storage, version)
+    for rel in (registry.USER_VECTORS, registry.ITEM_VECTORS):
+        (folder / rel).unlink()
+
+    def edit(m: dict) -> None:
+        m["format"] = 2
+        for rel in (registry.USER_VECTORS, registry.ITEM_VECTORS):
+            del m["files"][rel]
+
+    _edit_manifest(storage, version, edit)
+
+
 def _popularity(items, cats) -> bytes:
     return _parquet(pa.table({"item_idx": pa.array(items, pa.int32()), "score": pa.array([1.0] * len(items),
                               pa.float32()), "category_idx": pa.array(cats, pa.int32())}))
 
 
 @pytest.mark.parametrize(("rel", "data", "expect"), [
-    (registry.ITEMS, _wider_items(), "width 4, embeddings/items.parquet vectors 3"),
+    (registry.ITEMS, _wider_items(), "width 4, embeddings/items.parquet vectors 3"),  # format 2's vectors
     (registry.USERS, _ragged_users(), "embeddings/users.parquet: vectors do not all have the same"),
+    (registry.ITEM_VECTORS, _npy(np.ones((N_ITEMS, 3), np.float32)), "width 4, embeddings/items.parquet vectors 3"),
+    (registry.USER_VECTORS, _npy(np.ones((N_USERS + 1, DIM), np.float32)), "users.npy has 6 rows, its keys 5"),
+    (registry.USER_VECTORS, _npy(np.ones((N_USERS, DIM), np.float64)), "users.npy holds float64"),
+    (registry.USER_VECTORS, _npy(np.ones((N_USERS, DIM), np.float32, order="F")), r"\(Fortran order\)"),
+    (registry.USER_VECTORS, _npy(np.ones(N_USERS * DIM, np.float32)), r"expected a float32 \[rows, width\] matrix"),
+    (registry.USER_VECTORS, _npy(np.ones((N_USERS, DIM), np.float32))[:-4], "users.npy is 204 bytes"),
+    (registry.USER_VECTORS, b"not an npy file", "users.npy is not a readable .npy file"),
     (registry.SEEN, _seen([0, 1, 1, 1, 1, 1], [7]), r"seen.npz: item indices outside \[0, 7\)"),
     (registry.SEEN, _seen([0, 1, 1, 1], [0]), "seen.npz: indptr has 4 entries, expected users"),
     (registry.SEEN, _seen([0, 2, 1, 1, 1, 1], [0]), "seen.npz: indptr is not a valid CSR"),
@@ -347,6 +375,8 @@ def _popularity(items, cats) -> bytes:
 ])
 def test_well_formed_files_with_wrong_shapes_are_refused(storage: Storage, rel: str, data: bytes, expect: str):
     version = registry.publish(storage, _artifacts())
+    if rel in (registry.USERS, registry.ITEMS):  # a format-3 reader reads only their keys
+        as_format_2(storage, version)
     _rewrite(storage, version, rel, data, fix_hash=True)
     with pytest.raises(registry.CheckpointError, match=expect):
         registry.load_version(storage, version)

@@ -33,16 +33,22 @@ def _rewrite_index(storage: Storage, version: str, data: bytes) -> None:
 
 
 def test_a_version_carries_its_index_and_a_republish_keeps_it(tmp_path: Path) -> None:
+    import faiss
+
     storage = Storage(str(tmp_path / "root"))
     art = _artifacts()
     version = registry.publish(storage, _artifacts(item_index=build(art.item_vectors)))
     loaded = registry.load_version(storage, version)
     assert registry.INDEX in loaded.manifest["files"]
     assert loaded.item_index.ntotal == len(loaded.item_ids)
+    # Its lists are mapped from the version's file (shared by a node's replicas), not read into the process.
+    assert isinstance(faiss.downcast_InvertedLists(loaded.item_index.invlists), faiss.OnDiskInvertedLists)
     _, found = loaded.item_index.search(loaded.item_vectors[:1], 1)
     assert found[0][0] == int(np.argmax(loaded.item_vectors @ loaded.item_vectors[0]))
     again = registry.publish(storage, loaded.artifacts())  # e.g. a version with deleted users blanked
     assert registry.load_version(storage, again).item_index.ntotal == len(loaded.item_ids)
+    assert (_version_dir(storage, again) / registry.INDEX).read_bytes() == \
+        (_version_dir(storage, version) / registry.INDEX).read_bytes()  # the published bytes, not the mapped lists
 
 
 def test_a_version_without_an_index_loads_with_none(tmp_path: Path) -> None:

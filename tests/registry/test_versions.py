@@ -12,7 +12,7 @@ import pytest
 
 import registry
 from core.storage import Storage
-from tests.registry.test_format_and_commit import DIM, _artifacts, _edit_manifest
+from tests.registry.test_format_and_commit import DIM, MODES, _artifacts, _edit_manifest, _publish, as_format_2
 
 LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_root"
 
@@ -32,7 +32,7 @@ def test_a_version_carries_category_and_brand_names_and_vectors(storage: Storage
     art = _artifacts(seed=5)
     version = registry.publish(storage, art)
     loaded = registry.load_version(storage, version)
-    assert loaded.format == registry.FORMAT == 2
+    assert loaded.format == registry.FORMAT == 3
     assert loaded.category_ids == ["cat-a", "cat-b", "cat-c"] and loaded.brand_ids == ["brand-a", "brand-b"]
     np.testing.assert_array_equal(loaded.category_vectors, art.category_vectors)
     assert loaded.brand_vectors.shape == (2, DIM) and not loaded.brand_vectors.any()  # none given: zeros
@@ -97,3 +97,44 @@ def test_a_loaded_version_publishes_again_whole_in_the_current_format(legacy: St
     assert again.category_ids == old.category_ids and again.user_keys == old.user_keys
     np.testing.assert_array_equal(again.item_vectors, old.item_vectors)
     assert again.load_curve_png() == old.load_curve_png()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_vectors_are_mapped_from_the_version_and_a_write_never_reaches_it(storage: Storage, mode: str) -> None:
+    art = _artifacts(seed=2)
+    version = _publish(storage, art, mode)
+    loaded = registry.load_version(storage, version)
+    folder = Path(storage.path("checkpoints", "versions", version))
+    for rel, vectors, expected in ((registry.USER_VECTORS, loaded.user_vectors, art.user_vectors),
+                                   (registry.ITEM_VECTORS, loaded.item_vectors, art.item_vectors)):
+        assert isinstance(vectors, np.memmap) and vectors.dtype == np.float32
+        np.testing.assert_array_equal(vectors, expected)
+        np.testing.assert_array_equal(np.load(folder / rel), expected)  # plain .npy: readable without this code
+        vectors[0] = 99.0  # copy-on-write: this process's page only
+        np.testing.assert_array_equal(np.load(folder / rel)[0], expected[0])
+    assert registry.load_version(storage, version).user_vectors[0].tolist() == art.user_vectors[0].tolist()
+
+
+def test_a_format_2_version_loads_its_vectors_from_the_parquet_files(storage: Storage) -> None:
+    art = _artifacts(seed=4)
+    version = registry.publish(storage, art)
+    as_format_2(storage, version)
+    loaded = registry.load_version(storage, version)
+    assert loaded.format == 2 and not isinstance(loaded.user_vectors, np.memmap)
+    np.testing.assert_array_equal(loaded.user_vectors, art.user_vectors)
+    np.testing.assert_array_equal(loaded.item_vectors, art.item_vectors)
+    again = registry.load_version(storage, registry.publish(storage, loaded.artifacts()))
+    assert again.format == registry.FORMAT and isinstance(again.user_vectors, np.memmap)
+    np.testing.assert_array_equal(again.item_vectors, art.item_vectors)
+
+
+def test_vectors_past_int32_list_offsets_are_exported_as_large_lists(storage: Storage, monkeypatch) -> None:
+    import registry.format
+
+    monkeypatch.setattr(registry.format, "LIST_VALUES_MAX", 8)  # 10M shoppers x 1,024 dims, in miniature
+    art = _artifacts(seed=6)
+    version = registry.publish(storage, art)
+    users = pq.read_table(Path(storage.path("checkpoints", "versions", version, registry.USERS)))
+    assert str(users.schema.field("vector").type) == "large_list<element: float>"
+    np.testing.assert_array_equal(np.array(users["vector"].to_pylist(), np.float32), art.user_vectors)
+    np.testing.assert_array_equal(registry.load_version(storage, version).user_vectors, art.user_vectors)

@@ -61,3 +61,20 @@ def test_openapi_lists_each_parameter_with_its_default() -> None:
     assert doc["k"]["schema"] == {"type": "integer", "default": 20}
     assert doc["category"]["schema"] == {"type": "string"} and doc["category"]["in"] == "query"
     assert doc["explain"]["schema"] == {"type": "boolean", "default": False}
+
+
+def test_the_deployed_app_routes_recommend_to_the_starlette_route_first() -> None:
+    """serve.ingress deploys a copy of the FastAPI app frozen when the class is decorated: the hand-read route for
+    /recommend must already be first in that copy, or every request pays FastAPI's dependency solving (py-spy under
+    load found it so, 2026-12-06)."""
+    from fastapi import FastAPI
+    from starlette.routing import Match, Route
+
+    from serve_app import app
+
+    frozen = [c.cell_contents for c in app.Recommender.func_or_class.__init__.__closure__
+              if isinstance(c.cell_contents, FastAPI)]
+    assert len(frozen) == 1 and frozen[0] is not app.api  # what replicas run is the copy
+    scope = {"type": "http", "method": "GET", "path": "/recommend/u1", "root_path": ""}
+    first = next(r for r in frozen[0].router.routes if r.matches(scope)[0] == Match.FULL)
+    assert isinstance(first, Route) and first.endpoint is app._recommend_route
