@@ -26,10 +26,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bench.load import require_hey
+
+if TYPE_CHECKING:
+    from core.storage import Storage
 
 OUT = Path(__file__).resolve().parent / "out"
 DIM, CLUSTERS, USERS, SEEN = 64, 4000, 20_000, 30
@@ -156,14 +160,13 @@ def model_memory(root: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def as_format_2(root: str) -> None:
-    """The latest version as the format-2 code published it (vectors served from the Parquet files, no .npy
-    copies): the replica memory before format 3, measured on the same version."""
+def as_format_2(storage: Storage, version: str) -> None:
+    """`version` as the format-2 code published it: the same files but the .npy vectors, which it did not write (it
+    served the Parquet files' vectors). The replica memory before format 3, measured on the same version; the
+    registry's tests use it for a format-2 version too."""
     import registry
-    from core.storage import Storage
 
-    storage = Storage(root)
-    folder = Path(storage.path("checkpoints", "versions", registry.latest_version(storage)))
+    folder = Path(storage.path("checkpoints", "versions", version))
     manifest = json.loads((folder / registry.MANIFEST).read_text())
     for rel in (registry.USER_VECTORS, registry.ITEM_VECTORS):
         (folder / rel).unlink()
@@ -307,7 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_only:
             r["replica_memory"] = model_memory(root)
             if args.format_2:
-                as_format_2(root)
+                import registry
+                from core.storage import Storage
+
+                storage = Storage(root)
+                as_format_2(storage, registry.latest_version(storage))
                 r["replica_memory_format_2"] = model_memory(root)
             print(json.dumps(r), flush=True)
             results.append(r)

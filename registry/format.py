@@ -48,10 +48,10 @@ import mmap
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -304,33 +304,18 @@ def parse_keys(source: pa.NativeFile, key_column: str, label: str, rel: str) -> 
     return keys
 
 
-def mapped_vectors(path: str, rows: int, label: str, rel: str) -> np.ndarray:
-    """A format-3 vectors file (float32 [rows, d], C order, .npy) on local disk, memory-mapped copy-on-write:
-    replicas on a node share its pages through the page cache, pages nobody reads stay on disk, and a write into
-    the array (none is made) would land in a private copy, never in the version."""
-    try:
-        with open(path, "rb") as f:
-            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
-            if read_header is None:
-                raise ValueError("an .npy format this reader does not map")
-            shape, fortran, dtype = read_header(f)
-            offset = f.tell()
-            size = f.seek(0, 2)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{label}: {rel} is not a readable .npy file: {one_line(e)}") from e
-    if dtype != np.dtype("<f4") or len(shape) != 2 or fortran or shape[1] < 1:
-        raise CheckpointError(f"{label}: {rel} holds {dtype}{list(shape)}{' (Fortran order)' if fortran else ''}, "
-                              "expected a float32 [rows, width] matrix in C order")
-    if shape[0] != rows:
-        raise CheckpointError(f"{label}: {rel} has {shape[0]} rows, its keys {rows}")
-    if size != offset + shape[0] * shape[1] * 4:
-        raise CheckpointError(f"{label}: {rel} is {size} bytes, its header says {offset + shape[0] * shape[1] * 4}")
-    if rows == 0:
-        return np.zeros(shape, np.float32)
-    return np.memmap(path, dtype=np.float32, mode="c", offset=offset, shape=shape)
-
-
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_header(f: Any, what: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Shape, Fortran order, dtype and the data's offset of the .npy array starting at f's position."""
+    read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+    if read_header is None:
+        raise ValueError(f"{what} has an .npy format this reader does not map")
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ValueError(f"{what} holds Python objects")
+    return shape, fortran, dtype, f.tell()
 
 
 def mapped_npz(path: str) -> dict[str, np.ndarray]:
@@ -352,13 +337,7 @@ def mapped_npz(path: str) -> dict[str, np.ndarray]:
             start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
                 int.from_bytes(local[28:30], "little")
             f.seek(start)
-            read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
-            if read_header is None:
-                raise ValueError(f"member {info.filename!r} has an .npy format this reader does not map")
-            shape, fortran, dtype = read_header(f)
-            if dtype.hasobject:
-                raise ValueError(f"member {info.filename!r} holds Python objects")
-            offset = f.tell()
+            shape, fortran, dtype, offset = _npy_header(f, f"member {info.filename!r}")
             if offset - start + int(np.prod(shape)) * dtype.itemsize > info.file_size:
                 raise ValueError(f"member {info.filename!r} is shorter than its header says")
             if int(np.prod(shape)) == 0:
@@ -367,6 +346,28 @@ def mapped_npz(path: str) -> dict[str, np.ndarray]:
                 out[name] = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
                                       order="F" if fortran else "C")
     return out
+
+
+def mapped_vectors(path: str, rows: int, label: str, rel: str) -> np.ndarray:
+    """A format-3 vectors file (float32 [rows, d], C order, .npy) on local disk, memory-mapped copy-on-write:
+    replicas on a node share its pages through the page cache, pages nobody reads stay on disk, and a write into
+    the array (none is made) would land in a private copy, never in the version."""
+    try:
+        with open(path, "rb") as f:
+            shape, fortran, dtype, offset = _npy_header(f, "the file")
+            size = f.seek(0, 2)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{label}: {rel} is not a readable .npy file: {one_line(e)}") from e
+    if dtype != np.dtype("<f4") or len(shape) != 2 or fortran or shape[1] < 1:
+        raise CheckpointError(f"{label}: {rel} holds {dtype}{list(shape)}{' (Fortran order)' if fortran else ''}, "
+                              "expected a float32 [rows, width] matrix in C order")
+    if shape[0] != rows:
+        raise CheckpointError(f"{label}: {rel} has {shape[0]} rows, its keys {rows}")
+    if size != offset + shape[0] * shape[1] * 4:
+        raise CheckpointError(f"{label}: {rel} is {size} bytes, its header says {offset + shape[0] * shape[1] * 4}")
+    if rows == 0:
+        return np.zeros(shape, np.float32)
+    return np.memmap(path, dtype=np.float32, mode="c", offset=offset, shape=shape)
 
 
 def parse_seen(source: bytes | str, n_users: int, n_items: int, label: str
@@ -512,7 +513,7 @@ def encode(a: ModelArtifacts) -> tuple[dict[str, Any], dict[str, Any]]:
     return out, manifest
 
 
-def _spilled(write: Any) -> memoryview:
+def _spilled(write: Callable[[BinaryIO], object]) -> memoryview:
     """What `write(file)` writes, in an unlinked temporary file, mapped read-only."""
     with tempfile.TemporaryFile() as spill:
         write(spill)

@@ -24,6 +24,7 @@ import torch
 
 import registry
 import registry.writer
+from bench.catalogue import as_format_2
 from core.storage import Storage
 
 N_USERS, N_ITEMS, DIM = 5, 7, 4
@@ -334,21 +335,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, array)
     return buf.getvalue()
-
-
-def as_format_2(storage: Storage, version: str) -> None:
-    """The version as the format-2 code published it: the same files but the .npy vectors, which it did not write
-    (it served the Parquet files' vectors)."""
-    folder = _folder(storage, version)
-    for rel in (registry.USER_VECTORS, registry.ITEM_VECTORS):
-        (folder / rel).unlink()
-
-    def edit(m: dict) -> None:
-        m["format"] = 2
-        for rel in (registry.USER_VECTORS, registry.ITEM_VECTORS):
-            del m["files"][rel]
-
-    _edit_manifest(storage, version, edit)
 
 
 def _popularity(items, cats) -> bytes:

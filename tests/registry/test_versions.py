@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import registry
+from bench.catalogue import as_format_2
 from core.storage import Storage
-from tests.registry.test_format_and_commit import DIM, MODES, _artifacts, _edit_manifest, _publish, as_format_2
+from tests.registry.test_format_and_commit import DIM, MODES, _artifacts, _edit_manifest, _publish
 
 LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_root"
 
