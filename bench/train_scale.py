@@ -130,11 +130,14 @@ def train_once(root: Path, workers: int, args: argparse.Namespace) -> dict:
     opts = TrainOptions(num_workers=workers)
     started = time.time()
     with PeakMemory() as mem:
-        with fitted(cfg, opts, worker_inputs(cfg, opts, started), f"scale-{workers}w-{int(started)}") as (ckpt, _):
+        inputs = worker_inputs(cfg, opts, started, max_steps=args.max_steps)
+        with fitted(cfg, opts, inputs, f"scale-{workers}w-{int(started)}") as (ckpt, _):
             state = TrainState.load(ckpt)
     entry = state.history[-1]
     k = cfg.train.k
-    return {"workers": workers, "threads_per_worker": max(1, int(cpus)), "epoch_s": entry["seconds"],
+    # A probe (--max-steps) stops inside the epoch: its seconds are a partial epoch's, labelled as such.
+    label = "epoch_s" if args.max_steps is None else "partial_epoch_s"
+    return {"workers": workers, "threads_per_worker": max(1, int(cpus)), label: entry["seconds"],
             "steps": entry["steps"], "batch_per_worker": args.batch_size, "setup_s": state.phases.get("setup"),
             "eval_s": state.phases.get("eval"), f"recall@{k}": round(entry[f"recall@{k}"], 4),
             f"ndcg@{k}": round(entry[f"ndcg@{k}"], 4), "eval_users": entry["eval_users"],
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16384, help="per worker")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts, one run each")
     p.add_argument("--eval-users", type=int, default=10_000)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="a probe: stop after this many steps per worker (a partial epoch, reported as such)")
     p.add_argument("--regenerate", action="store_true", help="write the graph again even if it is there")
     args = p.parse_args(argv)
     root = OUT / f"u{args.users}-i{args.items}-e{args.events}-d{args.days}"
@@ -182,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"graph": str(root), **made, "generate_s": round(time.time() - started, 1),
                         "peak_gib": mem.gib})
         print(json.dumps(results[-1]), flush=True)
-    results.append(popularity(root, args.eval_users))
-    print(json.dumps(results[-1]), flush=True)
+    if args.max_steps is None:  # a probe measures steps, not the baseline
+        results.append(popularity(root, args.eval_users))
+        print(json.dumps(results[-1]), flush=True)
     for workers in (int(w) for w in args.workers.split(",")):
         results.append(train_once(root, workers, args))
         print(json.dumps(results[-1]), flush=True)

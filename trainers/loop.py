@@ -24,11 +24,21 @@ import torch
 import torch.distributed as dist
 
 from core.config import TrainConfig
+from trainers import heap
 from trainers.data import InterestGraph, Split, evaluated_pairs
 from trainers.graph import NodeOffsets, node_offsets
 from trainers.losses import bpr_loss, l2_reg, softmax_loss
 from trainers.metrics import recall_ndcg_at_k
-from trainers.minibatch import History, NeighbourRows, RowAdam, batch_output, compact, exchange_rows, refresh
+from trainers.minibatch import (
+    History,
+    NeighbourRows,
+    RowAdam,
+    batch_output,
+    compact,
+    exchange_rows,
+    refresh,
+    share_rows,
+)
 from trainers.model import InterestGCN
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.shared_graph import build_adjacency, build_shared_graph
@@ -153,7 +163,7 @@ class Worker:
     adj: torch.Tensor
     model: InterestGCN
     neighbours: NeighbourRows  # the adjacency's rows, sampled per step
-    optimiser: torch.optim.Optimizer
+    optimiser: RowAdam
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_csr: Csr
     test_csr: Csr
@@ -309,12 +319,19 @@ def train_step(w: Worker, users: np.ndarray, pos: np.ndarray, rng: np.random.Gen
     loss = rank_loss + hp.l2 * l2_reg(ego[u_i], ego[p_i], ego[n_i], b)
     loss.backward()
     # Rows a warm start must not move get no gradient, and a lazy Adam leaves a row without one where it is.
-    w.optimiser.step(rows=exchange_rows(batch.index, batch.leaf.grad, w.frozen, w.world))
+    rows = exchange_rows(batch.index, batch.leaf.grad, w.frozen, w.world)
+    w.optimiser.step(rows=rows)  # this rank's own rows; the others' new values come from their ranks
+    share_rows(w.model.embedding.weight, rows[0], w.world)
     return float(loss.detach())
 
 
 def train_epoch(w: Worker, epoch: int) -> EpochResult:
     """`w.passes` passes over this rank's pairs in `w.steps` steps (wrapping round between passes)."""
+    with heap.reusing_freed_blocks():  # a step reuses the blocks the last one freed; given back after the last
+        return _steps(w, epoch)
+
+
+def _steps(w: Worker, epoch: int) -> EpochResult:
     hp, inputs = w.hp, w.inputs
     rng = np.random.default_rng(hp.seed * 1_000_003 + epoch * 1_009 + w.rank)
     order = rng.permutation(np.arange(w.rank, len(w.pairs_user), w.world))
@@ -408,6 +425,8 @@ def _refits(w: Worker) -> bool:
 
 def save_state(w: Worker, entry: dict[str, Any], final: bool, emb: torch.Tensor | None) -> None:
     """Report the epoch to the session; rank 0 attaches the training state (and, when final, the embeddings)."""
+    if not final:  # a run resumes from this one: its moments, of which each rank holds the rows it owns
+        w.optimiser.gather_moments(w.world)
     with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
         checkpoint_dir = None
         if w.rank == 0:
