@@ -14,7 +14,7 @@ no glibc nothing changes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,17 +27,25 @@ _M_MMAP_MAX = -4
 _DEFAULT_MMAP_MAX = 65536
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+    """This process's C library, if it is glibc (the symbols of the running program: no library search)."""
     try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
-            return None
+        libc = ctypes.CDLL(None)
     except OSError:
+        return None
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return None
     libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     return libc
+
+
+def give_back() -> None:
+    """The heap's free pages back to the system now (before a phase whose blocks differ in size from the last's)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @contextmanager
@@ -45,9 +53,8 @@ def reusing_freed_blocks() -> Iterator[bool]:
     """Within: large blocks from the heap, freed ones kept there (what the set-up left free given back first). After:
     large blocks are mappings again (an evaluation's peak is given back as it ends) and the free pages go back.
     Yields whether glibc took the settings."""
+    give_back()
     libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
     took = libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1
     try:
         yield took

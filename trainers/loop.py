@@ -344,6 +344,10 @@ def _steps(w: Worker, epoch: int) -> EpochResult:
     loss_sum, step, stop = 0.0, 0, False
     for step in range(w.steps):
         if step % refresh_every == 0:
+            # The old copy goes first, and the steps' kept blocks (row-sized) go back: the refresh's are table-sized,
+            # and on top of both two workers at 1M users passed Ray's memory limit (22.4 of 23.5 GB).
+            w.stored = None
+            heap.give_back()
             w.stored = refresh(w.model, w.adj)
         idx = order[step * batch : (step + 1) * batch]
         loss_sum += train_step(w, w.pairs_user[idx], w.pairs_item[idx] + w.offsets.item, rng)
