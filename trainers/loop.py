@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from core.config import TrainConfig
-from trainers import heap
 from trainers.data import InterestGraph, Split, evaluated_pairs
 from trainers.graph import NodeOffsets, node_offsets
 from trainers.losses import bpr_loss, l2_reg, softmax_loss
@@ -327,11 +326,6 @@ def train_step(w: Worker, users: np.ndarray, pos: np.ndarray, rng: np.random.Gen
 
 def train_epoch(w: Worker, epoch: int) -> EpochResult:
     """`w.passes` passes over this rank's pairs in `w.steps` steps (wrapping round between passes)."""
-    with heap.reusing_freed_blocks():  # a step reuses the blocks the last one freed; given back after the last
-        return _steps(w, epoch)
-
-
-def _steps(w: Worker, epoch: int) -> EpochResult:
     hp, inputs = w.hp, w.inputs
     rng = np.random.default_rng(hp.seed * 1_000_003 + epoch * 1_009 + w.rank)
     order = rng.permutation(np.arange(w.rank, len(w.pairs_user), w.world))
@@ -344,10 +338,7 @@ def _steps(w: Worker, epoch: int) -> EpochResult:
     loss_sum, step, stop = 0.0, 0, False
     for step in range(w.steps):
         if step % refresh_every == 0:
-            # The old copy goes first, and the steps' kept blocks (row-sized) go back: the refresh's are table-sized,
-            # and on top of both two workers at 1M users passed Ray's memory limit (22.4 of 23.5 GB).
-            w.stored = None
-            heap.give_back()
+            w.stored = None  # the old copy's memory is free before the new one is computed, not after
             w.stored = refresh(w.model, w.adj)
         idx = order[step * batch : (step + 1) * batch]
         loss_sum += train_step(w, w.pairs_user[idx], w.pairs_item[idx] + w.offsets.item, rng)

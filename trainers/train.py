@@ -23,7 +23,6 @@ from core.cli import positive, run_command
 from core.config import AppConfig, TrainConfig
 from core.storage import TRAIN_RUNS, storage_for
 from trainers.data import GraphMissingError
-from trainers.heap import WORKER_ENV
 from trainers.worker_inputs import Refit, WarmStart, WorkerInputs
 
 log = logging.getLogger("trainers.train")
@@ -96,7 +95,6 @@ def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, nam
             **where,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": WORKER_ENV},  # trainers.heap: a step reuses freed blocks
         ),
     )
 

@@ -200,15 +200,3 @@ def test_the_refit_learns_the_holdout_after_it_was_scored(small_graph: AppConfig
 
     # update.epochs (4) passes over the held-out pairs at update.lr lift them by about half here (0.39 -> 0.20)
     assert held_out_rank(refit) < 0.7 * held_out_rank(plain), (held_out_rank(refit), held_out_rank(plain))
-
-
-def test_training_workers_start_with_one_malloc_arena(small_graph: AppConfig) -> None:
-    """The Ray Train workers' processes start with one malloc arena, so a step's large blocks can come from the
-    heap (trainers.heap); the environment goes to the workers, not to the whole job."""
-    from trainers.heap import WORKER_ENV
-    from trainers.loop import train_loop_per_worker
-    from trainers.train import trainer_for
-
-    trainer = trainer_for(small_graph, TrainOptions(), train_loop_per_worker, {}, "env-check")
-    env = trainer.run_config.worker_runtime_env["env_vars"]
-    assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_MMAP_MAX_"] == "0" and env == WORKER_ENV
