@@ -11,7 +11,8 @@ WWW 2024: one propagation layer per step over historical embeddings). With `E_h 
 mean readout, so evaluation and export keep the full propagation and score the same function. A node with more
 neighbours than the fan-out has them sampled uniformly with replacement and reweighted (an unbiased estimate of its
 row), so a popular item costs no more than a quiet one. A step touches a few rows of the table: its gradient is
-sparse, exchanged between ranks as rows (not a dense all-reduce of the whole table) and applied by a lazy Adam.
+sparse, exchanged between ranks as rows (not a dense all-reduce of the whole table) and applied by a lazy Adam, each
+row by the one rank that owns it (`owner`), which then sends the row's new value to the others.
 """
 
 from __future__ import annotations
@@ -167,8 +168,13 @@ def _all_gather_rows(index: Tensor, values: Tensor, world: int) -> list[tuple[Te
     return [(i[:n], v[:n]) for i, v, n in zip(all_index, all_values, real, strict=True)]
 
 
+def owner(rows: Tensor, world: int) -> Tensor:
+    """The rank that moves each row (and keeps its Adam moments): balanced, and known to every rank unasked."""
+    return rows % world
+
+
 def exchange_rows(index: Tensor, grad: Tensor, frozen: Tensor | None, world: int) -> tuple[Tensor, Tensor]:
-    """The gradient of the rows this rank owns (row % world == rank), summed over ranks and averaged, without the
+    """The gradient of the rows this rank owns (`owner`), summed over ranks and averaged, without the
     rows a warm start must not move. With one rank it owns every row.
 
     Ranks exchange only the rows they read (`_all_gather_rows`), where a dense all-reduce would move and sum the
@@ -184,7 +190,7 @@ def exchange_rows(index: Tensor, grad: Tensor, frozen: Tensor | None, world: int
     rank = dist.get_rank()
     parts = []
     for i, g in _all_gather_rows(index, grad, world):
-        mine = torch.nonzero(i % world == rank).squeeze(1)
+        mine = torch.nonzero(owner(i, world) == rank).squeeze(1)
         parts.append((i[mine], g.index_select(0, mine)))
     rows, where = torch.unique(torch.cat([i for i, _ in parts]), return_inverse=True)
     summed = torch.zeros((len(rows), grad.shape[1]), dtype=grad.dtype, device=grad.device)
@@ -243,11 +249,9 @@ class RowAdam(torch.optim.Optimizer):
         (`exchange_rows`), so a checkpoint, written by rank 0, needs the others' rows from them."""
         if world == 1 or not self.state:
             return
-        rank = dist.get_rank()
         state = self.state[self.param_groups[0]["params"][0]]
+        # Rows another rank owns hold a stale copy here (or zeros): zeroed, so the sum is the owner's value.
+        others = owner(torch.arange(len(state["exp_avg"]), device=state["exp_avg"].device), world) != dist.get_rank()
         for key in ("exp_avg", "exp_avg_sq"):
-            moments = state[key]
-            for r in range(world):  # rows another rank owns hold a stale copy here (or zeros): its value wins
-                if r != rank:
-                    moments[r::world] = 0.0
-            dist.all_reduce(moments)
+            state[key][others] = 0.0
+            dist.all_reduce(state[key])
