@@ -33,9 +33,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The serving benchmarks drive HTTP load with hey (Debian's package), a compiled client in its own process.
+# The serving benchmarks drive HTTP load with hey (Debian's package), a compiled client in its own process; the
+# training workers run on jemalloc where the machine has it (trainers/allocator.py).
 bench-deps:
-	command -v hey >/dev/null || (apt-get update -q && apt-get install -y -q hey)
+	(command -v hey >/dev/null && ldconfig -p | grep -q libjemalloc) || (apt-get update -q && apt-get install -y -q hey libjemalloc2)
 
 bench-ingest: $(STAMP)
 	$(BIN)/python -m bench.ingest $(ARGS)

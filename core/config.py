@@ -138,6 +138,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1, description="evaluate (and checkpoint) every N epochs")
     max_failures: int = Field(2, ge=0, description="worker losses a run survives, resuming from its last checkpoint")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per worker; null: cpus_per_worker")
+    allocator: Literal["jemalloc", "system"] = Field(
+        "jemalloc", description="memory allocator of the training workers: jemalloc (preloaded where the machine has "
+        "libjemalloc; a step's large blocks are reused, not faulted in again) or the system's malloc")
     refit: bool = Field(
         True, description="after the last evaluation, learn the held-out pairs too (sized like an update over them), "
         "so the published model has seen every ingested day; its metrics are the evaluation's; never an official "

@@ -22,6 +22,7 @@ from typing import Any
 from core.cli import positive, run_command
 from core.config import AppConfig, TrainConfig
 from core.storage import TRAIN_RUNS, storage_for
+from trainers.allocator import worker_env
 from trainers.data import GraphMissingError
 from trainers.worker_inputs import Refit, WarmStart, WorkerInputs
 
@@ -81,6 +82,7 @@ def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, nam
     from ray.train.torch import TorchTrainer
 
     storage = storage_for(cfg)
+    env = worker_env(cfg.train.allocator)
     # On an object store Ray Train gets our filesystem, so it uses data.s3_endpoint / s3_region like everything else.
     where = {"storage_path": storage.path(TRAIN_RUNS)}
     if not storage.is_local:
@@ -95,6 +97,7 @@ def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, nam
             **where,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
 
