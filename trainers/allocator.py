@@ -38,6 +38,6 @@ def worker_env(allocator: Literal["jemalloc", "system"], library: str | None = N
 
 
 def in_use() -> Literal["jemalloc", "system"]:
-    """The allocator this process runs on (what a worker reports at set-up)."""
+    """The allocator this process runs on, from its mapped libraries (how a test tells what a Ray worker got)."""
     with open("/proc/self/maps") as maps:
         return "jemalloc" if any("libjemalloc" in line for line in maps) else "system"
