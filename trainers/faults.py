@@ -34,7 +34,7 @@ class InjectFaults:
 class _FaultySession:
     def __init__(self, inner: Any, faults: tuple[Fault, ...]) -> None:
         self._inner, self._faults = inner, faults
-        self.rank, self.world = inner.rank, inner.world
+        self.rank, self.world, self.local_world = inner.rank, inner.world, inner.local_world
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         for fault in self._faults:

@@ -49,6 +49,7 @@ from trainers.worker_inputs import WorkerInputs
 class Session(Protocol):
     rank: int
     world: int
+    local_world: int  # ranks on this node, this one included
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...
 
@@ -64,6 +65,7 @@ class LocalSession:
     out_dir: str
     rank: int = 0
     world: int = 1
+    local_world: int = 1
     reports: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: str | None = None
     restore_from: str | None = None
@@ -94,6 +96,7 @@ class RayTrainSession:
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_world = ctx.get_local_world_size()
         self._restored: tempfile.TemporaryDirectory | None = None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
@@ -265,10 +268,17 @@ def _spectral_start(adj: torch.Tensor, offsets: NodeOffsets, hp: TrainConfig, se
                     device: torch.device) -> torch.Tensor:
     """The filter start, computed once: rank 0 runs the randomized SVD and broadcasts the result. Every rank would
     compute the same start (same graph, same seed), each spending its own core and its own SVD working memory on
-    it. The other ranks wait in the broadcast, so the SVD must end within the process group's timeout."""
+    it. The other ranks wait in the broadcast, so the SVD must end within the process group's timeout; those on
+    rank 0's node wait without using their cores (gloo blocks), so rank 0 takes their threads for the SVD (1,024
+    pairs of Gowalla: 27.5 s on one thread, 15.1 s on two)."""
     if session.world == 1 or session.rank == 0:
-        start = spectral_embeddings(adj, offsets, hp.embedding_dim, seed=hp.seed, filter_beta=hp.spectral_filter,
-                                    num_layers=hp.num_layers).to(device)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads * max(session.local_world, 1))
+        try:
+            start = spectral_embeddings(adj, offsets, hp.embedding_dim, seed=hp.seed,
+                                        filter_beta=hp.spectral_filter, num_layers=hp.num_layers).to(device)
+        finally:
+            torch.set_num_threads(threads)
     else:
         start = torch.empty(offsets.num_nodes, hp.embedding_dim, device=device)
     if session.world > 1:

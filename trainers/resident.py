@@ -110,7 +110,7 @@ class _CycleSession:
 
     def __init__(self, train_session: Any) -> None:
         self._train = train_session
-        self.rank, self.world = train_session.rank, train_session.world
+        self.rank, self.world, self.local_world = train_session.rank, train_session.world, train_session.local_world
         self.files: dict[str, bytes] = {}
         self.metrics: dict[str, Any] = {}
 

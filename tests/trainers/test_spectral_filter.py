@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from trainers.graph import build_norm_adjacency, node_offsets
@@ -41,6 +42,33 @@ def test_randomized_svd_finds_the_top_singular_values():
     _, sigma, _ = randomized_svd(block, 8, iterations=6)
     exact = np.linalg.svd(block.toarray(), compute_uv=False)[:8]
     np.testing.assert_allclose(sigma, exact, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(60, 25), (25, 60)])
+def test_randomized_svd_returns_singular_pairs_on_either_side(shape):
+    """Wide or tall, the basis is kept on the shorter side; u and v come back orthonormal and paired (u^T A v is
+    diagonal with sigma on it)."""
+    rng = np.random.default_rng(3)
+    m = sp.random(*shape, density=0.3, random_state=rng, format="csr", dtype=np.float32)
+    u, sigma, v = randomized_svd(m, 10, iterations=8)
+    assert u.shape == (shape[0], 10) and v.shape == (shape[1], 10)
+    np.testing.assert_allclose(sigma, np.linalg.svd(m.toarray(), compute_uv=False)[:10], rtol=1e-3)
+    np.testing.assert_allclose(u.T @ u, np.eye(10), atol=1e-4)
+    np.testing.assert_allclose(v.T @ v, np.eye(10), atol=1e-4)
+    np.testing.assert_allclose(u.T @ (m @ v), np.diag(sigma), atol=1e-4 * sigma[0])
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (9, 12)])
+def test_randomized_svd_above_the_rank_gives_zero_vectors_not_nan(shape):
+    """A block of rank 2 asked for 5 pairs, wide or tall: the three it does not have come back with sigma about 0
+    and a zero vector on one side, so they add nothing to a filter's scores."""
+    rng = np.random.default_rng(4)
+    m = sp.csr_matrix((rng.random((shape[0], 2)) @ rng.random((2, shape[1]))).astype(np.float32))
+    u, sigma, v = randomized_svd(m, 5, iterations=3)
+    assert np.isfinite(u).all() and np.isfinite(v).all()
+    assert (sigma[2:] < 1e-3 * sigma[0]).all()
+    assert min(np.abs(u[:, 2:]).max(axis=0).max(), np.abs(v[:, 2:]).max(axis=0).max()) == 0
+    np.testing.assert_allclose((u * sigma) @ v.T, m.toarray(), atol=1e-4)
 
 
 @pytest.mark.parametrize("layers, beta, attributes, exponent", [
@@ -87,3 +115,30 @@ def test_item_degree_scale_multiplies_only_items():
     model.set_output_scale(torch.from_numpy(scale))
     torch.testing.assert_close(model(adj), plain * torch.from_numpy(scale)[:, None])
     assert "output_scale" not in model.state_dict()
+
+
+def test_rank_zero_runs_the_svd_on_the_threads_of_the_ranks_waiting_on_its_node(monkeypatch, tmp_path):
+    """The other ranks wait in the broadcast; rank 0 takes their threads for the SVD and gives them back after."""
+    from core.config import TrainConfig
+    from trainers import loop
+
+    seen = []
+    off = node_offsets(USERS, ITEMS, CATS, BRANDS)
+    real = loop.spectral_embeddings
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "spectral_embeddings", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hp = TrainConfig(embedding_dim=8, spectral_filter=3.5)
+        for local_world in (1, 2):
+            session = loop.LocalSession(out_dir=str(tmp_path), local_world=local_world)
+            start = loop._spectral_start(_adjacency(0, attributes=True), off, hp, session, torch.device("cpu"))
+            assert start.shape == (off.num_nodes, 8) and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2]
