@@ -46,8 +46,7 @@ def test_randomized_svd_finds_the_top_singular_values():
 
 @pytest.mark.parametrize("shape", [(60, 25), (25, 60)])
 def test_randomized_svd_returns_singular_pairs_on_either_side(shape):
-    """Wide or tall, the basis is kept on the shorter side; u and v come back orthonormal and paired (u^T A v is
-    diagonal with sigma on it)."""
+    """Wide or tall, u and v come back orthonormal and paired (u^T A v is diagonal with sigma on it)."""
     rng = np.random.default_rng(3)
     m = sp.random(*shape, density=0.3, random_state=rng, format="csr", dtype=np.float32)
     u, sigma, v = randomized_svd(m, 10, iterations=8)
