@@ -273,7 +273,7 @@ def _spectral_start(adj: torch.Tensor, offsets: NodeOffsets, hp: TrainConfig, se
     pairs of Gowalla: 27.5 s on one thread, 15.1 s on two)."""
     if session.world == 1 or session.rank == 0:
         threads = torch.get_num_threads()
-        torch.set_num_threads(threads * max(session.local_world, 1))
+        torch.set_num_threads(threads * session.local_world)
         try:
             start = spectral_embeddings(adj, offsets, hp.embedding_dim, seed=hp.seed,
                                         filter_beta=hp.spectral_filter, num_layers=hp.num_layers).to(device)

@@ -47,7 +47,7 @@ def randomized_svd(m: sp.csr_matrix, k: int, iterations: int,
     sigma = lam.clamp(min=0.0).sqrt()
     # A direction the block does not reach (k above its rank) gets a zero vector on the columns' side, not
     # rounding noise divided by a sigma of about 1e-7 (the Gram's float32 inputs set that floor).
-    inv = torch.where(sigma > sigma.max() * 1e-4, 1.0 / sigma.clamp(min=1e-30), torch.zeros_like(sigma))
+    inv = torch.where(sigma > sigma[0] * 1e-4, 1.0 / sigma.clamp(min=1e-30), torch.zeros_like(sigma))
     return (q @ w.float()).numpy(), sigma.float().numpy(), (b @ (w * inv).float()).numpy()
 
 
