@@ -12,8 +12,8 @@ def curve_png(history: list[dict], k: int) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    seconds = [h["seconds"] for h in history]
-    ax.plot(seconds, [h["loss"] for h in history], color="tab:red", marker=".", label="loss")
+    stepped = [h for h in history if h.get("loss") is not None]  # an epoch without steps has no loss
+    ax.plot([h["seconds"] for h in stepped], [h["loss"] for h in stepped], color="tab:red", marker=".", label="loss")
     ax.set_xlabel("seconds of training")
     ax.set_ylabel("BPR loss", color="tab:red")
     evaluated = [h for h in history if f"recall@{k}" in h]

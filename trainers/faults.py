@@ -36,7 +36,7 @@ class _FaultySession:
         self._inner, self._faults = inner, faults
         self.rank, self.world, self.local_world = inner.rank, inner.world, inner.local_world
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
         for fault in self._faults:
             marker = Path(fault.marker)
             if fault.rank != self.rank or fault.epoch != metrics.get("epoch") or marker.exists():
@@ -45,7 +45,7 @@ class _FaultySession:
             if fault.raise_error:
                 raise RuntimeError(f"injected fault at rank {self.rank}, epoch {fault.epoch}")
             os._exit(1)
-        self._inner.report(metrics, checkpoint_dir)
+        self._inner.report(metrics, checkpoint)
 
     def restored_dir(self) -> str | None:
         return self._inner.restored_dir()

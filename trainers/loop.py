@@ -42,7 +42,7 @@ from trainers.model import InterestGCN
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.shared_graph import build_adjacency, build_shared_graph
 from trainers.spectral import spectral_embeddings
-from trainers.train_state import TrainState, save_embeddings
+from trainers.train_state import Checkpoint, TrainState
 from trainers.worker_inputs import WorkerInputs
 
 
@@ -51,7 +51,7 @@ class Session(Protocol):
     world: int
     local_world: int  # ranks on this node, this one included
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...
+    def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None: ...
 
     def restored_dir(self) -> str | None: ...
 
@@ -70,13 +70,12 @@ class LocalSession:
     last_checkpoint: str | None = None
     restore_from: str | None = None
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
         self.reports.append(metrics)
-        if checkpoint_dir is not None:
-            import shutil
-
+        if checkpoint is not None:
             dest = os.path.join(self.out_dir, f"checkpoint_{len(self.reports):06d}")
-            shutil.copytree(checkpoint_dir, dest)
+            os.makedirs(dest)
+            checkpoint.save(dest)
             self.last_checkpoint = dest
 
     def restored_dir(self) -> str | None:
@@ -99,11 +98,15 @@ class RayTrainSession:
         self.local_world = ctx.get_local_world_size()
         self._restored: tempfile.TemporaryDirectory | None = None
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
+            persisted = None
+            if checkpoint is not None:
+                checkpoint.save(tmp)
+                persisted = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=persisted)
 
     def restored_dir(self) -> str | None:
         import ray.train
@@ -182,6 +185,7 @@ class Worker:
     phases: dict[str, float] = field(default_factory=dict)  # where this worker's time went (update timings)
     frozen: torch.Tensor | None = None  # rows of the embedding table a warm start must not move (bool per node)
     stored: History | None = None  # propagated stored embeddings: a step's deeper layers and negatives' scores
+    stored_fresh: bool = False  # `stored` propagates the table as it is now (no step since): no refresh needed
 
     @property
     def rank(self) -> int:
@@ -194,7 +198,7 @@ class Worker:
 
 @dataclass
 class EpochResult:
-    loss: float  # mean over steps and ranks
+    loss: float | None  # mean over steps and ranks; None: no step (a re-filter that publishes the filter alone)
     steps: int
     stop: bool  # the deadline or max_steps was reached: this epoch is the last
 
@@ -252,9 +256,12 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         worker.parent_metrics, worker.total_steps = state.parent_metrics, state.steps
     elif inputs.warm is not None:
         if inputs.warm.eval_parent:
-            # The starting point scored on the same holdout: what a warm start must not fall below.
+            # The starting point scored on the same holdout: what a warm start must not fall below. Its propagation
+            # is the first refresh's, unless the filter replaces the table next.
             mark = time.time()
-            worker.parent_metrics, _ = evaluate(worker)
+            if not inputs.warm.refilter:
+                worker.stored, worker.stored_fresh = refresh(model, adj), True
+            worker.parent_metrics, _ = evaluate(worker, worker.stored.final if worker.stored_fresh else None)
             worker.phases["eval_parent"] = round(time.time() - mark, 3)
         if inputs.warm.refilter:
             mark = time.time()
@@ -342,14 +349,14 @@ def train_epoch(w: Worker, epoch: int) -> EpochResult:
     batch = step_batch(len(order), w.steps, w.passes, hp.batch_size)
     if len(order) < w.steps * batch:  # wrap around so several passes, and short shards, fill every step
         order = np.resize(order, w.steps * batch)
-    # The stored embeddings are refreshed a fixed number of times per pass, so their cost per step is a share of
-    # the graph that shrinks as the epoch's steps grow: an epoch costs a few forward passes plus its batches.
-    refresh_every = max(1, math.ceil(w.steps / hp.refreshes_per_epoch))
+    refresh_every = math.ceil(w.steps / refreshes(w.steps * batch * w.world, len(w.train_csr.indices),
+                                                  hp.refreshes_per_epoch, w.steps))
     loss_sum, step, stop = 0.0, 0, False
     for step in range(w.steps):
-        if step % refresh_every == 0:
+        if step % refresh_every == 0 and not w.stored_fresh:
             w.stored = None  # the old copy's memory is free before the new one is computed, not after
             w.stored = refresh(w.model, w.adj)
+        w.stored_fresh = False  # this step moves the table
         idx = order[step * batch : (step + 1) * batch]
         loss_sum += train_step(w, w.pairs_user[idx], w.pairs_item[idx] + w.offsets.item, rng)
         w.total_steps += 1
@@ -365,22 +372,32 @@ def train_epoch(w: Worker, epoch: int) -> EpochResult:
     return EpochResult(loss=loss_mean, steps=step + 1, stop=stop)
 
 
-def embeddings(w: Worker) -> torch.Tensor:
-    """The propagated embeddings of every node. A model trained on cosine scores is exported with unit vectors, so
-    that a plain dot product ranks as it did."""
+def refreshes(triples: int, train_pairs: int, per_pass: int, steps: int) -> int:
+    """Full propagations an epoch of `steps` steps over `triples` makes: `per_pass` for every pass over the
+    `train_pairs` (a full epoch: `per_pass`), at least one and at most one a step. The refreshes follow what the
+    steps move: a cycle over a thousand new pairs of a 40,000-pair graph moves a few rows by a few steps, and
+    propagating the whole table before each of its steps was most of its time (bench.warm_start)."""
+    # Rounded, not ceiled: a full epoch's steps round its pairs up to whole batches, which is not a fifth refresh.
+    return max(1, min(steps, round(per_pass * triples / max(train_pairs, 1))))
+
+
+def embeddings(w: Worker, final: torch.Tensor | None = None) -> torch.Tensor:
+    """The propagated embeddings of every node (`final`: already propagated, by a refresh of the same table). A
+    model trained on cosine scores is exported with unit vectors, so that a plain dot product ranks as it did."""
     w.model.eval()
     with torch.no_grad():
-        emb = w.model(w.adj)
+        emb = w.model(w.adj) if final is None else final
         if w.hp.loss == "softmax":
             emb = torch.nn.functional.normalize(emb, dim=-1)
     w.model.train()
     return emb
 
 
-def evaluate(w: Worker) -> tuple[dict[str, float], torch.Tensor]:
-    """Recall/NDCG@K over this rank's test users, summed across ranks; also the final embeddings of every node."""
+def evaluate(w: Worker, final: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """Recall/NDCG@K over this rank's test users, summed across ranks; also the final embeddings of every node
+    (`final`: the table's propagation, when a refresh has it)."""
     graph, k = w.graph, w.hp.k
-    emb = embeddings(w)
+    emb = embeddings(w, final)
     users, items = emb[: graph.num_users], emb[graph.num_users : graph.num_users + graph.num_items]
     k_eff = min(k, graph.num_items)
     # Scores come back to the CPU, where the masks and test sets live (a no-op without a GPU).
@@ -411,6 +428,7 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     w.steps = passes_to_steps(len(pick), w.world, w.hp.batch_size, r.epochs, r.max_steps)
     w.passes = r.epochs
     w.neighbours = NeighbourRows(w.adj, w.hp.fanout)
+    w.stored_fresh = False  # a new adjacency: what was propagated over the old one is stale
     w.optimiser = _optimiser(w.model, r.lr)
     w.scheduler = torch.optim.lr_scheduler.ExponentialLR(w.optimiser, gamma=1.0)
     w.inputs = dataclasses.replace(w.inputs, deadline=None, max_steps=None)
@@ -432,28 +450,28 @@ def save_state(w: Worker, entry: dict[str, Any], final: bool, emb: torch.Tensor 
     """Report the epoch to the session; rank 0 attaches the training state (and, when final, the embeddings)."""
     if not final:  # a run resumes from this one: its moments, of which each rank holds the rows it owns
         w.optimiser.gather_moments(w.world)
-    with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
-        checkpoint_dir = None
-        if w.rank == 0:
-            optimiser = w.optimiser.state_dict()
-            if final:  # nothing resumes after the last report, and the moments are twice the table
-                optimiser = {"state": {}, "param_groups": optimiser["param_groups"]}
-            TrainState(
-                model=w.model.state_dict(), optimiser=optimiser, scheduler=w.scheduler.state_dict(),
-                epoch=entry["epoch"], history=w.history, seconds=time.time() - w.started,
-                hparams={"num_nodes": w.offsets.num_nodes, "embedding_dim": w.hp.embedding_dim,
-                         "num_layers": w.hp.num_layers},
-                split={"mode": w.sp.mode, "train_pairs": int(len(w.pairs_user)),
-                       "test_pairs": int(len(w.sp.test_user))},
-                steps=w.total_steps, parent_metrics=w.parent_metrics, phases=w.phases,
-            ).save(tmp)
-            if final and emb is not None:
-                e = emb.detach().cpu().numpy().astype(np.float32)
-                o = w.offsets
-                save_embeddings(tmp, {"users": e[: o.item], "items": e[o.item : o.category],
-                                      "categories": e[o.category : o.brand], "brands": e[o.brand : o.num_nodes]})
-            checkpoint_dir = tmp
-        w.session.report({**entry, "final": final}, checkpoint_dir)
+    checkpoint = None
+    if w.rank == 0:
+        optimiser = w.optimiser.state_dict()
+        if final:  # nothing resumes after the last report, and the moments are twice the table
+            optimiser = {"state": {}, "param_groups": optimiser["param_groups"]}
+        state = TrainState(
+            model=w.model.state_dict(), optimiser=optimiser, scheduler=w.scheduler.state_dict(),
+            epoch=entry["epoch"], history=w.history, seconds=time.time() - w.started,
+            hparams={"num_nodes": w.offsets.num_nodes, "embedding_dim": w.hp.embedding_dim,
+                     "num_layers": w.hp.num_layers},
+            split={"mode": w.sp.mode, "train_pairs": int(len(w.pairs_user)),
+                   "test_pairs": int(len(w.sp.test_user))},
+            steps=w.total_steps, parent_metrics=w.parent_metrics, phases=w.phases,
+        )
+        blocks = None
+        if final and emb is not None:
+            e = emb.detach().cpu().numpy().astype(np.float32, copy=False)
+            o = w.offsets
+            blocks = {"users": e[: o.item], "items": e[o.item : o.category], "categories": e[o.category : o.brand],
+                      "brands": e[o.brand : o.num_nodes]}
+        checkpoint = Checkpoint(state, blocks)
+    w.session.report({**entry, "final": final}, checkpoint)
 
 
 def run_worker(inputs: WorkerInputs, session: Session) -> None:
@@ -461,7 +479,7 @@ def run_worker(inputs: WorkerInputs, session: Session) -> None:
     w = set_up(inputs, session)
     hp = w.hp
     for epoch in range(w.start_epoch, hp.epochs):
-        result = train_epoch(w, epoch)
+        result = train_epoch(w, epoch) if w.steps else EpochResult(loss=None, steps=0, stop=True)
         final = result.stop or epoch == hp.epochs - 1
         entry: dict[str, Any] = {"epoch": epoch, "seconds": round(time.time() - w.started, 3), "loss": result.loss,
                                  "steps": result.steps}
@@ -477,7 +495,8 @@ def run_worker(inputs: WorkerInputs, session: Session) -> None:
         if w.rank == 0:  # progress per epoch; Ray forwards a worker's stdout to the driver's console
             name = f"recall@{hp.k}"
             quality = f", {name} {entry[name]:.4f}" if name in entry else ""
-            print(f"epoch {epoch + 1}/{hp.epochs}: loss {result.loss:.4f}{quality}, {entry['seconds']:.0f} s",
+            loss = "no steps" if result.loss is None else f"loss {result.loss:.4f}"
+            print(f"epoch {epoch + 1}/{hp.epochs}: {loss}{quality}, {entry['seconds']:.0f} s",
                   flush=True)
             if "refit" in entry:
                 r = entry["refit"]

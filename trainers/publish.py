@@ -19,7 +19,7 @@ from datasets.tombstones import load_tombstones
 from trainers.baselines import popularity_metrics
 from trainers.curve import curve_png
 from trainers.data import InterestGraph, load_graph, split
-from trainers.train_state import TrainState, load_embeddings
+from trainers.train_state import Checkpoint
 
 log = logging.getLogger("trainers.publish")
 
@@ -95,10 +95,11 @@ def forget(deleted: np.ndarray, user_keys: pa.Array, user_vectors: np.ndarray, i
     return pa.array(keys, pa.string()), user_vectors, new_indptr, indices[keep], model_state, evidence
 
 
-def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint_dir: str, parent: str | None,
+def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkpoint, parent: str | None,
                             num_workers: int, graph: InterestGraph | None = None) -> tuple[str, dict]:
-    state = TrainState.load(checkpoint_dir)
-    emb = load_embeddings(checkpoint_dir)
+    state, emb = checkpoint.state, checkpoint.embeddings
+    if emb is None:
+        raise RuntimeError("the final checkpoint carries no embeddings")
     graph = graph or load_graph(storage)
     history = state.history
     k = cfg.train.k

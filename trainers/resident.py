@@ -3,7 +3,8 @@
 Starting a TorchTrainer (controller, placement group, worker processes, imports, the gloo or NCCL group) costs
 10-20 s, more than a small update's training. `--every` keeps one run alive instead: its workers wait on a
 `CycleBoard` actor, each cycle posts its `WorkerInputs` there, every rank runs the ordinary per-worker loop on
-it, and rank 0 posts the final checkpoint's files back. Scaling options are those of full training.
+it, and rank 0 posts the final checkpoint back (in memory, through the object store). Scaling options are those
+of full training.
 
 Failures: a cycle that raises on a worker is posted back as failed, then the worker re-raises so Ray Train
 replaces the whole group (a rank left inside a collective would hang otherwise). A worker that dies mid-cycle
@@ -22,19 +23,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.config import AppConfig
 from trainers.worker_inputs import WorkerInputs
+
+if TYPE_CHECKING:
+    from trainers.train_state import Checkpoint
 
 log = logging.getLogger("trainers.resident")
 IDLE = "idle"  # what a worker's wait returns when no cycle came in time: it asks again
@@ -81,7 +81,7 @@ class CycleBoard:
         return None if self._stopped else self._pending
 
     async def finish(self, cycle: int, result: dict) -> None:
-        """Rank 0's final files and metrics, or {"error": ...} from any rank (the first word stands)."""
+        """Rank 0's final checkpoint and metrics, or {"error": ...} from any rank (the first word stands)."""
         if cycle <= self._collected:
             return
         self._results.setdefault(cycle, result)
@@ -111,13 +111,13 @@ class _CycleSession:
     def __init__(self, train_session: Any) -> None:
         self._train = train_session
         self.rank, self.world, self.local_world = train_session.rank, train_session.world, train_session.local_world
-        self.files: dict[str, bytes] = {}
+        self.final: Checkpoint | None = None
         self.metrics: dict[str, Any] = {}
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
         self.metrics = metrics
-        if checkpoint_dir is not None and metrics.get("final"):
-            self.files = {p.name: p.read_bytes() for p in Path(checkpoint_dir).iterdir()}
+        if checkpoint is not None and metrics.get("final"):
+            self.final = checkpoint
 
     def restored_dir(self) -> str | None:
         return None
@@ -142,7 +142,7 @@ def resident_loop_per_worker(config: dict) -> None:
         cycle, inputs = got
         if inputs is None:  # the driver's readiness check
             if session.rank == 0:
-                ray.get(board.finish.remote(cycle, {"files": {}, "metrics": {}}))
+                ray.get(board.finish.remote(cycle, {"final": None, "metrics": {}}))
             done = cycle
             continue
         _barrier(session.world)  # raises PeerLost with the cycle still pending
@@ -153,8 +153,10 @@ def resident_loop_per_worker(config: dict) -> None:
             ray.get(board.finish.remote(cycle, {"error": f"rank {session.rank}: {type(err).__name__}: {err}"}))
             raise
         if session.rank == 0:
-            # The files travel as an object this worker owns (it lives on, waiting), not through the board's heap.
-            ray.get(board.finish.remote(cycle, {"files": [ray.put(capture.files)], "metrics": capture.metrics}))
+            # The checkpoint travels as an object this worker owns (it lives on, waiting), not through the board's
+            # heap; wrapped in a list, so the board holds the reference rather than the value.
+            final = [ray.put(capture.final.portable())] if capture.final is not None else None
+            ray.get(board.finish.remote(cycle, {"final": final, "metrics": capture.metrics}))
         done = cycle
         del capture
         gc.collect()  # reference cycles would keep this cycle's model (and GPU memory) until a later sweep
@@ -233,26 +235,21 @@ class ResidentTrainer:
                     raise Stopped("stopped while waiting for the resident update workers")
         if "error" in result:
             raise RuntimeError(f"update cycle failed on a worker: {result['error']}")
-        if result["files"]:
-            result["files"] = ray.get(result["files"][0])
+        if result["final"]:
+            result["final"] = ray.get(result["final"][0]).restored()
         return result
 
     @contextmanager
-    def fitted(self, inputs: WorkerInputs) -> Iterator[tuple[str, dict]]:
-        """Like `trainers.train.fitted`: a local directory holding the cycle's final checkpoint, and its metrics."""
+    def fitted(self, inputs: WorkerInputs) -> Iterator[tuple[Checkpoint, dict]]:
+        """Like `trainers.train.fitted`: the cycle's final checkpoint, and its metrics."""
         if not self.alive():
             if self._thread is not None:
                 log.warning("resident update workers were gone (%r); starting new ones", self._error)
             self.start()
         result = self._run(inputs)
-        local = tempfile.mkdtemp(prefix="ig-final-")
-        try:
-            for name, data in result["files"].items():
-                with open(os.path.join(local, name), "wb") as f:
-                    f.write(data)
-            yield local, result["metrics"]
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
+        if result["final"] is None:
+            raise RuntimeError("the update cycle finished without a checkpoint")
+        yield result["final"], result["metrics"]
 
     def _kill_board(self) -> None:
         import ray

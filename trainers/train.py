@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.cli import positive, run_command
 from core.config import AppConfig, TrainConfig
@@ -25,6 +25,9 @@ from core.storage import TRAIN_RUNS, storage_for
 from trainers.allocator import worker_env
 from trainers.data import GraphMissingError
 from trainers.worker_inputs import Refit, WarmStart, WorkerInputs
+
+if TYPE_CHECKING:
+    from trainers.train_state import Checkpoint
 
 log = logging.getLogger("trainers.train")
 
@@ -103,10 +106,12 @@ def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, nam
 
 
 @contextmanager
-def fitted(cfg: AppConfig, opts: TrainOptions, inputs: WorkerInputs, name: str) -> Iterator[tuple[str, dict]]:
-    """Run the TorchTrainer; returns a local directory holding the final checkpoint and the last metrics."""
+def fitted(cfg: AppConfig, opts: TrainOptions, inputs: WorkerInputs, name: str) -> Iterator[tuple[Checkpoint, dict]]:
+    """Run the TorchTrainer; returns the final checkpoint and the last metrics."""
     from trainers.loop import train_loop_per_worker
     from trainers.shared_graph import with_shared_graph
+    from trainers.train_state import Checkpoint
+
 
     inputs = with_shared_graph(inputs, opts.num_workers or cfg.train.num_workers, cfg.train.cpus_per_worker)
     trainer = trainer_for(cfg, opts, train_loop_per_worker, {"inputs": inputs}, name)
@@ -117,7 +122,7 @@ def fitted(cfg: AppConfig, opts: TrainOptions, inputs: WorkerInputs, name: str) 
         raise RuntimeError("training finished without a checkpoint")
     local = tempfile.mkdtemp(prefix="ig-final-")
     try:
-        yield result.checkpoint.to_directory(local), dict(result.metrics or {})
+        yield Checkpoint.load(result.checkpoint.to_directory(local)), dict(result.metrics or {})
     finally:  # the local copy, and Ray Train's run folder: its checkpoints hold user vectors a deletion must reach
         shutil.rmtree(local, ignore_errors=True)
         storage_for(cfg).delete(storage_for(cfg).path(TRAIN_RUNS, name))
@@ -137,8 +142,8 @@ def run_train(cfg: AppConfig, opts: TrainOptions | None = None, parent: str | No
     ensure_ray(cfg)
     inputs = worker_inputs(cfg, opts, started, **extra)
     name = time.strftime("train-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    with fitted(cfg, opts, inputs, name) as (checkpoint_dir, _):
-        version, manifest = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
+    with fitted(cfg, opts, inputs, name) as (checkpoint, _):
+        version, manifest = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
                                                     num_workers=opts.num_workers or cfg.train.num_workers)
     return {
         "version": version,

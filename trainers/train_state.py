@@ -1,14 +1,14 @@
 """The training state inside a Ray Train checkpoint: one typed record, written and read only here.
 
 A checkpoint directory holds `state.pt` (this record, loaded with `weights_only=True`) and, for the final report
-of a run, `embeddings.npz` (the final embeddings of every node type). A lost worker resumes from the record; the
-driver publishes from both.
+of a run, `embeddings.npz` (the final embeddings of every node type); `Checkpoint` is the two in memory. A lost
+worker resumes from the record; the driver publishes from both.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,38 @@ class TrainState:
     def load(cls, directory: str) -> TrainState:
         raw = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
         return cls(**raw)
+
+
+@dataclass
+class Checkpoint:
+    """What rank 0 reports: the training state and, with a run's last report, the final embeddings per node type.
+    A session persists it as it needs: Ray Train as a directory (`save`, read back by `load`), the resident
+    workers in memory (`portable`: through Ray's object store, which hands numpy arrays to a reader on the same
+    node without a copy, where a directory of files cost rank 0 a write and the driver a read of each, twice)."""
+
+    state: TrainState
+    embeddings: dict[str, np.ndarray] | None = None
+
+    def save(self, directory: str) -> None:
+        self.state.save(directory)
+        if self.embeddings is not None:
+            save_embeddings(directory, self.embeddings)
+
+    @classmethod
+    def load(cls, directory: str) -> Checkpoint:
+        has_embeddings = os.path.exists(os.path.join(directory, EMBEDDINGS_FILE))
+        return cls(TrainState.load(directory), load_embeddings(directory) if has_embeddings else None)
+
+    def portable(self) -> Checkpoint:
+        """The same checkpoint with the model's tensors as numpy arrays (for `ray.put`)."""
+        model = {name: t.detach().cpu().numpy() for name, t in self.state.model.items()}
+        return Checkpoint(replace(self.state, model=model), self.embeddings)  # type: ignore[arg-type]
+
+    def restored(self) -> Checkpoint:
+        """`portable`'s inverse. The arrays may be read-only views of the object store: the model gets its own
+        copy (it is trained on and edited again), the embeddings are only read."""
+        model = {name: torch.from_numpy(np.array(a)) for name, a in self.state.model.items()}
+        return Checkpoint(replace(self.state, model=model), self.embeddings)
 
 
 def save_embeddings(directory: str, blocks: dict[str, np.ndarray]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -61,7 +62,6 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     from trainers.loop import steps_per_pass
     from trainers.publish import blanked, publish_and_prune, publish_from_checkpoint
     from trainers.train import fitted, run_train, worker_inputs
-    from trainers.train_state import TrainState
     from trainers.warm_start import extended_state, touched_rows, update_pair_index, update_steps
 
     started = time.time()
@@ -119,8 +119,9 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
         trainable = ray.put(touched_rows(graph, sp.train_user, sp.train_item, pair_index, new_pairs,
                                          loaded.node_counts))
     if refilter:
-        warm = WarmStart(init_state=ray.put(grown), pair_index=None, refilter=True,
-                         steps=steps_per_pass(len(sp.train_user), world, cfg.train.batch_size))
+        passes = cfg.update.refilter_passes
+        warm = WarmStart(init_state=ray.put(grown), pair_index=None, refilter=True, passes=passes or 1.0,
+                         steps=math.ceil(passes * steps_per_pass(len(sp.train_user), world, cfg.train.batch_size)))
     else:
         warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
                          steps=update_steps(cfg, world, len(pair_index)), passes=cfg.update.epochs,
@@ -136,12 +137,12 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     mark = time.time()
     with ExitStack() as stack:
         try:
-            checkpoint_dir, _ = stack.enter_context(
+            checkpoint, _ = stack.enter_context(
                 resident.fitted(inputs) if resident is not None else fitted(cfg, opts, inputs, name))
         except Stopped as err:  # told to stop before this cycle's workers were up: the cycle did not run
             return {**base, "parent": parent, "version": None, "reason": str(err),
                     "seconds": round(time.time() - started, 3)}
-        state = TrainState.load(checkpoint_dir)
+        state = checkpoint.state
         # Worker start-up (none on resident workers), training, evaluation, the checkpoint's way back.
         timings["ray_train"] = round(time.time() - mark, 3)
         timings["worker_loop"] = round(state.history[-1]["seconds"], 3)
@@ -163,7 +164,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
             log.warning("update refused: %s", reason)
             return {**unchanged(reason), "candidate_metrics": metrics}
         mark = time.time()
-        version, _ = publish_from_checkpoint(cfg, storage, checkpoint_dir, parent=parent,
+        version, _ = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
                                              num_workers=opts.num_workers or cfg.train.num_workers, graph=graph)
         timings["publish"] = round(time.time() - mark, 3)
     log.info("published %s (parent %s): %s", version, parent, metrics)

@@ -17,7 +17,7 @@ class WarmStart:
     init_state: Any  # the grown parent's state_dict, or an ObjectRef to it (large: it goes through the object store)
     # int64 indices into the split's training pairs (new + replayed), or an ObjectRef to them; None: every pair
     pair_index: Any
-    steps: int  # optimiser steps of the cycle: one "epoch" that wraps over its pairs, one checkpoint, no decay
+    steps: int  # optimiser steps of the cycle: one "epoch" that wraps over its pairs, one checkpoint, no decay; 0: none
     passes: float = 1.0  # passes over its pairs those steps make (update.epochs): what sizes a step's batch
     eval_parent: bool = True  # score the starting point on the same holdout first: the gate's baseline
     # bool per node (the homogeneous table), or an ObjectRef to it: the rows a small cycle may move

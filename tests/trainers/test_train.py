@@ -200,3 +200,99 @@ def test_the_refit_learns_the_holdout_after_it_was_scored(small_graph: AppConfig
 
     # update.epochs (4) passes over the held-out pairs at update.lr lift them by about half here (0.39 -> 0.20)
     assert held_out_rank(refit) < 0.7 * held_out_rank(plain), (held_out_rank(refit), held_out_rank(plain))
+
+
+def test_refreshes_follow_the_pairs_an_epoch_trains_on() -> None:
+    """A full epoch propagates `per_pass` times even where its batches round its pairs up; a cycle over a small
+    share of the graph once; never more often than it steps."""
+    from trainers.loop import refreshes
+
+    assert refreshes(triples=810_128 + 49, train_pairs=810_128, per_pass=4, steps=25) == 4
+    assert refreshes(triples=4 * 2_000, train_pairs=40_000, per_pass=4, steps=4) == 1
+    assert refreshes(triples=3 * 40_000, train_pairs=40_000, per_pass=4, steps=3) == 3
+    assert refreshes(triples=1, train_pairs=0, per_pass=4, steps=1) == 1
+
+
+def test_a_small_cycle_scores_its_parent_on_the_propagation_its_first_step_reads(
+        small_graph: AppConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate's baseline (the parent on the new holdout) and the first step read one full propagation, and a
+    cycle over a few hundred pairs propagates once more, for its own evaluation: not once per step."""
+    import trainers.loop as loop
+    from trainers.train_state import TrainState
+    from trainers.worker_inputs import WarmStart
+
+    first = LocalSession(out_dir=str(tmp_path / "first"))
+    run_worker(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()), first)
+    parent = TrainState.load(first.last_checkpoint).model
+    counted = {"refresh": 0, "forward": 0}
+    real_refresh, real_forward = loop.refresh, loop.InterestGCN.forward
+
+    def refresh(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        counted["refresh"] += 1
+        return real_refresh(*args, **kwargs)
+
+    def forward(self, adj):  # noqa: ANN001, ANN202
+        counted["forward"] += 1
+        return real_forward(self, adj)
+
+    monkeypatch.setattr(loop, "refresh", refresh)
+    monkeypatch.setattr(loop.InterestGCN, "forward", forward)
+    warm = WarmStart(init_state=parent, pair_index=np.arange(300), steps=4, passes=4.0)
+    cycle = LocalSession(out_dir=str(tmp_path / "cycle"))
+    inputs = worker_inputs(small_graph, TrainOptions(), time.time(), warm=warm,
+                           train=small_graph.train.model_copy(update={"epochs": 1}))
+    run_worker(inputs, cycle)
+    assert counted == {"refresh": 1, "forward": 1}
+    state = TrainState.load(cycle.last_checkpoint)
+    assert state.steps == 4
+    # The shared propagation scores the parent exactly as a propagation of its own does.
+    monkeypatch.setattr(loop, "refresh", real_refresh)
+    monkeypatch.setattr(loop.InterestGCN, "forward", real_forward)
+    alone = loop.set_up(replace(inputs, warm=replace(warm, eval_parent=False)), LocalSession(str(tmp_path / "x")))
+    scored, _ = loop.evaluate(alone)
+    assert state.parent_metrics == scored
+
+
+def test_a_checkpoint_crosses_the_object_store_intact(small_graph: AppConfig, tmp_path: Path) -> None:
+    """The resident workers' final checkpoint goes to the driver in memory: the same model and embeddings as its
+    directory form, and a model the driver may edit (the object store's arrays are read-only)."""
+    import ray
+
+    from trainers.train_state import Checkpoint
+
+    session = LocalSession(out_dir=str(tmp_path))
+    run_worker(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()), session)
+    saved = Checkpoint.load(session.last_checkpoint)
+    assert saved.embeddings is not None
+    back = ray.get(ray.put(saved.portable())).restored()
+    for name, tensor in saved.state.model.items():
+        assert torch.equal(back.state.model[name], tensor)
+        back.state.model[name][0] += 1.0  # writable: its own copy
+    assert back.embeddings is not None and back.embeddings.keys() == saved.embeddings.keys()
+    for name, block in saved.embeddings.items():
+        assert np.array_equal(back.embeddings[name], block)
+    assert back.state.history == saved.state.history and back.state.steps == saved.state.steps
+
+
+def test_a_refilter_without_passes_reports_the_filter_itself(small_graph: AppConfig, tmp_path: Path) -> None:
+    """update.refilter_passes 0: the cycle's model is the filter of the current graph, untouched by any step, its
+    parent still scored, and its training curve draws without a loss."""
+    from trainers.curve import curve_png
+    from trainers.loop import set_up
+    from trainers.train_state import TrainState
+    from trainers.worker_inputs import WarmStart
+
+    first = LocalSession(out_dir=str(tmp_path / "first"))
+    run_worker(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()), first)
+    fresh = set_up(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()),
+                   LocalSession(out_dir=str(tmp_path / "fresh")))
+    warm = WarmStart(init_state=TrainState.load(first.last_checkpoint).model, pair_index=None, steps=0,
+                     refilter=True)
+    cycle = LocalSession(out_dir=str(tmp_path / "cycle"))
+    run_worker(worker_inputs(small_graph, TrainOptions(), time.time(), warm=warm,
+                             train=small_graph.train.model_copy(update={"epochs": 1})), cycle)
+    state = TrainState.load(cycle.last_checkpoint)
+    assert state.steps == 0 and torch.equal(state.model["embedding.weight"], fresh.model.embedding.weight)
+    assert cycle.reports[-1]["final"] and cycle.reports[-1]["loss"] is None and cycle.reports[-1]["recall@20"] > 0
+    assert state.parent_metrics is not None
+    assert curve_png(state.history, 20).startswith(b"\x89PNG")
