@@ -118,7 +118,6 @@ def synthetic_graph(root: Path, users: int, items: int, events: int, days: int, 
 def train_once(root: Path, workers: int, args: argparse.Namespace) -> dict:
     """One epoch through `trainers.train`'s Ray Train path (no publishing: the version is not what is measured)."""
     from trainers.train import TrainOptions, fitted, worker_inputs
-    from trainers.train_state import TrainState
 
     cpus = 2.0 / workers  # the machine's two cores, whatever the number of workers
     cfg = parse_config({"data": {"root": str(root)}, "cluster": {"num_cpus": 2},
@@ -132,7 +131,7 @@ def train_once(root: Path, workers: int, args: argparse.Namespace) -> dict:
     with PeakMemory() as mem:
         inputs = worker_inputs(cfg, opts, started, max_steps=args.max_steps)
         with fitted(cfg, opts, inputs, f"scale-{workers}w-{int(started)}") as (ckpt, _):
-            state = TrainState.load(ckpt)
+            state = ckpt.state
     entry = state.history[-1]
     k = cfg.train.k
     # A probe (--max-steps) stops inside the epoch: its seconds are a partial epoch's, labelled as such.

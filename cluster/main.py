@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -86,6 +87,16 @@ def _known_shoppers(args: argparse.Namespace, n: int = 3) -> list[str]:
 RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # the server's "later"; any other 4xx refuses the event
 
 
+def retry_after(header: str | None, default_s: float = 1.0, most_s: float = 5.0) -> float:
+    """Seconds a `Retry-After` header asks for (delta-seconds; a date or nonsense: `default_s`), at most `most_s`.
+    A refused write's stall (a slow disk under a publish's fsync) outlasted the one second the demo used to wait."""
+    try:
+        seconds = float(header) if header is not None else default_s
+    except ValueError:
+        return default_s
+    return min(max(seconds, 0.0), most_s) if math.isfinite(seconds) else default_s
+
+
 class LiveStream(threading.Thread):
     """Demo shoppers clicking around: POST /events at a steady rate, for new and known shoppers."""
 
@@ -113,13 +124,15 @@ class LiveStream(threading.Thread):
             event = {"user_id": rng.choice(self.shoppers), "item_id": rng.choice(self.items),
                      "event": rng.choice(["view", "view", "click", "cart", "purchase"]),
                      "ts": int(time.time() * 1000)}
-            for _attempt in range(2):  # as a producer does: once more after a second (the server's Retry-After)
+            for _attempt in range(2):  # as a producer does: once more, after the server's Retry-After
+                wait = 1.0
                 try:
-                    status = session.post(f"{self.url}/events", json=[event], timeout=10).status_code
+                    answer = session.post(f"{self.url}/events", json=[event], timeout=10)
+                    status, wait = answer.status_code, retry_after(answer.headers.get("Retry-After"))
                     why, again = (None, False) if status == 200 else (str(status), status in RETRIED_STATUSES)
                 except requests.RequestException as err:
                     why, again = type(err).__name__, True
-                if not again or self.stop.wait(1.0):
+                if not again or self.stop.wait(wait):
                     break
                 self.retried += 1
             if why is None:

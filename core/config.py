@@ -116,8 +116,9 @@ class TrainConfig(_Section):
         32, ge=1, description="neighbours a step reads per node (more are sampled uniformly and reweighted): the "
                               "step's cost follows the batch, not the node's degree")
     refreshes_per_epoch: int = Field(
-        4, ge=1, description="full forward propagations per epoch that refresh the stored embeddings a step's deeper "
-                             "layers and hard negatives read")
+        4, ge=1, description="full forward propagations per pass over the training pairs that refresh the stored "
+                             "embeddings a step's deeper layers and hard negatives read; an epoch over fewer pairs "
+                             "(an update cycle) refreshes in proportion, at least once")
     negatives: int = Field(
         32, ge=1, description="negative candidates per positive; the best-scoring one is used (1: uniform sampling)")
     l2: float = Field(1e-4, ge=0, description="L2 on the batch's ego embeddings (LightGCN paper)")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainers.train_state import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class _FaultySession:
         self._inner, self._faults = inner, faults
         self.rank, self.world, self.local_world = inner.rank, inner.world, inner.local_world
 
-    def report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
         for fault in self._faults:
             marker = Path(fault.marker)
             if fault.rank != self.rank or fault.epoch != metrics.get("epoch") or marker.exists():

@@ -1,7 +1,8 @@
 """The per-worker training loop: BPR on this worker's shard of training pairs, each step over the batch's nodes.
 
 Steps propagate only the batch (`trainers.minibatch`: one live layer over sampled neighbours, deeper layers from
-embeddings refreshed a few times per epoch); evaluation and the published vectors use the full propagation.
+embeddings refreshed a few times per pass over the training pairs); evaluation and the published vectors use the
+full propagation.
 
 `train_loop_per_worker(config)` is what Ray Train runs on each worker; `config["inputs"]` is a typed
 `WorkerInputs`. The loop talks to its runtime only through a small `Session`, so tests drive it in-process
@@ -200,7 +201,7 @@ class Worker:
 class EpochResult:
     loss: float | None  # mean over steps and ranks; None: no step (a re-filter that publishes the filter alone)
     steps: int
-    stop: bool  # the deadline or max_steps was reached: this epoch is the last
+    stop: bool  # the deadline or max_steps was reached, or the epoch had no steps: this epoch is the last
 
 
 def set_up(inputs: WorkerInputs, session: Session) -> Worker:
@@ -349,7 +350,9 @@ def train_epoch(w: Worker, epoch: int) -> EpochResult:
     batch = step_batch(len(order), w.steps, w.passes, hp.batch_size)
     if len(order) < w.steps * batch:  # wrap around so several passes, and short shards, fill every step
         order = np.resize(order, w.steps * batch)
-    refresh_every = math.ceil(w.steps / refreshes(w.steps * batch * w.world, len(w.train_csr.indices),
+    # From numbers every rank shares (a rank's pairs differ by one), so every rank refreshes at the same steps.
+    shared_batch = step_batch(math.ceil(len(w.pairs_user) / w.world), w.steps, w.passes, hp.batch_size)
+    refresh_every = math.ceil(w.steps / refreshes(w.steps * shared_batch * w.world, len(w.train_csr.indices),
                                                   hp.refreshes_per_epoch, w.steps))
     loss_sum, step, stop = 0.0, 0, False
     for step in range(w.steps):

@@ -6,7 +6,7 @@ cores, whatever the batch. Here a step computes the final embeddings of the batc
     z_B = (E_B + A_B (E + S)) / (L + 1),    S = A E_h + ... + A^(L-1) E_h
 
 The first layer is live (gradients reach the batch's nodes and their sampled neighbours), the deeper layers come
-from `S`, propagated from a stored copy `E_h` of the table and refreshed a few times per epoch (LTGNN, Zhang et al.
+from `S`, propagated from a stored copy `E_h` of the table and refreshed a few times per pass (LTGNN, Zhang et al.
 WWW 2024: one propagation layer per step over historical embeddings). With `E_h == E` this is exactly the model's
 mean readout, so evaluation and export keep the full propagation and score the same function. A node with more
 neighbours than the fan-out has them sampled uniformly with replacement and reweighted (an unbiased estimate of its
@@ -100,7 +100,7 @@ class History:
 
 @torch.no_grad()
 def refresh(model: InterestGCN, adj: Tensor) -> History:
-    """One full propagation without gradients: a forward pass over the graph, a few times per epoch."""
+    """One full propagation without gradients: a forward pass over the graph, a few times per pass over the pairs."""
     ego = model.embedding.weight.detach()
     x, total, deeper = ego, ego.clone(), None
     for layer in range(1, model.num_layers + 1):

@@ -157,6 +157,7 @@ def resident_loop_per_worker(config: dict) -> None:
             # heap; wrapped in a list, so the board holds the reference rather than the value.
             final = [ray.put(capture.final.portable())] if capture.final is not None else None
             ray.get(board.finish.remote(cycle, {"final": final, "metrics": capture.metrics}))
+            del final  # this rank owns the object: a live reference would pin it in the store through the next cycle
         done = cycle
         del capture
         gc.collect()  # reference cycles would keep this cycle's model (and GPU memory) until a later sweep

@@ -112,7 +112,6 @@ def fitted(cfg: AppConfig, opts: TrainOptions, inputs: WorkerInputs, name: str) 
     from trainers.shared_graph import with_shared_graph
     from trainers.train_state import Checkpoint
 
-
     inputs = with_shared_graph(inputs, opts.num_workers or cfg.train.num_workers, cfg.train.cpus_per_worker)
     trainer = trainer_for(cfg, opts, train_loop_per_worker, {"inputs": inputs}, name)
     result = trainer.fit()
