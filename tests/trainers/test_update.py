@@ -143,16 +143,25 @@ def _later_clicks(folder: Path) -> None:
         HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
 
 
-def test_degraded_update_is_refused_and_latest_stays(own: dict) -> None:
+def test_a_cycle_at_a_destructive_rate_is_held_to_the_gate(own: dict) -> None:
+    """A cycle at a rate no table survives: refused when its candidate falls below (1 - tolerance) x the parent on
+    the same holdout (LATEST kept, the candidate's figure said), published only at or above that floor. Both ways
+    are checked because this log's holdout is a few dozen pairs: a blown-up table ranks by the items' degree scale
+    and scored above the parent there in some runs (it refused in most), so only the gate's rule is certain."""
     cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
     before = registry.latest_version(storage)
     _later_clicks(own["new"])
-    cfg.update.lr = 50.0  # forces the model off a cliff
+    cfg.update.lr = 50.0
     summary = run_update(cfg)
-    assert summary["version"] is None and "below" in summary["reason"], summary
-    assert summary["candidate_metrics"]["recall@20"] < summary["parent_metrics"]["recall@20"]  # what was refused
-    assert registry.latest_version(storage) == before
+    floor = (1 - cfg.update.tolerance) * summary["parent_metrics"]["recall@20"]
+    if summary["version"] is None:
+        assert "below" in summary["reason"], summary
+        assert summary["candidate_metrics"]["recall@20"] < floor
+        assert registry.latest_version(storage) == before
+    else:
+        assert summary["metrics"]["recall@20"] >= floor
+        assert registry.latest_version(storage) == summary["version"] != before
 
 
 def test_a_large_increment_refilters_and_is_still_gated(own: dict) -> None:
