@@ -36,11 +36,28 @@ def write_config(path: Path, root: str, **sections: dict) -> Path:
 
 
 def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, avoid: frozenset[int] = frozenset()) -> list[int]:
+    """`n` distinct free ports, none in `avoid`: all held open at once while they are picked, so the system cannot
+    hand the same one out twice (one at a time, two of a head node's ports once came back equal in CI)."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+        return ports
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # What a producer sends with POST /events (the token tests/conftest.py puts in every Ray worker's environment).

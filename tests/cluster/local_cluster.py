@@ -19,7 +19,7 @@ import psutil
 import requests
 
 from cluster.jobs import last_json
-from tests.helpers import free_port
+from tests.helpers import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -37,11 +37,11 @@ def local_cluster(name: str, num_cpus: int, extra_env: dict[str, str] | None = N
     env.update({"PATH": f"{BIN}:{env['PATH']}", "PYTHONPATH": str(ROOT), "IG_PSEUDONYM_KEY": "e2e-key",
                 "IG_ADMIN_TOKEN": "e2e-admin", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
                 **(extra_env or {})})
-    dashboard, gcs_port = free_port(), gcs_port or free_port()
-    ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "metrics-export-port", "runtime-env-agent-port",
-                                                    "ray-client-server-port", "node-manager-port",
-                                                    "object-manager-port")]
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    picked = free_ports(len(flags) + 2, avoid=frozenset({gcs_port} if gcs_port else ()))
+    dashboard, gcs_port = picked[0], gcs_port or picked[1]
+    ports = [f"--{flag}={port}" for flag, port in zip(flags, picked[2:], strict=True)]
     try:
         run(str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", *ports, f"--num-cpus={num_cpus}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",

@@ -45,7 +45,7 @@ def trained(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
                       # 30 steps at a gentle rate (a few dozen new pairs would be 4 steps at the defaults). These
                       # tests are about lineage, indices and recovery: on this small synthetic log a few dozen new
                       # pairs swing Recall@20 by up to 12% either way, so the gate is loose here; the bench holds
-                      # updates to 2% on real data, and a degraded model is still refused below.
+                      # updates to 2% on real data, and a cycle at a destructive rate is held to the gate below.
                       update={"epochs": 30, "max_steps": 30, "lr": 0.005, "replay_ratio": 1.0, "tolerance": 0.2})
     run_ingest(cfg, Request(source=str(logs / "*.csv"), fmt="events", holdout=None))
     first = run_train(cfg, TrainOptions())
