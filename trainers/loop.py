@@ -102,12 +102,12 @@ class RayTrainSession:
     def report(self, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
         import ray.train
 
-        with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:
-            persisted = None
-            if checkpoint is not None:
-                checkpoint.save(tmp)
-                persisted = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=persisted)
+        if checkpoint is None:  # the other ranks: metrics only
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="ig-ckpt-") as tmp:  # Ray Train copies it into the run's storage
+            checkpoint.save(tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def restored_dir(self) -> str | None:
         import ray.train
@@ -260,9 +260,11 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
             # The starting point scored on the same holdout: what a warm start must not fall below. Its propagation
             # is the first refresh's, unless the filter replaces the table next.
             mark = time.time()
+            final = None
             if not inputs.warm.refilter:
                 worker.stored, worker.stored_fresh = refresh(model, adj), True
-            worker.parent_metrics, _ = evaluate(worker, worker.stored.final if worker.stored_fresh else None)
+                final = worker.stored.final
+            worker.parent_metrics, _ = evaluate(worker, final)
             worker.phases["eval_parent"] = round(time.time() - mark, 3)
         if inputs.warm.refilter:
             mark = time.time()

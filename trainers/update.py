@@ -120,7 +120,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                                          loaded.node_counts))
     if refilter:
         passes = cfg.update.refilter_passes
-        warm = WarmStart(init_state=ray.put(grown), pair_index=None, refilter=True, passes=passes or 1.0,
+        warm = WarmStart(init_state=ray.put(grown), pair_index=None, refilter=True, passes=passes,
                          steps=math.ceil(passes * steps_per_pass(len(sp.train_user), world, cfg.train.batch_size)))
     else:
         warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
