@@ -9,8 +9,10 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -102,6 +104,21 @@ class Storage:
         else:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
+
+    @contextmanager
+    def write_stream(self, path: str) -> Iterator[BinaryIO]:
+        """A file written in place as it is produced, synced to disk locally when the block ends: only for folders
+        no reader looks in until they are renamed or committed (a version's staging folder), since a reader could
+        see it half-written."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with self.fs.open_output_stream(path) as out:
+                yield out  # type: ignore[misc]
 
     def read_json(self, path: str, default: Any = None) -> Any:
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:

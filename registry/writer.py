@@ -54,14 +54,11 @@ def _publish(storage: Storage, artifacts: ModelArtifacts, object_store: bool) ->
     # object_store=True on a local Storage runs the object-store protocol on disk: that is how tests exercise it.
     if artifacts.parent is not None and not storage.exists(CHECKPOINTS, VERSIONS, artifacts.parent, MANIFEST):
         raise ValueError(f"parent {artifacts.parent!r} is not a published version")
-    files, manifest = encode(artifacts)
     staging = storage.path(CHECKPOINTS, f"{STAGING_PREFIX}{uuid.uuid4().hex}")
     try:
-        for rel, data in files.items():
-            storage.write_bytes_atomic(f"{staging}/{rel}", data)
+        manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}"))
         # Verify through the reader's own code path: a version that publishes is one that loads.
         load_folder(storage, staging, manifest, version_label(None), verify=True)
-        del files
         if object_store:
             return _commit_object_store(storage, staging, manifest)
         return _commit_local(storage, staging, manifest)

@@ -216,7 +216,8 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     offsets = node_offsets(graph.num_users, graph.num_items, graph.num_categories, graph.num_brands)
     device = session.device()
     adj = shared.adjacency(device)
-    model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers)
+    filled = inputs.warm is not None or hp.init == "spectral"  # the table is overwritten below
+    model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers, initialise=not filled)
     model.set_output_scale(item_degree_scale(offsets, sp.train_item, hp.item_degree_power))
     if inputs.warm is not None:
         model.load_state_dict(_resolve(inputs.warm.init_state))

@@ -6,6 +6,7 @@ through pyarrow's LocalFileSystem, so both commit paths are exercised without a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -252,6 +253,17 @@ def test_load_state_checks_model_again(storage: Storage):
         loaded.load_state()
 
 
+def test_a_loaded_state_is_the_callers_to_change(storage: Storage):
+    # Local model.pt files are mapped, not read: writing to the loaded tensors must never reach the version.
+    version = registry.publish(storage, _artifacts())
+    loaded = registry.load_version(storage, version)
+    table = loaded.load_state()["state_dict"]["embedding.weight"]
+    before = table.clone()
+    table += 1.0
+    again = registry.load_version(storage, version, verify=True).load_state()["state_dict"]["embedding.weight"]
+    assert torch.equal(again, before)
+
+
 def test_manifest_listing_a_missing_file_is_refused(storage: Storage):
     version = registry.publish(storage, _artifacts())
     _edit_manifest(storage, version, lambda m: m["files"].__setitem__("extra/notes.txt", "0" * 64))
@@ -402,15 +414,28 @@ def test_invalid_artifacts_are_refused_before_writing(storage: Storage, override
 
 @pytest.mark.parametrize("mode", MODES)
 def test_publish_refuses_what_it_could_not_write_faithfully(storage: Storage, mode: str, monkeypatch):
-    original = Storage.write_bytes_atomic
+    original = Storage.write_stream
 
-    def flaky(self, path, data):
-        data = bytes(data)
-        if path.endswith(registry.ITEMS):
-            data = data[:-20]  # a silently short write
-        original(self, path, data)
+    class Short:
+        """A file that says it wrote what it was given and drops the tail of each write."""
 
-    monkeypatch.setattr(Storage, "write_bytes_atomic", flaky)
+        def __init__(self, out):
+            self.out = out
+
+        def write(self, data):
+            view = memoryview(data).cast("B")
+            self.out.write(view[:-20] if len(view) > 20 else view)
+            return len(view)
+
+        def flush(self):
+            self.out.flush()
+
+    @contextlib.contextmanager
+    def flaky(self, path):
+        with original(self, path) as f:
+            yield Short(f) if path.endswith(registry.ITEMS) else f
+
+    monkeypatch.setattr(Storage, "write_stream", flaky)
     with pytest.raises(registry.CheckpointError, match="items.parquet fails its checksum"):
         _publish(storage, _artifacts(), mode)
     monkeypatch.undo()

@@ -104,6 +104,17 @@ def test_forward_shape_and_gradient_matches_dense_reference():
     assert torch.allclose(grad, w.grad, atol=1e-5)
 
 
+def test_a_model_left_unfilled_takes_a_state_and_computes_the_same():
+    adj = build_norm_adjacency(**TINY)
+    source = InterestGCN(num_nodes=6, embedding_dim=8, num_layers=3)
+    model = InterestGCN(num_nodes=6, embedding_dim=8, num_layers=3, initialise=False)
+    assert model.embedding.weight.shape == (6, 8) and model.embedding.weight.requires_grad
+    model.load_state_dict(source.state_dict())
+    assert torch.equal(model(adj), source(adj))
+    model(adj).sum().backward()
+    assert model.embedding.weight.grad is not None
+
+
 def test_losses():
     u = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     p = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
