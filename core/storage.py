@@ -118,7 +118,7 @@ class Storage:
                 os.fsync(f.fileno())
         else:
             with self.fs.open_output_stream(path) as out:
-                yield out  # type: ignore[misc]
+                yield _CopiedWrites(out)  # type: ignore[misc]
 
     def read_json(self, path: str, default: Any = None) -> Any:
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
@@ -174,6 +174,22 @@ class Storage:
             self.fs.delete_dir(path)
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(path)
+
+
+class _CopiedWrites:
+    """Hands an object store's stream a copy of each chunk: it may upload a buffer it was given after `write` returns
+    (background writes), and a producer may reuse the memory behind its chunk (torch's serialiser passes views of
+    its own)."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self.closed = False  # read by pyarrow's file wrapper
+
+    def write(self, data: Any) -> int:
+        return self._out.write(bytes(data))
+
+    def flush(self) -> None:
+        self._out.flush()
 
 
 def _remove_if_left(tmp: str) -> None:

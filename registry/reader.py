@@ -136,21 +136,26 @@ class LoadedVersion:
         scores = table["score"].to_numpy()
         return items[np.lexsort((items, -scores))]
 
-    def load_state(self, map_location: Any = "cpu") -> dict[str, Any]:
-        """model.pt as {"state_dict": ..., "hparams": ...}, checked against its sha256 again (it is read later)."""
+    def load_state(self, map_location: Any = "cpu", mapped: bool = False) -> dict[str, Any]:
+        """model.pt as {"state_dict": ..., "hparams": ...}, checked against its sha256 again (it is read later).
+
+        `mapped` (local disk only): the tensors map the file copy-on-write once it is checked, so a table-sized file
+        is neither read into bytes nor copied out of them (half a second of a Taobao update cycle at 1,024 dims).
+        The mapping holds the file open until the tensors go, so a caller that may remove the version drops them
+        first.
+        """
         import torch
 
         label = version_label(self.version)
         sha = self.manifest["files"][MODEL]
-        if self.storage.is_local:
-            # Mapped where it lies (copy-on-write) once checked: a table-sized file is then neither read into bytes
-            # nor copied out of them (half a second of a Taobao update cycle at 1,024 dims).
+        mapped = mapped and self.storage.is_local
+        if mapped:
             _check_streamed(self.storage, self.folder, MODEL, sha, label)
             source: Any = f"{self.folder}/{MODEL}"
         else:
             source = io.BytesIO(read_file(self.storage, self.folder, MODEL, sha, label, verify=True))
         try:
-            obj = torch.load(source, map_location=map_location, weights_only=True, mmap=self.storage.is_local)
+            obj = torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
         except Exception as e:
             raise CheckpointError(f"{label}: {MODEL}: cannot load: {one_line(e)}") from e
         if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict) \

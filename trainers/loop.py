@@ -216,14 +216,16 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     offsets = node_offsets(graph.num_users, graph.num_items, graph.num_categories, graph.num_brands)
     device = session.device()
     adj = shared.adjacency(device)
-    filled = inputs.warm is not None or hp.init == "spectral"  # the table is overwritten below
-    model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers, initialise=not filled)
+    # Filled by exactly one of the branches below.
+    model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers, initialise=False)
     model.set_output_scale(item_degree_scale(offsets, sp.train_item, hp.item_degree_power))
     if inputs.warm is not None:
         model.load_state_dict(_resolve(inputs.warm.init_state))
     elif hp.init == "spectral":
         with torch.no_grad():
             model.embedding.weight.copy_(_spectral_start(adj, offsets, hp, session, device))
+    else:
+        model.reset_parameters()
     model.to(device)
     optimiser = _optimiser(model, hp.lr)
     # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.

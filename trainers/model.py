@@ -41,23 +41,27 @@ class InterestGCN(torch.nn.Module):
 
     def __init__(self, num_nodes: int, embedding_dim: int = 64, num_layers: int = 3, initialise: bool = True
                  ) -> None:
-        """`initialise=False` leaves the table unfilled, for a caller that overwrites it (a warm start's state, the
-        filter start): filling a 59k x 1,024 table at random twice cost each worker half a second a cycle."""
+        """`initialise=False` leaves the table unfilled, for a caller that fills it (a warm start's state, the filter
+        start, or `reset_parameters`): filling a 59k x 1,024 table at random twice cost each worker half a second a
+        cycle."""
         super().__init__()
         if num_nodes <= 0 or embedding_dim <= 0 or num_layers < 0:
             raise ValueError("num_nodes and embedding_dim must be positive, num_layers non-negative")
         self.num_nodes = num_nodes
         self.embedding_dim = embedding_dim
         self.num_layers = num_layers
+        self.embedding = torch.nn.Embedding.from_pretrained(torch.empty(num_nodes, embedding_dim), freeze=False)
         if initialise:
-            self.embedding = torch.nn.Embedding(num_nodes, embedding_dim)
-            # std 0.1 normal as in LightGCN-PyTorch (the paper's Xavier init is slower to start).
-            torch.nn.init.normal_(self.embedding.weight, std=0.1)
-        else:
-            self.embedding = torch.nn.Embedding.from_pretrained(torch.empty(num_nodes, embedding_dim), freeze=False)
+            self.reset_parameters()
         self.conv = LightConv()
         # Not in the state dict: a fixed function of the training graph, rebuilt by whoever builds the adjacency.
         self.register_buffer("output_scale", None, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """The random start. Draws what `torch.nn.Embedding`'s own initialisation and then a std 0.1 normal (as in
+        LightGCN-PyTorch; the paper's Xavier init is slower to start) drew, so a seed gives the table it always gave."""
+        self.embedding.reset_parameters()
+        torch.nn.init.normal_(self.embedding.weight, std=0.1)
 
     def set_output_scale(self, scale: Tensor | None) -> None:
         """Per-node factor on the final embeddings (item degree^power: GF-CF's D^1/2 on the item side), or none."""

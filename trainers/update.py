@@ -102,8 +102,10 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                                               bool(loaded.coverage.get("holdout_learned")))
     if not new_pairs:
         return unchanged("no new training pairs since the parent")
-    parent_state = loaded.load_state()
+    parent_state = loaded.load_state(mapped=True)
     grown = extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user, sp.train_item)
+    parent_hparams = parent_state["hparams"]
+    del parent_state  # the mapping of the parent's model.pt: retention may remove the parent after this publish
     timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
     ensure_ray(cfg)
     # A small increment moves only the rows it touched: a fresh Adam moves every row that gets any gradient by about
@@ -128,8 +130,8 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                          trainable=trainable)
     # The architecture is the parent's (a full retrain is how a config change of it takes effect); one "epoch" of
     # `steps` steps, evaluated once at its end.
-    train = cfg.train.model_copy(update={"embedding_dim": parent_state["hparams"]["embedding_dim"],
-                                         "num_layers": parent_state["hparams"]["num_layers"],
+    train = cfg.train.model_copy(update={"embedding_dim": parent_hparams["embedding_dim"],
+                                         "num_layers": parent_hparams["num_layers"],
                                          "epochs": 1, "eval_every": 1,
                                          "lr": cfg.train.lr if refilter else cfg.update.lr})
     inputs = worker_inputs(cfg, opts, started, warm=warm, train=train, **extra)

@@ -63,7 +63,7 @@ def extend_embeddings(old: np.ndarray, old_counts: dict[str, int], graph: Intere
         block = out[getattr(n_off, t) : getattr(n_off, t) + new_counts[t]]
         start = getattr(o_off, t)
         block[: old_counts[t]] = old[start : start + old_counts[t]]
-        block[old_counts[t] :] = 0.0  # filled below; zero stays only where a type has no rule
+        block[old_counts[t] :] = 0.0  # every new row is filled below; zeros rather than stale memory if not
         blocks[t] = block
     n_old_items = old_counts["item"]
     item_mean = blocks["item"][:n_old_items].mean(axis=0) if n_old_items else np.zeros(dim, np.float32)
@@ -92,10 +92,12 @@ def extend_embeddings(old: np.ndarray, old_counts: dict[str, int], graph: Intere
 
 def extended_state(parent_state: dict, old_counts: dict[str, int], graph: InterestGraph, train_user: np.ndarray,
                    train_item: np.ndarray) -> dict[str, torch.Tensor]:
-    """A state dict for InterestGCN over `graph`, grown from the parent's."""
+    """A state dict for InterestGCN over `graph`, grown from the parent's; it shares no memory with `parent_state`
+    (which may map the parent's file)."""
     old = parent_state["embedding.weight"].detach().cpu().numpy()
     grown = extend_embeddings(old, old_counts, graph, train_user, train_item)
-    return {**parent_state, "embedding.weight": torch.from_numpy(grown)}
+    rest = {name: value.clone() for name, value in parent_state.items() if name != "embedding.weight"}
+    return {**rest, "embedding.weight": torch.from_numpy(grown)}
 
 
 def touched_rows(graph: InterestGraph, train_user: np.ndarray, train_item: np.ndarray, pair_index: np.ndarray,

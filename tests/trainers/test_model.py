@@ -104,15 +104,31 @@ def test_forward_shape_and_gradient_matches_dense_reference():
     assert torch.allclose(grad, w.grad, atol=1e-5)
 
 
-def test_a_model_left_unfilled_takes_a_state_and_computes_the_same():
+def test_a_model_left_unfilled_draws_nothing_takes_a_state_and_computes_the_same(monkeypatch):
     adj = build_norm_adjacency(**TINY)
     source = InterestGCN(num_nodes=6, embedding_dim=8, num_layers=3)
+
+    def no_draws(*args, **kwargs):
+        raise AssertionError("a random fill of a table that is overwritten")
+
+    monkeypatch.setattr(torch.nn.init, "normal_", no_draws)
+    with pytest.raises(AssertionError):
+        InterestGCN(num_nodes=6, embedding_dim=8, num_layers=3)
     model = InterestGCN(num_nodes=6, embedding_dim=8, num_layers=3, initialise=False)
+    monkeypatch.undo()
     assert model.embedding.weight.shape == (6, 8) and model.embedding.weight.requires_grad
     model.load_state_dict(source.state_dict())
     assert torch.equal(model(adj), source(adj))
     model(adj).sum().backward()
     assert model.embedding.weight.grad is not None
+
+
+def test_the_random_start_is_the_table_a_seed_always_gave():
+    torch.manual_seed(7)
+    expected = torch.nn.Embedding(10, 4)
+    torch.nn.init.normal_(expected.weight, std=0.1)
+    torch.manual_seed(7)
+    assert torch.equal(InterestGCN(num_nodes=10, embedding_dim=4).embedding.weight, expected.weight)
 
 
 def test_losses():
