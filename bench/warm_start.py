@@ -187,8 +187,8 @@ def synthetic_stream(out: Path, cycles: int, low: int, high: int) -> tuple[Path,
 
 
 def stream(name: str, base: Path, first: list[tuple[Path, str]], slices: list[Path], fmt: str, train: dict,
-           update: dict) -> dict:
-    """The parent, then one `--every` cycle per increment on resident workers, back to back."""
+           update: dict, gap_s: float = 0.0) -> dict:
+    """The parent, then one `--every` cycle per increment on resident workers, `gap_s` apart (0: back to back)."""
     shutil.rmtree(base, ignore_errors=True)
     warm = config(base / "warm", train, update, {})
     ensure_ray(warm, long_lived=True)
@@ -202,6 +202,8 @@ def stream(name: str, base: Path, first: list[tuple[Path, str]], slices: list[Pa
     rows = []
     try:
         for i, path in enumerate(slices):
+            if i and gap_s:
+                time.sleep(gap_s)  # the workers wait between cycles, as in an --every job
             warm.data.source.path, warm.data.source.format = str(path), fmt
             started = time.time()
             s = run_update(warm, resident=resident)
@@ -211,7 +213,8 @@ def stream(name: str, base: Path, first: list[tuple[Path, str]], slices: list[Pa
                    "new_pairs": s.get("new_pairs", 0), "new_share": s.get("new_share"),
                    "touched_only": s.get("touched_only"), "steps": s.get("steps"), "parent_recall": before,
                    "recall": after, "ratio": round(after / before, 4) if before and after is not None else None,
-                   "published": s["version"], "reason": s.get("reason"), "seconds": round(time.time() - started, 2)}
+                   "published": s["version"], "reason": s.get("reason"), "seconds": round(time.time() - started, 2),
+                   "timings": s.get("timings")}
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
@@ -226,7 +229,7 @@ def stream(name: str, base: Path, first: list[tuple[Path, str]], slices: list[Pa
                "worst_ratio": min(ratios) if ratios else None, "tolerance": warm.update.tolerance,
                "first_recall": trained[0]["parent_recall"] if trained else None,
                "last_recall": trained[-1]["recall"] if trained else None,
-               "mean_cycle_s": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 2),
+               "mean_cycle_s": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 2), "gap_s": gap_s,
                "update": warm.update.model_dump()}
     print(json.dumps(summary), flush=True)
     return summary
@@ -248,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=20, help="--stream: increments per data set")
     p.add_argument("--min-events", type=int, default=100, help="--stream: smallest increment")
     p.add_argument("--max-events", type=int, default=1000, help="--stream: largest increment")
+    p.add_argument("--gap-s", type=float, default=0.0,
+                   help="--stream: seconds the workers wait between cycles (an --every job waits update.every_s)")
     args = p.parse_args(argv)
     os.environ.setdefault("IG_PSEUDONYM_KEY", "bench-key")
     train = {"num_workers": 2, **({"epochs": args.epochs, "eval_every": args.epochs} if args.epochs else {})}
@@ -262,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             first, incs = taobao_stream(args.data, OUT / "taobao-stream-files", args.first_days, args.cycles,
                                         args.min_events, args.max_events)
             summaries.append(stream("taobao", OUT / "taobao-stream", [(d, "taobao") for d in first], incs, "taobao",
-                                    {**train, **window}, update))
+                                    {**train, **window}, update, args.gap_s))
         if "synthetic" in datasets:
             parent_log, incs = synthetic_stream(OUT / "synthetic-stream-files", args.cycles, args.min_events,
                                                 args.max_events)
             summaries.append(stream("synthetic", OUT / "synthetic-stream", [(parent_log, "events")], incs, "events",
-                                    {**train, **window}, update))
+                                    {**train, **window}, update, args.gap_s))
         print(json.dumps(summaries))
         return 0
     args.datasets = args.datasets or ["taobao", "beauty"]
