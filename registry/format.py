@@ -547,12 +547,6 @@ class _Hashing:
     def flush(self) -> None:
         self._out.flush()
 
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -33,6 +35,23 @@ def write_config(path: Path, root: str, **sections: dict) -> Path:
     raw.update(sections)
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@contextlib.contextmanager
+def s3_bucket(bucket: str) -> Iterator[str]:
+    """A real S3 protocol on loopback (moto's server mode) holding an empty `bucket`; yields its endpoint."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
+        yield endpoint
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

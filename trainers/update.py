@@ -105,7 +105,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     parent_state = loaded.load_state(mapped=True)
     grown = extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user, sp.train_item)
     parent_hparams = parent_state["hparams"]
-    del parent_state  # the mapping of the parent's model.pt: retention may remove the parent after this publish
+    del parent_state  # the parent's model.pt stays mapped no longer than it is read
     timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
     ensure_ray(cfg)
     # A small increment moves only the rows it touched: a fresh Adam moves every row that gets any gradient by about

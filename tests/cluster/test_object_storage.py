@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import pytest
 import requests
 
@@ -15,7 +14,7 @@ import registry
 from core.storage import Storage
 from datasets.ingest import Request, run_ingest
 from datasets.synth import generate
-from tests.helpers import free_port, make_config, start_app, stop_app, write_config
+from tests.helpers import make_config, s3_bucket, start_app, stop_app, write_config
 
 pytestmark = pytest.mark.slow
 BUCKET = "ig-test"
@@ -23,15 +22,8 @@ BUCKET = "ig-test"
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
-    yield endpoint
-    server.stop()
+    with s3_bucket(BUCKET) as endpoint:
+        yield endpoint
 
 
 def test_ingest_train_publish_and_serve_from_a_bucket(ray_session, s3_endpoint: str, tmp_path: Path) -> None:

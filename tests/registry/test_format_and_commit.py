@@ -419,21 +419,12 @@ def test_invalid_artifacts_are_refused_before_writing(storage: Storage, override
         not any(Path(storage.path("checkpoints", "versions")).iterdir())
 
 
-def test_a_version_streams_into_a_bucket_and_loads_back(tmp_path: Path):
+def test_a_version_streams_into_a_bucket_and_loads_back():
     # The object-store branch of the staging writes (a real S3 protocol on loopback: moto), which local tests never
     # take: every file a stream of copied chunks, the manifest's checksums those of what landed.
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
+    from tests.helpers import s3_bucket
 
-    from tests.helpers import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True) \
-            .create_dir("versions-bucket")
+    with s3_bucket("versions-bucket") as endpoint:
         bucket = Storage("s3://versions-bucket/root", endpoint, "us-east-1")
         art = _artifacts(seed=3)
         version = registry.publish(bucket, art)
@@ -442,8 +433,6 @@ def test_a_version_streams_into_a_bucket_and_loads_back(tmp_path: Path):
         np.testing.assert_array_equal(loaded.user_vectors, art.user_vectors)
         assert torch.equal(loaded.load_state()["state_dict"]["embedding.weight"], art.state_dict["embedding.weight"])
         assert registry.latest_version(bucket) == version
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("mode", MODES)
