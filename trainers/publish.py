@@ -18,7 +18,7 @@ from datasets import idmaps
 from datasets.tombstones import load_tombstones
 from trainers.baselines import popularity_metrics
 from trainers.curve import curve_png
-from trainers.data import InterestGraph, load_graph, split
+from trainers.data import InterestGraph, Split, load_graph, split
 from trainers.train_state import Checkpoint
 
 log = logging.getLogger("trainers.publish")
@@ -96,7 +96,11 @@ def forget(deleted: np.ndarray, user_keys: pa.Array, user_vectors: np.ndarray, i
 
 
 def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkpoint, parent: str | None,
-                            num_workers: int, graph: InterestGraph | None = None) -> tuple[str, dict]:
+                            num_workers: int, graph: InterestGraph | None = None, sp: Split | None = None,
+                            curve: bool = True) -> tuple[str, dict]:
+    """`graph`, `sp`: the graph the checkpoint was trained on and its split, where the caller has them.
+    `curve=False`: no training curve (an update cycle's history is one evaluation, and drawing it was a third of
+    a second of the cycle)."""
     state, emb = checkpoint.state, checkpoint.embeddings
     if emb is None:
         raise RuntimeError("the final checkpoint carries no embeddings")
@@ -111,7 +115,8 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkp
     if len(deleted):
         user_keys, user_vectors, indptr, indices, model_state, evidence = forget(
             deleted, user_keys, user_vectors, indptr, indices, model_state, evidence)
-    baseline = popularity_metrics(graph, split(graph, cfg.train.holdout, cfg.train.holdout_days), k,
+    sp = sp or split(graph, cfg.train.holdout, cfg.train.holdout_days)
+    baseline = popularity_metrics(graph, sp, k,
                                   cfg.train.eval_batch_users, cfg.train.eval_max_users, cfg.train.seed)
     artifacts = registry.ModelArtifacts(
         user_keys=user_keys,
@@ -143,7 +148,7 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkp
                "split": state.split, "num_workers": num_workers, "history": history,
                "popularity_metrics": baseline, "eval_users": final.get("eval_users"),
                "refit": history[-1].get("refit")},
-        curve_png=curve_png(history, k),
+        curve_png=curve_png(history, k) if curve else None,
     )
     return publish_and_prune(cfg, storage, artifacts)
 

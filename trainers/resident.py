@@ -237,12 +237,13 @@ class ResidentTrainer:
         if "error" in result:
             raise RuntimeError(f"update cycle failed on a worker: {result['error']}")
         if result["final"]:
-            result["final"] = ray.get(result["final"][0]).restored()
+            result["final"] = ray.get(result["final"][0]).restored(writable=False)
         return result
 
     @contextmanager
     def fitted(self, inputs: WorkerInputs) -> Iterator[tuple[Checkpoint, dict]]:
-        """Like `trainers.train.fitted`: the cycle's final checkpoint, and its metrics."""
+        """Like `trainers.train.fitted`: the cycle's final checkpoint, and its metrics. The checkpoint's arrays and
+        tensors are read-only views of the object store (to publish, not to edit)."""
         if not self.alive():
             if self._thread is not None:
                 log.warning("resident update workers were gone (%r); starting new ones", self._error)

@@ -167,7 +167,8 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
             return {**unchanged(reason), "candidate_metrics": metrics}
         mark = time.time()
         version, _ = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
-                                             num_workers=opts.num_workers or cfg.train.num_workers, graph=graph)
+                                             num_workers=opts.num_workers or cfg.train.num_workers, graph=graph,
+                                             sp=sp, curve=False)
         timings["publish"] = round(time.time() - mark, 3)
     log.info("published %s (parent %s): %s", version, parent, metrics)
     return {**base, "parent": parent, "version": version, "seconds": round(time.time() - started, 3)}

@@ -8,7 +8,7 @@ import torch
 from trainers.graph import build_norm_adjacency, node_offsets
 from trainers.loop import item_degree_scale
 from trainers.model import InterestGCN
-from trainers.spectral import filter_coefficients, interest_block, randomized_svd, spectral_embeddings
+from trainers.spectral import _std, filter_coefficients, interest_block, randomized_svd, spectral_embeddings
 
 E = np.array([], dtype=np.int64)
 USERS, ITEMS, CATS, BRANDS = 40, 30, 4, 3
@@ -68,6 +68,29 @@ def test_randomized_svd_above_the_rank_gives_zero_vectors_not_nan(shape):
     assert (sigma[2:] < 1e-3 * sigma[0]).all()
     assert min(np.abs(u[:, 2:]).max(axis=0).max(), np.abs(v[:, 2:]).max(axis=0).max()) == 0
     np.testing.assert_allclose((u * sigma) @ v.T, m.toarray(), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (3, 5000), (4097, 2), (0, 7)])
+def test_the_spread_of_two_tables_is_their_concatenation_s(rows):
+    rng = np.random.default_rng(rows[0])
+    parts = [rng.normal(0.3, 2.0, (n, 5)).astype(np.float32) for n in rows]
+    assert _std(*parts) == pytest.approx(float(np.concatenate(parts).astype(np.float64).std()), rel=1e-9)
+
+
+def test_a_filter_start_as_wide_as_the_table_draws_no_random_numbers(monkeypatch):
+    """Every node is a row of the item block, so with as many singular pairs as dimensions the filter fills the
+    whole table: a random fill would be thrown away. Narrower blocks still fill the rest at random."""
+    adj, off = _adjacency(0, attributes=True), node_offsets(USERS, ITEMS, CATS, BRANDS)
+    expected = spectral_embeddings(adj, off, 16, filter_beta=3.0, num_layers=3)
+
+    def no_draws(*args, **kwargs):
+        raise AssertionError("a random fill of a table that is overwritten")
+
+    monkeypatch.setattr(np.random, "default_rng", no_draws)
+    assert torch.equal(spectral_embeddings(adj, off, 16, filter_beta=3.0, num_layers=3), expected)
+    assert float(expected.std(unbiased=False)) == pytest.approx(0.1, rel=1e-5)
+    with pytest.raises(AssertionError, match="random fill"):
+        spectral_embeddings(adj, off, ITEMS + 5, filter_beta=3.0, num_layers=3)
 
 
 @pytest.mark.parametrize("layers, beta, attributes, exponent", [

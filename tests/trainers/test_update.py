@@ -112,6 +112,9 @@ def test_update_publishes_a_child_with_new_users_and_items_and_learns_late_event
     assert 0 < t["worker_loop"] < t["ray_train"] and spent <= summary["seconds"] + 0.01
     child = registry.load_version(storage, summary["version"])
     assert child.parent == parent.version and registry.latest_version(storage) == child.version
+    # A cycle's history is one evaluation: no training curve is drawn for it (the full training's version has one).
+    assert registry.CURVE not in child.manifest["files"] and child.load_curve_png() is None
+    assert registry.CURVE in parent.manifest["files"]
     assert child.user_keys[: len(parent.user_keys)] == parent.user_keys
     assert child.item_ids[: len(parent.item_ids)] == parent.item_ids
     assert {f"item-fresh-{n}" for n in range(3)} <= set(child.item_ids)
