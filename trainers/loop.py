@@ -43,7 +43,7 @@ from trainers.model import InterestGCN
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.shared_graph import build_adjacency, build_shared_graph
 from trainers.spectral import spectral_embeddings
-from trainers.train_state import Checkpoint, TrainState
+from trainers.train_state import Checkpoint, TrainState, as_tensors
 from trainers.worker_inputs import WorkerInputs
 
 
@@ -220,7 +220,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers, initialise=False)
     model.set_output_scale(item_degree_scale(offsets, sp.train_item, hp.item_degree_power))
     if inputs.warm is not None:
-        model.load_state_dict(_resolve(inputs.warm.init_state))
+        model.load_state_dict(as_tensors(_resolve(inputs.warm.init_state), writable=False))  # copied in
     elif hp.init == "spectral":
         with torch.no_grad():
             model.embedding.weight.copy_(_spectral_start(adj, offsets, hp, session, device))

@@ -62,6 +62,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     from trainers.loop import steps_per_pass
     from trainers.publish import blanked, publish_and_prune, publish_from_checkpoint
     from trainers.train import fitted, run_train, worker_inputs
+    from trainers.train_state import as_arrays
     from trainers.warm_start import extended_state, touched_rows, update_pair_index, update_steps
 
     started = time.time()
@@ -122,10 +123,10 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                                          loaded.node_counts))
     if refilter:
         passes = cfg.update.refilter_passes
-        warm = WarmStart(init_state=ray.put(grown), pair_index=None, refilter=True, passes=passes,
+        warm = WarmStart(init_state=ray.put(as_arrays(grown)), pair_index=None, refilter=True, passes=passes,
                          steps=math.ceil(passes * steps_per_pass(len(sp.train_user), world, cfg.train.batch_size)))
     else:
-        warm = WarmStart(init_state=ray.put(grown), pair_index=ray.put(pair_index),
+        warm = WarmStart(init_state=ray.put(as_arrays(grown)), pair_index=ray.put(pair_index),
                          steps=update_steps(cfg, world, len(pair_index)), passes=cfg.update.epochs,
                          trainable=trainable)
     # The architecture is the parent's (a full retrain is how a config change of it takes effect); one "epoch" of

@@ -14,7 +14,9 @@ from core.storage import Storage
 class WarmStart:
     """A warm-start cycle: where it starts, what it trains on, for how long."""
 
-    init_state: Any  # the grown parent's state_dict, or an ObjectRef to it (large: it goes through the object store)
+    # the grown parent's state_dict (tensors or numpy arrays), or an ObjectRef to it (large: it goes through the
+    # object store, as numpy arrays)
+    init_state: Any
     # int64 indices into the split's training pairs (new + replayed), or an ObjectRef to them; None: every pair
     pair_index: Any
     steps: int  # optimiser steps of the cycle: one "epoch" that wraps over its pairs, one checkpoint, no decay; 0: none
