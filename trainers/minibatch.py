@@ -101,16 +101,7 @@ class History:
 @torch.no_grad()
 def refresh(model: InterestGCN, adj: Tensor) -> History:
     """One full propagation without gradients: a forward pass over the graph, a few times per pass over the pairs."""
-    ego = model.embedding.weight.detach()
-    x, total, deeper = ego, ego.clone(), None
-    for layer in range(1, model.num_layers + 1):
-        x = torch.sparse.mm(adj, x)
-        total += x
-        if layer == model.num_layers - 1:
-            deeper = total - ego
-    final = total.div_(model.num_layers + 1)  # in place: a table-sized block fewer at the peak
-    if model.output_scale is not None:
-        final *= model.output_scale.unsqueeze(1)
+    final, deeper = model.propagated(adj, keep_deeper=True)
     return History(deeper=deeper, final=final)
 
 

@@ -69,9 +69,9 @@ class InterestGCN(torch.nn.Module):
 
     def forward(self, adj: Tensor) -> Tensor:
         """Final embeddings [num_nodes, dim] = mean of layers 0..K (alpha_k = 1/(K+1))."""
-        x = self.embedding.weight
         if not torch.is_grad_enabled():
-            return self._propagated(x, adj)
+            return self.propagated(adj)[0]
+        x = self.embedding.weight
         out = x
         for _ in range(self.num_layers):
             x = self.conv(x, adj)
@@ -79,15 +79,22 @@ class InterestGCN(torch.nn.Module):
         out = out / (self.num_layers + 1)
         return out if self.output_scale is None else out * self.output_scale.unsqueeze(1)
 
-    def _propagated(self, x: Tensor, adj: Tensor) -> Tensor:
-        """`forward` without autograd, summing into one buffer: each layer's `out + x` was a fresh table, and at
-        1,024 dims the page faults of fresh tables were a quarter of an evaluation's propagation."""
-        out = x.clone()
-        for _ in range(self.num_layers):
+    @torch.no_grad()
+    def propagated(self, adj: Tensor, keep_deeper: bool = False) -> tuple[Tensor, Tensor | None]:
+        """`forward` without autograd, summing into one buffer (each layer's `out + x` was a fresh table, and at
+        1,024 dims the page faults of fresh tables were a quarter of an evaluation's propagation); with
+        `keep_deeper`, also the sum of layers 1..K-1 (what a mini-batch step reads for its deeper layers)."""
+        ego = self.embedding.weight.detach()
+        x, total, deeper = ego, ego.clone(), None
+        for layer in range(1, self.num_layers + 1):
             x = torch.sparse.mm(adj, x)
-            out.add_(x)
-        out.div_(self.num_layers + 1)
-        return out if self.output_scale is None else out.mul_(self.output_scale.unsqueeze(1))
+            total += x
+            if keep_deeper and layer == self.num_layers - 1:
+                deeper = total - ego
+        final = total.div_(self.num_layers + 1)  # in place: a table-sized block fewer at the peak
+        if self.output_scale is not None:
+            final.mul_(self.output_scale.unsqueeze(1))
+        return final, deeper
 
     @property
     def ego(self) -> Tensor:

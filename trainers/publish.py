@@ -98,10 +98,13 @@ def forget(deleted: np.ndarray, user_keys: pa.Array, user_vectors: np.ndarray, i
 def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkpoint, parent: str | None,
                             num_workers: int, graph: InterestGraph | None = None, sp: Split | None = None,
                             curve: bool = True) -> tuple[str, dict]:
-    """`graph`, `sp`: the graph the checkpoint was trained on and its split, where the caller has them.
+    """`graph`, `sp`: the graph the checkpoint was trained on and its split, where the caller has them (a split
+    only with its graph).
     `curve=False`: no training curve (an update cycle's history is one evaluation, and drawing it was a third of
     a second of the cycle)."""
     state, emb = checkpoint.state, checkpoint.embeddings
+    if sp is not None and graph is None:
+        raise ValueError("a split is passed with the graph it splits")
     if emb is None:
         raise RuntimeError("the final checkpoint carries no embeddings")
     graph = graph or load_graph(storage)
@@ -115,7 +118,8 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkp
     if len(deleted):
         user_keys, user_vectors, indptr, indices, model_state, evidence = forget(
             deleted, user_keys, user_vectors, indptr, indices, model_state, evidence)
-    sp = sp or split(graph, cfg.train.holdout, cfg.train.holdout_days)
+    if sp is None:
+        sp = split(graph, cfg.train.holdout, cfg.train.holdout_days)
     baseline = popularity_metrics(graph, sp, k,
                                   cfg.train.eval_batch_users, cfg.train.eval_max_users, cfg.train.seed)
     artifacts = registry.ModelArtifacts(

@@ -70,10 +70,10 @@ class Checkpoint:
         return Checkpoint(replace(self.state, model=as_arrays(self.state.model)), self.embeddings)
 
     def restored(self, writable: bool = True) -> Checkpoint:
-        """`portable`'s inverse. The arrays may be read-only views of the object store: the model gets its own
-        copy (it is trained on and edited again), the embeddings are only read. `writable=False`: the model's
-        tensors share the arrays too, for a caller that only reads them (the update cycle publishes them; the copy
-        of a Taobao-sized table was half a second of every cycle)."""
+        """`portable`'s inverse; the embeddings stay the (read-only) arrays they came as. `writable` gives the model
+        its own copy, for a caller that edits or trains it; `writable=False` shares the arrays, for one that only
+        reads them (the update cycle publishes them: the copy of a Taobao-sized table was half a second of a
+        cycle)."""
         return Checkpoint(replace(self.state, model=as_tensors(self.state.model, writable)), self.embeddings)
 
 
@@ -88,9 +88,10 @@ def as_tensors(state: Mapping[str, Any], writable: bool = True) -> dict[str, Any
     views of the object store: for a reader only (`load_state_dict` copies, publishing reads)."""
     if writable:
         return {name: torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a for name, a in state.items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return {name: torch.from_numpy(a) if isinstance(a, np.ndarray) else a for name, a in state.items()}
+    # Said once, here: torch warns on every read-only array, and a filter set and reset around the call
+    # (`warnings.catch_warnings`) is not thread-safe while the resident run's thread is working.
+    warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning, __name__)
+    return {name: torch.from_numpy(a) if isinstance(a, np.ndarray) else a for name, a in state.items()}
 
 
 def save_embeddings(directory: str, blocks: dict[str, np.ndarray]) -> None:

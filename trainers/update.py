@@ -167,6 +167,8 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
             log.warning("update refused: %s", reason)
             return {**unchanged(reason), "candidate_metrics": metrics}
         mark = time.time()
+        # On resident workers the checkpoint's tensors are read-only views of the object store: publishing only
+        # reads them (blanking a deleted user's rows works on copies).
         version, _ = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
                                              num_workers=opts.num_workers or cfg.train.num_workers, graph=graph,
                                              sp=sp, curve=False)

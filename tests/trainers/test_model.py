@@ -108,18 +108,20 @@ def test_propagation_without_gradients_is_the_forward_pass_and_leaves_the_table_
     """Evaluation and export propagate under no_grad, summing into one buffer: the same embeddings as the forward
     pass that trains, with and without the per-node output scale."""
     adj = build_norm_adjacency(**TINY)
-    model = InterestGCN(num_nodes=6, embedding_dim=8, num_layers=3)
-    table = model.embedding.weight.detach().clone()
-    for scale in (None, torch.linspace(0.5, 2.0, 6)):
-        model.set_output_scale(scale)
-        with torch.no_grad():
-            quiet = model(adj)
-        assert torch.allclose(quiet, model(adj).detach(), atol=1e-6)
-        assert torch.equal(model.embedding.weight.detach(), table)
-    model.num_layers = 0
-    with torch.no_grad():
-        assert torch.equal(model(adj), table * scale.unsqueeze(1))
-    assert torch.equal(model.embedding.weight.detach(), table)
+    table = torch.randn(6, 8)
+    ramp = torch.linspace(0.5, 2.0, 6)
+    for layers in (0, 1, 3):
+        model = InterestGCN(num_nodes=6, embedding_dim=8, num_layers=layers)
+        model.load_state_dict({"embedding.weight": table})
+        for scale in (None, ramp):
+            model.set_output_scale(scale)
+            with torch.no_grad():
+                quiet = model(adj)
+            assert torch.allclose(quiet, model(adj).detach(), atol=1e-6)
+            assert torch.equal(model.embedding.weight.detach(), table)  # never the table itself, even at 0 layers
+            assert scale is None or torch.equal(model.output_scale, ramp)
+            if layers == 0:
+                assert torch.equal(quiet, table if scale is None else table * ramp.unsqueeze(1))
 
 
 def test_a_model_left_unfilled_draws_nothing_takes_a_state_and_computes_the_same(monkeypatch):
