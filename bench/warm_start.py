@@ -84,7 +84,7 @@ def config(root: Path, train: dict, update: dict, source: dict) -> AppConfig:
 
 
 def compare(name: str, base: Path, first: list[tuple[Path, str]], slices: list[tuple[Path, str]], train: dict,
-            update: dict, attributes: str | None) -> list[dict]:
+            update: dict, attributes: str | None, profile: Path | None = None) -> list[dict]:
     shutil.rmtree(base, ignore_errors=True)
     warm = config(base / "warm", train, update, {"attributes": attributes})
     full = config(base / "full", train, update, {"attributes": attributes})
@@ -106,7 +106,7 @@ def compare(name: str, base: Path, first: list[tuple[Path, str]], slices: list[t
         # The warm side reads the slice through its config, as `trainers.update --every` would.
         warm.data.source.path, warm.data.source.format = str(path), fmt
         started = time.time()
-        updates.append((run_update(warm, resident=resident), time.time() - started))
+        updates.append((_update(warm, resident, profile, f"{name}-{path.stem}"), time.time() - started))
     resident.close()
     rows = []
     for i, ((path, fmt), (w, warm_s)) in enumerate(zip(slices, updates, strict=True)):
@@ -130,6 +130,21 @@ def compare(name: str, base: Path, first: list[tuple[Path, str]], slices: list[t
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def _update(cfg: AppConfig, resident: ResidentTrainer, profile: Path | None, name: str) -> dict:
+    """One update cycle on the resident workers; with `profile`, the driver's cProfile of it goes to
+    `profile/<name>.prof` (read it with `pstats`: where a cycle's time goes outside the workers' own timings)."""
+    if profile is None:
+        return run_update(cfg, resident=resident)
+    import cProfile
+
+    profile.mkdir(parents=True, exist_ok=True)
+    pr = cProfile.Profile()
+    try:
+        return pr.runcall(run_update, cfg, resident=resident)
+    finally:
+        pr.dump_stats(str(profile / f"{name}.prof"))
 
 
 def _train_seconds(cfg: AppConfig, summary: dict) -> float | None:
@@ -187,7 +202,7 @@ def synthetic_stream(out: Path, cycles: int, low: int, high: int) -> tuple[Path,
 
 
 def stream(name: str, base: Path, first: list[tuple[Path, str]], slices: list[Path], fmt: str, train: dict,
-           update: dict, gap_s: float = 0.0) -> dict:
+           update: dict, gap_s: float = 0.0, profile: Path | None = None) -> dict:
     """The parent, then one `--every` cycle per increment on resident workers, `gap_s` apart (0: back to back)."""
     shutil.rmtree(base, ignore_errors=True)
     warm = config(base / "warm", train, update, {})
@@ -206,7 +221,7 @@ def stream(name: str, base: Path, first: list[tuple[Path, str]], slices: list[Pa
                 time.sleep(gap_s)  # the workers wait between cycles, as in an --every job
             warm.data.source.path, warm.data.source.format = str(path), fmt
             started = time.time()
-            s = run_update(warm, resident=resident)
+            s = _update(warm, resident, profile, f"{name}-stream-{i + 1:02d}")
             before = (s.get("parent_metrics") or {}).get(k)
             after = (s.get("candidate_metrics") or s.get("metrics") or {}).get(k) if before is not None else None
             row = {"dataset": name, "mode": "stream", "cycle": i + 1, "events": s["ingested"]["input_rows"],
@@ -251,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=20, help="--stream: increments per data set")
     p.add_argument("--min-events", type=int, default=100, help="--stream: smallest increment")
     p.add_argument("--max-events", type=int, default=1000, help="--stream: largest increment")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="write the driver's cProfile of every update cycle to DIR/<data set>-<slice>.prof")
     p.add_argument("--gap-s", type=float, default=0.0,
                    help="--stream: seconds the workers wait between cycles (an --every job waits update.every_s)")
     args = p.parse_args(argv)
@@ -267,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             first, incs = taobao_stream(args.data, OUT / "taobao-stream-files", args.first_days, args.cycles,
                                         args.min_events, args.max_events)
             summaries.append(stream("taobao", OUT / "taobao-stream", [(d, "taobao") for d in first], incs, "taobao",
-                                    {**train, **window}, update, args.gap_s))
+                                    {**train, **window}, update, args.gap_s, args.profile))
         if "synthetic" in datasets:
             parent_log, incs = synthetic_stream(OUT / "synthetic-stream-files", args.cycles, args.min_events,
                                                 args.max_events)
             summaries.append(stream("synthetic", OUT / "synthetic-stream", [(parent_log, "events")], incs, "events",
-                                    {**train, **window}, update, args.gap_s))
+                                    {**train, **window}, update, args.gap_s, args.profile))
         print(json.dumps(summaries))
         return 0
     args.datasets = args.datasets or ["taobao", "beauty"]
@@ -283,12 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         days = taobao_days(args.data, OUT / "taobao-days")
         first = [(d, "taobao") for d in days[: args.first_days]]
         rows += compare("taobao", OUT / "taobao", first, [(d, "taobao") for d in days[args.first_days :]],
-                        {**train, "holdout": "last_days", "holdout_days": 1.0}, update, None)
+                        {**train, "holdout": "last_days", "holdout_days": 1.0}, update, None, args.profile)
     if "beauty" in args.datasets:
         history, last = beauty_split(args.data, OUT / "beauty-split")
         attrs = str(args.data / "amazon_beauty" / "Beauty_item2attributes.json")
         rows += compare("amazon_beauty", OUT / "beauty", [(history, "sequence")], [(last, "events")],
-                        {**train, "holdout": "leave_one_out"}, update, attrs)
+                        {**train, "holdout": "leave_one_out"}, update, attrs, args.profile)
     print(json.dumps(rows))
     return 0
 

@@ -26,10 +26,12 @@ def randomized_svd(m: sp.csr_matrix, k: int, iterations: int,
 
     The basis is kept on the rows' side only and the Rayleigh-Ritz step goes through its small Gram matrix:
     orthonormalising the columns' side too (a QR per half-iteration) and a dense SVD of the l x columns projection
-    cost 48.5 s of the 3,729 x 55,368 Taobao block and 58.6 s of Gowalla's; this costs 5.9 and 26.9 s for the same
-    subspace (range(A A^T q) either way), the filter's scores within 3e-5 of the old ones. Keeping the basis on the
-    shorter side instead would save more on a block with more rows than columns, but the subspace would change:
-    one power more on the side the pairs come from ranked Amazon Beauty 1% lower (0.1070 against 0.1081).
+    cost 48.5 s of the 3,729 x 55,368 Taobao block and 58.6 s of Gowalla's; this cost 5.9 and 26.9 s for the same
+    subspace (range(A A^T q) either way), the filter's scores within 3e-5 of the old ones (on one thread; the right
+    singular vectors through the sparse block, below, took a 2-thread Taobao SVD from 4.3 to about 3 s since).
+    Keeping the basis on the shorter side instead would save more on a block with more rows than columns, but the
+    subspace would change: one power more on the side the pairs come from ranked Amazon Beauty 1% lower (0.1070
+    against 0.1081).
     """
     def csr(x: sp.csr_matrix) -> torch.Tensor:
         return torch.sparse_csr_tensor(torch.from_numpy(x.indptr.astype(np.int64)),
