@@ -59,6 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from registry.concurrent_io import run_all
 from registry.user_keys import UserKeys
 
 FORMAT = 3  # what this code writes; a manifest without "format" is format 1
@@ -509,22 +510,28 @@ def encode(a: ModelArtifacts, sink: Callable[[str], AbstractContextManager[Binar
             write(cast(BinaryIO, hashing))
         digests[rel] = hashing.hexdigest()
 
-    put(USERS, lambda f: pq.write_table(_embedding_table(USER_KEY, user_keys, user_vectors), f))
-    put(ITEMS, lambda f: pq.write_table(_embedding_table(ITEM_ID, item_ids, item_vectors), f))
-    put(USER_VECTORS, lambda f: np.lib.format.write_array(f, user_vectors, version=(1, 0)))
-    put(ITEM_VECTORS, lambda f: np.lib.format.write_array(f, item_vectors, version=(1, 0)))
-    # A zip archive is written by seeking back to its headers, so it is built aside and then copied in.
-    put(SEEN, lambda f: _copy(_spilled(lambda spill: np.savez(spill, indptr=indptr, indices=indices, **evidence)),
-                              f))
-    put(POPULARITY, lambda f: pq.write_table(popularity, f))
-    put(MODEL, lambda f: _save_model(a.state_dict, a.hparams, f))
-    for rel, table in attributes.items():
-        put(rel, lambda f, table=table: pq.write_table(table, f))
+    # Two lanes written side by side: the Parquet exports in one, the plain arrays and the model in the other, so
+    # the two table-sized Parquet encoders (each holding a row group's pages) never run at once.
+    exports: list[tuple[str, Callable[[BinaryIO], object]]] = [
+        (USERS, lambda f: pq.write_table(_embedding_table(USER_KEY, user_keys, user_vectors), f)),
+        (ITEMS, lambda f: pq.write_table(_embedding_table(ITEM_ID, item_ids, item_vectors), f)),
+        (POPULARITY, lambda f: pq.write_table(popularity, f)),
+        *((rel, lambda f, table=table: pq.write_table(table, f)) for rel, table in attributes.items()),
+    ]
+    arrays: list[tuple[str, Callable[[BinaryIO], object]]] = [
+        (USER_VECTORS, lambda f: _write_npy(user_vectors, f)),
+        (ITEM_VECTORS, lambda f: _write_npy(item_vectors, f)),
+        # A zip archive is written by seeking back to its headers, so it is built aside and then copied in.
+        (SEEN, lambda f: _copy(_spilled(lambda spill: np.savez(spill, indptr=indptr, indices=indices, **evidence)),
+                               f)),
+        (MODEL, lambda f: _save_model(a.state_dict, a.hparams, f)),
+    ]
     png, index = a.curve_png, a.item_index
     if png is not None:
-        put(CURVE, lambda f: f.write(bytes(png)))
+        exports.append((CURVE, lambda f: f.write(bytes(png))))
     if index is not None:
-        put(INDEX, lambda f: f.write(index))
+        arrays.append((INDEX, lambda f: f.write(index)))
+    run_all([lambda lane=lane: [put(rel, write) for rel, write in lane] for lane in (exports, arrays)])
     manifest["files"] = dict(sorted(digests.items()))
     return manifest
 
@@ -549,6 +556,14 @@ class _Hashing:
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
+
+
+def _write_npy(array: np.ndarray, out: BinaryIO) -> None:
+    """`np.lib.format.write_array(out, array, version=(1, 0))`, byte for byte, without its copy of every 16 MB of
+    the array into a fresh bytes object on the way to a file-like `out` (a table-sized allocation per file)."""
+    array = np.ascontiguousarray(array)
+    np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(array))
+    _copy(memoryview(array.reshape(-1)).cast("B"), out)
 
 
 def _copy(source: memoryview, out: BinaryIO) -> None:

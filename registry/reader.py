@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core.storage import CHECKPOINTS, IDMAPS, Storage
+from registry.concurrent_io import run_all
 from registry.format import (
     BRAND_ID,
     BRANDS,
@@ -306,12 +307,16 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         if unlisted:
             raise CheckpointError(f"{label}: {unlisted[0]} is in the folder but not listed in {MANIFEST}")
 
+    # On local disk every file is hashed up front, side by side (what the loads below would check one by one);
+    # from an object store each is checked as it is copied or read.
+    checked = _check_all(storage, folder, files, label) if verify and storage.is_local else set()
+
     def read(rel: str) -> bytes:
-        return read_file(storage, folder, rel, files[rel], label, verify)
+        return read_file(storage, folder, rel, files[rel], label, verify and rel not in checked)
 
     def parquet(rel: str, parse: Any) -> Any:
         # Checked by streaming, then parsed from the file: a 10M-user file is never held whole as bytes as well.
-        if verify:
+        if verify and rel not in checked:
             _check_streamed(storage, folder, rel, files[rel], label)
         try:
             source = storage.fs.open_input_file(f"{folder}/{rel}")
@@ -327,7 +332,7 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         # Where the file lies on local disk (versions are immutable once published, and removing one unlinks its
         # files, which leaves a mapping intact); from an object store, a private local copy, unlinked once mapped.
         if storage.is_local:
-            if verify:
+            if verify and rel not in checked:
                 _check_streamed(storage, folder, rel, files[rel], label)
             return parse(path)
         spilled = _spill(storage, folder, rel, files[rel], label, verify)
@@ -381,7 +386,7 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
     if verify:
         # model.pt and curve.png are read lazily, but a version that serves must be whole: hash them now, streaming.
         for rel in sorted(set(files) - {USERS, ITEMS, USER_VECTORS, ITEM_VECTORS, SEEN, POPULARITY, CATEGORIES,
-                                        BRANDS, INDEX}):
+                                        BRANDS, INDEX} - checked):
             _check_streamed(storage, folder, rel, files[rel], label)
     return LoadedVersion(
         version=manifest["version"] or "", manifest=manifest, user_keys=user_keys, user_vectors=user_vectors,
@@ -442,6 +447,31 @@ def _spill(storage: Storage, folder: str, rel: str, sha: str, label: str, verify
         raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
                               f"manifest {sha[:12]}...)")
     return out.name
+
+
+def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str) -> set[str]:
+    """Hash every listed file against the manifest, several at a time, the largest first; the first failure in
+    name order is raised (after all are read). Returns the names checked."""
+    def size(rel: str) -> int:
+        try:
+            return os.path.getsize(f"{folder}/{rel}")
+        except OSError:
+            return 0  # missing: its check below says so
+
+    order = sorted(files, key=lambda rel: (-size(rel), rel))
+    failures = run_all([lambda rel=rel: _failure(storage, folder, rel, files[rel], label) for rel in order])
+    failed = sorted((rel, err) for rel, err in zip(order, failures, strict=True) if err is not None)
+    if failed:
+        raise failed[0][1]
+    return set(files)
+
+
+def _failure(storage: Storage, folder: str, rel: str, sha: str, label: str) -> CheckpointError | None:
+    try:
+        _check_streamed(storage, folder, rel, sha, label)
+    except CheckpointError as err:
+        return err
+    return None
 
 
 def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str) -> None:

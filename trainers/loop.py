@@ -40,6 +40,7 @@ from trainers.minibatch import (
     share_rows,
 )
 from trainers.model import InterestGCN
+from trainers.propagation import side_plan
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.shared_graph import build_adjacency, build_shared_graph
 from trainers.spectral import spectral_embeddings
@@ -219,6 +220,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     # Filled by exactly one of the branches below.
     model = InterestGCN(offsets.num_nodes, hp.embedding_dim, hp.num_layers, initialise=False)
     model.set_output_scale(item_degree_scale(offsets, sp.train_item, hp.item_degree_power))
+    model.set_plan(side_plan(adj, offsets.item, offsets.category))
     if inputs.warm is not None:
         model.load_state_dict(as_tensors(_resolve(inputs.warm.init_state), writable=False))  # copied in
     elif hp.init == "spectral":
@@ -428,6 +430,7 @@ def refit(w: Worker, epoch: int) -> tuple[dict[str, Any], torch.Tensor]:
     users, items = g.ui_user.astype(np.int64), g.ui_item.astype(np.int64)
     w.adj = build_adjacency(g, users, items, g.ui_weight, g.ui_event_counts, w.hp).to(w.device)
     w.model.set_output_scale(item_degree_scale(w.offsets, items, w.hp.item_degree_power))
+    w.model.set_plan(side_plan(w.adj, w.offsets.item, w.offsets.category))
     w.train_csr = csr_from_pairs(users, items, g.num_users, g.num_items)
     w.sampler = NegativeSampler(w.train_csr.indptr, w.train_csr.indices, g.num_items)
     new = np.flatnonzero(held)

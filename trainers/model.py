@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from trainers.propagation import SidePlan
 
 
 class _SymmetricSpMM(torch.autograd.Function):
@@ -56,6 +61,7 @@ class InterestGCN(torch.nn.Module):
         self.conv = LightConv()
         # Not in the state dict: a fixed function of the training graph, rebuilt by whoever builds the adjacency.
         self.register_buffer("output_scale", None, persistent=False)
+        self.plan: SidePlan | None = None
 
     def reset_parameters(self) -> None:
         """The random start. Draws what `torch.nn.Embedding`'s own initialisation and then a std 0.1 normal (as in
@@ -66,6 +72,11 @@ class InterestGCN(torch.nn.Module):
     def set_output_scale(self, scale: Tensor | None) -> None:
         """Per-node factor on the final embeddings (item degree^power: GF-CF's D^1/2 on the item side), or none."""
         self.output_scale = None if scale is None else scale.to(self.embedding.weight.device)
+
+    def set_plan(self, plan: SidePlan | None) -> None:
+        """How propagation without gradients may go through the graph's two sides (`trainers.propagation`); used
+        only for the adjacency it was made from."""
+        self.plan = plan
 
     def forward(self, adj: Tensor) -> Tensor:
         """Final embeddings [num_nodes, dim] = mean of layers 0..K (alpha_k = 1/(K+1))."""
@@ -85,12 +96,15 @@ class InterestGCN(torch.nn.Module):
         1,024 dims the page faults of fresh tables were a quarter of an evaluation's propagation); with
         `keep_deeper`, also the sum of layers 1..K-1 (what a mini-batch step reads for its deeper layers)."""
         ego = self.embedding.weight.detach()
-        x, total, deeper = ego, ego.clone(), None
-        for layer in range(1, self.num_layers + 1):
-            x = torch.sparse.mm(adj, x)
-            total += x
-            if keep_deeper and layer == self.num_layers - 1:
-                deeper = total - ego
+        if self.plan is not None and self.plan.adj is adj and self.num_layers >= 1:
+            total, deeper = self.plan.propagate(ego, self.num_layers, keep_deeper)
+        else:
+            x, total, deeper = ego, ego.clone(), None
+            for layer in range(1, self.num_layers + 1):
+                x = torch.sparse.mm(adj, x)
+                total += x
+                if keep_deeper and layer == self.num_layers - 1:
+                    deeper = total - ego
         final = total.div_(self.num_layers + 1)  # in place: a table-sized block fewer at the peak
         if self.output_scale is not None:
             final.mul_(self.output_scale.unsqueeze(1))

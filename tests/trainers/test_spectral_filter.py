@@ -164,3 +164,18 @@ def test_rank_zero_runs_the_svd_on_the_threads_of_the_ranks_waiting_on_its_node(
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("shape", [(30, 200), (60, 25)])
+def test_randomized_svd_through_the_rows_gram_finds_the_same_pairs(shape):
+    """A A^T given (one product over the rows per power instead of two through the columns): the same subspace,
+    so the same singular values and the same filter, within float32 rounding."""
+    from trainers.propagation import sparse_gram
+
+    rng = np.random.default_rng(6)
+    m = sp.random(*shape, density=0.05, random_state=rng, format="csr", dtype=np.float32)
+    u, sigma, v = randomized_svd(m, 10, iterations=3)
+    gu, gsigma, gv = randomized_svd(m, 10, iterations=3, gram=sp.csr_matrix((m @ m.T).astype(np.float64)))
+    np.testing.assert_allclose(gsigma, sigma, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose((gu * gsigma) @ gv.T, (u * sigma) @ v.T, atol=1e-4)
+    assert sparse_gram(m) is not None or shape[0] > shape[1]
