@@ -68,3 +68,17 @@ def test_from_topk_matches_hand_example():
 def test_from_topk_no_hits_is_zero():
     out = recall_ndcg_from_topk(np.array([[0, 1]]), [{2}])
     assert out == {"recall@2": 0.0, "ndcg@2": 0.0, "users": 1}
+
+
+def test_figures_do_not_depend_on_how_many_users_a_batch_ranks_even_with_tied_scores():
+    """`trainers.baselines` ranks popularity (integer counts, many ties) a few users at a time: each user's top-K
+    is its own row's, whatever else the batch holds."""
+    rng = np.random.default_rng(11)
+    users, items = 50, 300
+    counts = torch.from_numpy(rng.integers(0, 4, items).astype(np.float32))
+    train = csr_from_pairs(rng.integers(0, users, 400), rng.integers(0, items, 400), users, items)
+    test = csr_from_pairs(rng.integers(0, users, 200), rng.integers(0, items, 200), users, items)
+    results = [recall_ndcg_at_k(lambda b: counts.expand(len(b), -1).clone(), train, test, 20, batch)
+               for batch in (1, 7, 64, 1024)]
+    for other in results[1:]:
+        assert other == pytest.approx(results[0], rel=1e-12)
