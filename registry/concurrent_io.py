@@ -1,8 +1,8 @@
-"""Running a version's independent file jobs (encode and hash one file each) side by side.
+"""Running a version's independent file jobs (encode or hash whole files) side by side.
 
 A version is about a dozen files, three of them table-sized (at 1,024 dimensions each copy of the item vectors of
-a 55k-item catalogue is 200 MB). Hashing, Parquet encoding, torch.save and disk writes all release the GIL, so two
-threads write or verify two files at once: a Taobao-sized publish spent 2.7 s encoding them one after another.
+a 55k-item catalogue is 200 MB). Hashing, Parquet encoding, torch.save and disk writes all release the GIL, so
+threads write or verify several files at once: a Taobao-sized publish encoded them one after another.
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ MAX_THREADS = 4
 
 
 def threads() -> int:
+    """Threads for a version's file jobs: one per core, at most MAX_THREADS."""
     return max(1, min(MAX_THREADS, os.cpu_count() or 1))
 
 
 def run_all(jobs: Sequence[Callable[[], T]], workers: int | None = None) -> list[T]:
     """Every job's result, in order. All jobs run to the end even when one fails (none is left writing into a
     folder its caller is about to delete); then the first failure, in job order, is raised."""
-    workers = min(workers or threads(), len(jobs))
-    if workers <= 1:
-        return [job() for job in jobs]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="registry-io") as pool:
+    if not jobs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers or threads(), len(jobs)),
+                            thread_name_prefix="registry-io") as pool:
         futures = [pool.submit(job) for job in jobs]
         errors = [f.exception() for f in futures]
     for err in errors:

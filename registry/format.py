@@ -531,7 +531,11 @@ def encode(a: ModelArtifacts, sink: Callable[[str], AbstractContextManager[Binar
         exports.append((CURVE, lambda f: f.write(bytes(png))))
     if index is not None:
         arrays.append((INDEX, lambda f: f.write(index)))
-    run_all([lambda lane=lane: [put(rel, write) for rel, write in lane] for lane in (exports, arrays)])
+    def write_lane(lane: list[tuple[str, Callable[[BinaryIO], object]]]) -> None:
+        for rel, write in lane:
+            put(rel, write)
+
+    run_all([lambda lane=lane: write_lane(lane) for lane in (exports, arrays)], workers=2)
     manifest["files"] = dict(sorted(digests.items()))
     return manifest
 

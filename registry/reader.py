@@ -307,15 +307,17 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         if unlisted:
             raise CheckpointError(f"{label}: {unlisted[0]} is in the folder but not listed in {MANIFEST}")
 
-    # On local disk every file is hashed up front, side by side (what the loads below would check one by one);
-    # from an object store each is checked as it is copied or read.
+    # On local disk every file is hashed up front, side by side, and parsed from the disk after (a version is
+    # immutable once published: the mapped files were always read after their check); from an object store each
+    # file is checked as it is copied or read.
     checked = _check_all(storage, folder, files, label) if verify and storage.is_local else set()
 
     def read(rel: str) -> bytes:
         return read_file(storage, folder, rel, files[rel], label, verify and rel not in checked)
 
     def parquet(rel: str, parse: Any) -> Any:
-        # Checked by streaming, then parsed from the file: a 10M-user file is never held whole as bytes as well.
+        # From an object store, checked by streaming, then parsed from the file: a 10M-user file is never held whole
+        # as bytes as well.
         if verify and rel not in checked:
             _check_streamed(storage, folder, rel, files[rel], label)
         try:
@@ -331,9 +333,7 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
     def mapped(rel: str, path: str, parse: Any) -> Any:
         # Where the file lies on local disk (versions are immutable once published, and removing one unlinks its
         # files, which leaves a mapping intact); from an object store, a private local copy, unlinked once mapped.
-        if storage.is_local:
-            if verify and rel not in checked:
-                _check_streamed(storage, folder, rel, files[rel], label)
+        if storage.is_local:  # checked up front when verifying
             return parse(path)
         spilled = _spill(storage, folder, rel, files[rel], label, verify)
         try:
@@ -456,7 +456,7 @@ def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str)
         try:
             return os.path.getsize(f"{folder}/{rel}")
         except OSError:
-            return 0  # missing: its check below says so
+            return 0  # gone since the listing: its check says so
 
     order = sorted(files, key=lambda rel: (-size(rel), rel))
     failures = run_all([lambda rel=rel: _failure(storage, folder, rel, files[rel], label) for rel in order])

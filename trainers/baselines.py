@@ -9,9 +9,10 @@ from trainers.data import InterestGraph, Split, evaluated_pairs
 from trainers.metrics import recall_ndcg_at_k
 from trainers.sampling import csr_from_pairs
 
-# Users ranked at once. Every batch is a fresh [users, items] table of the same scores; small ones are reused by the
-# allocator where large ones are mapped and faulted in anew (759 Taobao users at once: 0.37 s of an update cycle's
-# publish). Each user's ranking is its own row's, so the figures do not depend on it.
+# Users ranked at once (whatever batch the caller asks for). Every batch is a fresh [users, items] table of the same
+# scores; small ones are reused by the allocator where large ones are mapped and faulted in anew (759 Taobao users
+# at once: 0.37 s of an update cycle's publish). Each user's ranking is its own row's, so the figures do not depend
+# on it beyond the rounding of their sums.
 POPULARITY_BATCH_USERS = 64
 
 

@@ -19,64 +19,66 @@ from trainers.propagation import sparse_gram, torch_csr
 
 
 def randomized_svd(m: sp.csr_matrix, k: int, iterations: int, seed: int = 0,
-                   gram: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   aat: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k (u, sigma, v) of a sparse matrix by subspace iteration (Halko et al. 2011), in torch's threads.
 
     ARPACK's exact 1,024 vectors of Gowalla take 520 s here; three power iterations take under half a minute, and
     their slightly mixed tail ranked better under the low-pass filter (Recall@20 0.190 against 0.187 exact).
 
-    The basis is kept on the rows' side only and the Rayleigh-Ritz step goes through its small Gram matrix:
-    orthonormalising the columns' side too (a QR per half-iteration) and a dense SVD of the l x columns projection
-    cost 48.5 s of the 3,729 x 55,368 Taobao block and 58.6 s of Gowalla's; this cost 5.9 and 26.9 s for the same
-    subspace (range(A A^T q) either way), the filter's scores within 3e-5 of the old ones (on one thread; the right
-    singular vectors through the sparse block, below, took a 2-thread Taobao SVD from 4.3 to about 3 s since).
-    Keeping the basis on the shorter side instead would save more on a block with more rows than columns, but the
-    subspace would change: one power more on the side the pairs come from ranked Amazon Beauty 1% lower (0.1070
-    against 0.1081).
+    The basis is kept on the rows' side only and the Rayleigh-Ritz step goes through its small projected Gram
+    matrix: orthonormalising the columns' side too (a QR per half-iteration) and a dense SVD of the l x columns
+    projection cost 48.5 s of the 3,729 x 55,368 Taobao block and 58.6 s of Gowalla's; this cost 5.9 and 26.9 s
+    for the same subspace (range(A A^T q) either way) on one thread, before the changes below. Keeping the basis on
+    the shorter side instead would save more on a block with more rows than columns, but the subspace would change:
+    one power more on the side the pairs come from ranked Amazon Beauty 1% lower (0.1070 against 0.1081).
+
+    `aat`: A A^T (`trainers.propagation.sparse_gram`, where it is sparse), which makes a power one product over
+    the rows instead of two through the columns. Between powers the basis is an LU factor, not a QR (`_basis`).
     """
     a, at = torch_csr(m), torch_csr(m.T.tocsr())
-    # With `gram` (A A^T, `trainers.propagation.sparse_gram`), a power is one product over the rows' side instead
-    # of two through the columns' (0.98 s of the 2-thread Taobao SVD's 3.3 went to the column-sized products).
-    g_rows = None if gram is None else torch_csr(gram)
+    rows_gram = None if aat is None else torch_csr(aat)
 
     def power(x: torch.Tensor) -> torch.Tensor:
-        return a @ (at @ x) if g_rows is None else g_rows @ x
+        return a @ (at @ x) if rows_gram is None else rows_gram @ x
 
     g = torch.Generator().manual_seed(seed)
     q = _basis(a @ torch.randn(m.shape[1], k + max(k // 4, 8), generator=g), orthonormal=iterations == 0)
     for it in range(iterations):
         q = _basis(power(q), orthonormal=it == iterations - 1)
-    # q^T A A^T q = B B^T of Halko's B = q^T A (the columns' side, never orthonormalised): small; in float64 as it
-    # squares the singular values
+    # q^T A A^T q, small; in float64 as it squares the singular values
     small = q.double().T @ power(q).double()
     lam, w = torch.linalg.eigh((small + small.T) / 2)
     lam, w = lam.flip(0)[:k], w.flip(1)[:, :k]
     sigma = lam.clamp(min=0.0).sqrt()
     # A direction the block does not reach (k above its rank) gets a zero vector on the columns' side, not
-    # rounding noise divided by a sigma of about 1e-7 (the Gram's float32 inputs set that floor).
+    # rounding noise divided by a sigma of about 1e-7 (the float32 products set that floor).
     inv = torch.where(sigma > sigma[0] * 1e-4, 1.0 / sigma.clamp(min=1e-30), torch.zeros_like(sigma))
     u = q @ w.float()
-    # A^T u / sigma is b (w / sigma) (b = A^T q), taken through the sparse block: the dense product over every
-    # column took 0.86 s on the 3,729 x 55,368 Taobao block, this 0.13 s (the same vectors within 1e-7).
+    # v = A^T u / sigma through the sparse block: a dense product with the columns' side of the basis took 0.86 s
+    # on the Taobao block, this 0.13 s.
     return u.numpy(), sigma.float().numpy(), (at @ (u * inv.float())).numpy()
 
 
 def _basis(y: torch.Tensor, orthonormal: bool) -> torch.Tensor:
     """A basis of y's columns' span: orthonormal (QR) for the Rayleigh-Ritz step, else the unit lower-triangular
     factor of y's pivoted LU, which keeps the span and the columns apart between powers (Halko et al. 2011, 4.5;
-    scikit-learn's power iterations) at a third of a QR's time (3,729 x 1,280: 0.08 s against 0.21-0.31 s)."""
-    if orthonormal:
-        return torch.linalg.qr(y).Q
-    lu, pivots = torch.linalg.lu_factor(y)
-    lower = lu.tril(-1)
-    lower.diagonal().fill_(1.0)
-    # LAPACK's pivots swap row i with row pivots[i] - 1, in turn: y[order] = L U, so y U^-1 = L with rows put back.
-    order = np.arange(y.shape[0])
-    for i, p in enumerate(pivots.numpy() - 1):
-        order[i], order[p] = order[p], order[i]
-    basis = torch.empty_like(lower)
-    basis[torch.from_numpy(order)] = lower
-    return basis
+    scikit-learn's power iterations) at a third of a QR's time (3,729 x 1,280: 0.08 s against 0.21-0.31 s). A QR
+    where the LU has no such factor: y wider than tall, or an exactly zero pivot (a block of lower rank than the
+    basis is wide, as when nodes have no edges or the same neighbours)."""
+    if not orthonormal and y.shape[0] > y.shape[1]:
+        lu, pivots, info = torch.linalg.lu_factor_ex(y)
+        if int(info) == 0:
+            lower = lu.tril(-1)
+            lower.diagonal().fill_(1.0)
+            # LAPACK's pivots swap row i with row pivots[i] - 1, in turn: y[order] = L U, so y U^-1 is L with its
+            # rows put back.
+            order = np.arange(y.shape[0])
+            for i, p in enumerate(pivots.numpy() - 1):
+                order[i], order[p] = order[p], order[i]
+            basis = torch.empty_like(lower)
+            basis[torch.from_numpy(order)] = lower
+            return basis
+    return torch.linalg.qr(y).Q
 
 
 def filter_coefficients(sigma: np.ndarray, beta: float, num_layers: int) -> np.ndarray:
@@ -128,7 +130,7 @@ def spectral_embeddings(adj: torch.Tensor, offsets: NodeOffsets, dim: int, std: 
         scale = np.sqrt(np.maximum(sigma, 0.0))
         v = vt.T
     else:
-        u, sigma, v = randomized_svd(block, k, iterations, seed, gram=sparse_gram(block))
+        u, sigma, v = randomized_svd(block, k, iterations, seed, aat=sparse_gram(block))
         scale = filter_coefficients(sigma, filter_beta, num_layers)
     u *= scale.astype(u.dtype)
     v *= scale.astype(v.dtype)

@@ -8,7 +8,7 @@ import torch
 from trainers.graph import build_norm_adjacency, node_offsets
 from trainers.loop import item_degree_scale
 from trainers.model import InterestGCN
-from trainers.spectral import _std, filter_coefficients, interest_block, randomized_svd, spectral_embeddings
+from trainers.spectral import _basis, _std, filter_coefficients, interest_block, randomized_svd, spectral_embeddings
 
 E = np.array([], dtype=np.int64)
 USERS, ITEMS, CATS, BRANDS = 40, 30, 4, 3
@@ -166,16 +166,46 @@ def test_rank_zero_runs_the_svd_on_the_threads_of_the_ranks_waiting_on_its_node(
     assert seen == [1, 2]
 
 
+
 @pytest.mark.parametrize("shape", [(30, 200), (60, 25)])
 def test_randomized_svd_through_the_rows_gram_finds_the_same_pairs(shape):
     """A A^T given (one product over the rows per power instead of two through the columns): the same subspace,
     so the same singular values and the same filter, within float32 rounding."""
-    from trainers.propagation import sparse_gram
-
     rng = np.random.default_rng(6)
     m = sp.random(*shape, density=0.05, random_state=rng, format="csr", dtype=np.float32)
     u, sigma, v = randomized_svd(m, 10, iterations=3)
-    gu, gsigma, gv = randomized_svd(m, 10, iterations=3, gram=sp.csr_matrix((m @ m.T).astype(np.float64)))
+    gu, gsigma, gv = randomized_svd(m, 10, iterations=3, aat=sp.csr_matrix((m @ m.T).astype(np.float64)))
     np.testing.assert_allclose(gsigma, sigma, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose((gu * gsigma) @ gv.T, (u * sigma) @ v.T, atol=1e-4)
-    assert sparse_gram(m) is not None or shape[0] > shape[1]
+
+
+def test_the_basis_between_powers_spans_what_it_is_given():
+    """The LU factor with its rows put back: y = basis @ U for an upper-triangular U, columns independent."""
+    y = torch.from_numpy(np.random.default_rng(7).standard_normal((40, 12)).astype(np.float32))
+    basis = _basis(y, orthonormal=False)
+    coef = torch.linalg.lstsq(basis, y).solution
+    torch.testing.assert_close(basis @ coef, y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(coef, coef.triu(), rtol=0, atol=1e-4)  # P L U: the coefficients are U
+    assert torch.linalg.matrix_rank(basis) == 12
+    assert not torch.allclose(basis.T @ basis, torch.eye(12), atol=1e-3)  # not a QR in disguise
+    q = _basis(y, orthonormal=True)
+    torch.testing.assert_close(q.T @ q, torch.eye(12), rtol=0, atol=1e-5)
+
+
+def test_an_exactly_zero_pivot_falls_back_to_a_qr():
+    """A direction the block does not reach (a power of a rank-deficient block) makes the LU's pivot exactly zero."""
+    y = torch.from_numpy(np.random.default_rng(8).standard_normal((10, 4)).astype(np.float32))
+    y[:, 3] = 0.0  # rank 3: the fourth pivot is zero, whatever the rounding
+    basis = _basis(y, orthonormal=False)
+    assert torch.isfinite(basis).all()
+    torch.testing.assert_close(basis.T @ basis, torch.eye(4), rtol=0, atol=1e-5)
+
+
+def test_a_block_with_an_empty_row_and_as_many_pairs_as_it_has_rows_less_one():
+    """k = rows - 1 with an edgeless node: the powers meet a zero pivot, and the SVD still comes back whole."""
+    rng = np.random.default_rng(9)
+    dense = rng.random((6, 40)).astype(np.float32)
+    dense[2] = 0.0
+    u, sigma, v = randomized_svd(sp.csr_matrix(dense), 5, iterations=3)
+    assert np.isfinite(u).all() and np.isfinite(v).all()
+    np.testing.assert_allclose(sigma[:5], np.linalg.svd(dense, compute_uv=False)[:5], rtol=1e-3, atol=1e-5)
