@@ -145,24 +145,8 @@ class LoadedVersion:
         The mapping holds the file open until the tensors go, so a caller that may remove the version drops them
         first.
         """
-        import torch
-
-        label = version_label(self.version)
-        sha = self.manifest["files"][MODEL]
-        mapped = mapped and self.storage.is_local
-        if mapped:
-            _check_streamed(self.storage, self.folder, MODEL, sha, label)
-            source: Any = f"{self.folder}/{MODEL}"
-        else:
-            source = io.BytesIO(read_file(self.storage, self.folder, MODEL, sha, label, verify=True))
-        try:
-            obj = torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
-        except Exception as e:
-            raise CheckpointError(f"{label}: {MODEL}: cannot load: {one_line(e)}") from e
-        if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict) \
-                or not isinstance(obj.get("hparams"), dict):
-            raise CheckpointError(f"{label}: {MODEL}: expected a dict with 'state_dict' and 'hparams'")
-        return obj
+        return load_model(self.storage, self.folder, self.manifest["files"][MODEL], version_label(self.version),
+                          map_location, mapped)
 
     def artifacts(self, **changes: Any) -> ModelArtifacts:
         """This version as artifacts to publish again (a hot-swap drill, a version with users blanked), with
@@ -395,6 +379,29 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
         category_vectors=attributes["category"][1], brand_vectors=attributes["brand"][1], seen_evidence=evidence,
         storage=storage, folder=folder, item_index=index,
     )
+
+
+def load_model(storage: Storage, folder: str, sha: str, label: str, map_location: Any = "cpu",
+               mapped: bool = False, verify: bool = True) -> dict[str, Any]:
+    """A version folder's model.pt (`LoadedVersion.load_state`). `verify=False` only for a reader that maps a
+    file its caller verified moments before (an update cycle's workers, which grow the table the driver checked)."""
+    import torch
+
+    mapped = mapped and storage.is_local
+    if mapped:
+        if verify:
+            _check_streamed(storage, folder, MODEL, sha, label)
+        source: Any = f"{folder}/{MODEL}"
+    else:
+        source = io.BytesIO(read_file(storage, folder, MODEL, sha, label, verify))
+    try:
+        obj = torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
+    except Exception as e:
+        raise CheckpointError(f"{label}: {MODEL}: cannot load: {one_line(e)}") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict) \
+            or not isinstance(obj.get("hparams"), dict):
+        raise CheckpointError(f"{label}: {MODEL}: expected a dict with 'state_dict' and 'hparams'")
+    return obj
 
 
 def _legacy_ids(storage: Storage, node: str, count: int, label: str) -> list[str]:

@@ -45,7 +45,7 @@ from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.shared_graph import build_adjacency, build_shared_graph
 from trainers.spectral import spectral_embeddings
 from trainers.train_state import Checkpoint, TrainState, as_tensors
-from trainers.worker_inputs import WorkerInputs
+from trainers.worker_inputs import GrowFrom, WorkerInputs
 
 
 class Session(Protocol):
@@ -222,7 +222,11 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
     model.set_output_scale(item_degree_scale(offsets, sp.train_item, hp.item_degree_power))
     model.set_plan(side_plan(adj, offsets.item, offsets.category))
     if inputs.warm is not None:
-        model.load_state_dict(as_tensors(_resolve(inputs.warm.init_state), writable=False))  # copied in
+        init = _resolve(inputs.warm.init_state)
+        if isinstance(init, GrowFrom):
+            _grow_parent(model, init, inputs.storage, graph, sp)
+        else:
+            model.load_state_dict(as_tensors(init, writable=False))  # copied in
     elif hp.init == "spectral":
         with torch.no_grad():
             model.embedding.weight.copy_(_spectral_start(adj, offsets, hp, session, device))
@@ -277,6 +281,19 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
                 model.embedding.weight.copy_(_spectral_start(adj, offsets, hp, session, device))
             worker.phases["refilter"] = round(time.time() - mark, 3)
     return worker
+
+
+def _grow_parent(model: InterestGCN, parent: GrowFrom, storage: Any, graph: InterestGraph, sp: Split) -> None:
+    """The parent's table, mapped from its file and grown to this run's graph straight into the model's."""
+    from registry.reader import load_model
+    from trainers.warm_start import extend_embeddings
+
+    state = load_model(storage, parent.folder, parent.sha, parent.label, mapped=True, verify=False)["state_dict"]
+    old = state.pop("embedding.weight").numpy()
+    extend_embeddings(old, parent.counts, graph, sp.train_user, sp.train_item,
+                      out=model.embedding.weight.detach().numpy())
+    if state:  # parameters beside the table (none today) load as they are
+        model.load_state_dict(state, strict=False)
 
 
 def _spectral_start(adj: torch.Tensor, offsets: NodeOffsets, hp: TrainConfig, session: Session,

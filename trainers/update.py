@@ -31,7 +31,7 @@ from datasets.ingest import Request, run_ingest
 from trainers.data import GraphMissingError
 from trainers.resident import Stopped
 from trainers.train import TrainOptions
-from trainers.worker_inputs import WarmStart
+from trainers.worker_inputs import GrowFrom, WarmStart
 
 log = logging.getLogger("trainers.update")
 
@@ -103,12 +103,19 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                                               bool(loaded.coverage.get("holdout_learned")))
     if not new_pairs:
         return unchanged("no new training pairs since the parent")
-    parent_state = loaded.load_state(mapped=True)
-    grown = extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user, sp.train_item)
+    parent_state = loaded.load_state(mapped=True)  # checked against its sha256: the workers map it unchecked
     parent_hparams = parent_state["hparams"]
+    if storage.is_local:  # each worker maps the parent's file and grows the table into its own
+        init: Any = GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],
+                             label=parent, counts=dict(loaded.node_counts))
+    else:
+        init = as_arrays(extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user,
+                                        sp.train_item))
     del parent_state  # the parent's model.pt stays mapped no longer than it is read
-    timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split, grow the tables
+    timings["prepare"] = round(time.time() - mark, 3)  # load the parent and graph, split (and grow the table)
     ensure_ray(cfg)
+    if not isinstance(init, GrowFrom):
+        init = ray.put(init)
     # A small increment moves only the rows it touched: a fresh Adam moves every row that gets any gradient by about
     # lr per step, and through the propagation a few hundred new pairs reach most of the table (most such cycles
     # fell below their parent); a day's worth needs every row (bench.warm_start --stream and day by day).
@@ -123,10 +130,10 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                                          loaded.node_counts))
     if refilter:
         passes = cfg.update.refilter_passes
-        warm = WarmStart(init_state=ray.put(as_arrays(grown)), pair_index=None, refilter=True, passes=passes,
+        warm = WarmStart(init_state=init, pair_index=None, refilter=True, passes=passes,
                          steps=math.ceil(passes * steps_per_pass(len(sp.train_user), world, cfg.train.batch_size)))
     else:
-        warm = WarmStart(init_state=ray.put(as_arrays(grown)), pair_index=ray.put(pair_index),
+        warm = WarmStart(init_state=init, pair_index=ray.put(pair_index),
                          steps=update_steps(cfg, world, len(pair_index)), passes=cfg.update.epochs,
                          trainable=trainable)
     # The architecture is the parent's (a full retrain is how a config change of it takes effect); one "epoch" of

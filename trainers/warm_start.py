@@ -47,8 +47,9 @@ def _fresh_means(values: np.ndarray, groups: np.ndarray, members: np.ndarray, fi
 
 
 def extend_embeddings(old: np.ndarray, old_counts: dict[str, int], graph: InterestGraph,
-                      train_user: np.ndarray, train_item: np.ndarray) -> np.ndarray:
-    """The ego embedding table for `graph`, keeping every old node's row."""
+                      train_user: np.ndarray, train_item: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The ego embedding table for `graph`, keeping every old node's row; written into `out` where given (a
+    worker's model table, float32 [nodes, dim])."""
     new_counts = _counts(graph)
     for t in TYPES:
         if new_counts[t] < old_counts[t]:
@@ -57,7 +58,10 @@ def extend_embeddings(old: np.ndarray, old_counts: dict[str, int], graph: Intere
     dim = old.shape[1]
     # One table, each type's block a view into it: at 1,024 dims every extra copy of the table was a tenth of a
     # second or more of a cycle's preparation.
-    out = np.empty((n_off.num_nodes, dim), dtype=np.float32)
+    if out is None:
+        out = np.empty((n_off.num_nodes, dim), dtype=np.float32)
+    elif out.shape != (n_off.num_nodes, dim) or out.dtype != np.float32:
+        raise ValueError(f"the table to grow into is {out.dtype} {out.shape}, not float32 {(n_off.num_nodes, dim)}")
     blocks: dict[str, np.ndarray] = {}
     for t in TYPES:
         block = out[getattr(n_off, t) : getattr(n_off, t) + new_counts[t]]

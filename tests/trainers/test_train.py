@@ -147,6 +147,48 @@ def test_a_warm_start_moves_only_the_rows_it_may(small_graph: AppConfig, tmp_pat
     assert not torch.equal(after[~frozen], before["embedding.weight"][~frozen])
 
 
+def test_workers_grow_the_parent_from_its_file_as_the_driver_would(small_graph: AppConfig, tmp_path: Path) -> None:
+    """An update on local disk hands the workers the parent's model.pt (`GrowFrom`) rather than the grown table:
+    each grows it to the run's graph itself, into exactly the table the driver's `extended_state` gives."""
+    from registry.format import _save_model
+    from trainers.data import load_graph, split
+    from trainers.loop import set_up
+    from trainers.train_state import TrainState
+    from trainers.warm_start import extended_state
+    from trainers.worker_inputs import GrowFrom, WarmStart
+
+    first = LocalSession(out_dir=str(tmp_path / "first"))
+    run_worker(worker_inputs(small_graph, TrainOptions(epochs=1), time.time()), first)
+    table = TrainState.load(first.last_checkpoint).model["embedding.weight"]
+    graph = load_graph(Storage(small_graph.data.root))
+    sp = split(graph, small_graph.train.holdout, small_graph.train.holdout_days)
+    now = {"user": graph.num_users, "item": graph.num_items, "category": graph.num_categories,
+           "brand": graph.num_brands}
+    # The parent knew fewer nodes of every type it has: the last few of each are new to this cycle.
+    old = {t: max(n - 3, 0) if n else 0 for t, n in now.items()}
+    starts = np.cumsum([0] + [now[t] for t in ("user", "item", "category")])
+    keep = np.concatenate([np.arange(s, s + old[t]) for s, t in zip(starts, ("user", "item", "category", "brand"),
+                                                                        strict=True)])
+    parent = {"embedding.weight": table[torch.from_numpy(keep)].clone()}
+    folder = tmp_path / "parent"
+    folder.mkdir()
+    with open(folder / registry.MODEL, "wb") as f:
+        _save_model(parent, {"embedding_dim": table.shape[1], "num_layers": 2}, f)
+    grown = extended_state(parent, old, graph, sp.train_user, sp.train_item)
+
+    def start(init: object) -> torch.Tensor:
+        warm = WarmStart(init_state=init, pair_index=np.arange(100), steps=1, eval_parent=False)
+        worker = set_up(worker_inputs(small_graph, TrainOptions(), time.time(), warm=warm,
+                                      train=small_graph.train.model_copy(update={"epochs": 1})),
+                        LocalSession(out_dir=str(tmp_path / "cycle")))
+        return worker.model.embedding.weight.detach().clone()
+
+    by_workers = start(GrowFrom(folder=str(folder), sha="", label="parent", counts=old))
+    assert by_workers.shape[0] == sum(now.values()) > len(keep)
+    assert torch.equal(by_workers, start(grown))
+    assert torch.equal(by_workers[torch.from_numpy(keep)], parent["embedding.weight"])
+
+
 def test_a_refilter_cycle_scores_its_parent_then_starts_from_the_filter(small_graph: AppConfig, tmp_path: Path
                                                                          ) -> None:
     """A large increment (update.refilter_above): the parent is scored first (the gate's baseline), then the table
