@@ -68,7 +68,7 @@ def _basis(y: torch.Tensor, orthonormal: bool) -> torch.Tensor:
     if not orthonormal and y.shape[0] > y.shape[1]:
         lu, pivots, info = torch.linalg.lu_factor_ex(y)
         if int(info) == 0:
-            lower = lu.tril(-1)
+            lower = lu.tril_(-1)  # in place: one basis-sized copy fewer (1M x 80 at train_scale: 320 MB)
             lower.diagonal().fill_(1.0)
             # LAPACK's pivots swap row i with row pivots[i] - 1, in turn: y[order] = L U, so y U^-1 is L with its
             # rows put back.
