@@ -28,6 +28,7 @@ from registry.format import (
     CheckpointError,
     ModelArtifacts,
     config_hash,
+    version_label,
     version_name,
     version_number,
 )
@@ -50,5 +51,5 @@ __all__ = [
     "MODEL", "POPULARITY", "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USER_VECTORS", "USERS", "VERSIONS",
     "CheckpointError", "LoadedVersion", "ModelArtifacts", "config_hash", "latest_version", "list_versions",
     "load_latest", "load_newest_good", "load_version", "publish", "UserKeys", "prune", "read_curve", "read_manifest",
-    "remove_stale_staging", "version_name", "version_number",
+    "remove_stale_staging", "version_label", "version_name", "version_number",
 ]

@@ -531,6 +531,7 @@ def encode(a: ModelArtifacts, sink: Callable[[str], AbstractContextManager[Binar
         exports.append((CURVE, lambda f: f.write(bytes(png))))
     if index is not None:
         arrays.append((INDEX, lambda f: f.write(index)))
+
     def write_lane(lane: list[tuple[str, Callable[[BinaryIO], object]]]) -> None:
         for rel, write in lane:
             put(rel, write)

@@ -70,25 +70,33 @@ def side_plan(adj: Tensor, q_start: int, q_stop: int) -> SidePlan | None:
     if not degrees.any() or float(np.square(degrees.astype(np.float64)).sum()) > MAX_GRAM_RATIO * degrees.sum():
         return None
     cols = adj.col_indices().cpu().numpy().astype(np.int64)
-    n = len(crow) - 1
-    in_q = np.zeros(n, bool)
+    in_q = np.zeros(len(crow) - 1, bool)
     in_q[q_start:q_stop] = True
-    rows = np.repeat(np.arange(n), np.diff(crow))
-    if (in_q[rows] == in_q[cols]).any():
+    if (np.repeat(in_q, np.diff(crow)) == in_q[cols]).any():  # an edge within one side
         return None
-    p_rows, q_rows = np.flatnonzero(~in_q), np.flatnonzero(in_q)
-    position = np.empty(n, np.int64)
-    position[p_rows], position[q_rows] = np.arange(len(p_rows)), np.arange(len(q_rows))
-    from_p = ~in_q[rows]
-    vals = adj.values().cpu().numpy()[from_p].astype(np.float64)
-    b = sps.csr_matrix((vals, (position[rows[from_p]], position[cols[from_p]])), shape=(len(p_rows), len(q_rows)))
+    b = side_block(adj, q_start, q_stop)
     gram = sparse_gram(b)
     if gram is None:
         return None
     device = adj.device
+    p_rows = np.flatnonzero(~in_q)
     return SidePlan(adj=adj, q_start=q_start, q_stop=q_stop, p_rows=torch.from_numpy(p_rows).to(device),
                     b=torch_csr(b).to(device), bt=torch_csr(b.T.tocsr()).to(device),
                     gram=torch_csr(gram).to(device))
+
+
+def side_block(adj: Tensor, q_start: int, q_stop: int) -> sps.csr_matrix:
+    """B of a two-sided `adj`: the rows of every node outside [q_start, q_stop), in order, against the columns of
+    those inside it (`trainers.spectral.interest_block` with the items as Q)."""
+    crow = adj.crow_indices().cpu().numpy().astype(np.int64)
+    cols = adj.col_indices().cpu().numpy().astype(np.int64)
+    vals = adj.values().cpu().numpy()
+    rows = np.r_[0:q_start, q_stop : len(crow) - 1]
+    starts, ends = crow[rows], crow[rows + 1]
+    lens = ends - starts
+    pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()), dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    return sps.csr_matrix((vals[pos], cols[pos] - q_start, indptr), shape=(len(rows), q_stop - q_start))
 
 
 def sparse_gram(b: sps.csr_matrix) -> sps.csr_matrix | None:

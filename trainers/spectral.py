@@ -15,7 +15,7 @@ import torch
 from scipy.sparse.linalg import svds
 
 from trainers.graph import NodeOffsets
-from trainers.propagation import sparse_gram, torch_csr
+from trainers.propagation import side_block, sparse_gram, torch_csr
 
 
 def randomized_svd(m: sp.csr_matrix, k: int, iterations: int, seed: int = 0,
@@ -96,15 +96,7 @@ def interest_block(adj: torch.Tensor, offsets: NodeOffsets) -> sp.csr_matrix:
     """The model's normalised adjacency between items (columns) and every other node (rows: users, then categories,
     then brands). Every edge of the interest graph has an item at one end, so the graph is bipartite and this
     block's singular pairs are the adjacency's eigenpairs: u_k on the other side, v_k on the items, sigma_k."""
-    crow = adj.crow_indices().cpu().numpy().astype(np.int64)
-    cols = adj.col_indices().cpu().numpy().astype(np.int64)
-    vals = adj.values().cpu().numpy()
-    rows = np.r_[offsets.user : offsets.item, offsets.category : offsets.num_nodes]
-    starts, ends = crow[rows], crow[rows + 1]
-    lens = ends - starts
-    pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()), dtype=np.int64)
-    indptr = np.concatenate([[0], np.cumsum(lens)])
-    return sp.csr_matrix((vals[pos], cols[pos] - offsets.item, indptr), shape=(len(rows), offsets.num_items))
+    return side_block(adj, offsets.item, offsets.category)
 
 
 def spectral_embeddings(adj: torch.Tensor, offsets: NodeOffsets, dim: int, std: float = 0.1, seed: int = 0,

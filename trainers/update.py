@@ -107,7 +107,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     parent_hparams = parent_state["hparams"]
     if storage.is_local:  # each worker maps the parent's file and grows the table into its own
         init: Any = GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],
-                             label=parent, counts=dict(loaded.node_counts))
+                             label=registry.version_label(parent), counts=dict(loaded.node_counts))
     else:
         init = as_arrays(extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user,
                                         sp.train_item))
