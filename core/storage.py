@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core.config import AppConfig
+from core.direct_io import direct_write
 
 RAW = "raw"
 STATE = "state"
@@ -106,12 +107,17 @@ class Storage:
                 f.write(data)
 
     @contextmanager
-    def write_stream(self, path: str) -> Iterator[BinaryIO]:
+    def write_stream(self, path: str, around_cache: bool = False) -> Iterator[BinaryIO]:
         """A file written in place as it is produced, synced to disk locally when the block ends: only for folders
         no reader looks in until they are renamed or committed (a version's staging folder), since a reader could
-        see it half-written."""
+        see it half-written. `around_cache`: locally, around the page cache (`core.direct_io`), for a large file
+        this process will not read again."""
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            if around_cache:
+                with direct_write(path) as out:
+                    yield out  # type: ignore[misc]
+                return
             with open(path, "wb") as f:
                 yield f
                 f.flush()

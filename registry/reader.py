@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from core.direct_io import direct_chunks
 from core.storage import CHECKPOINTS, IDMAPS, Storage
-from registry.concurrent_io import run_all
+from registry.concurrent_io import MAX_THREADS, run_all
 from registry.format import (
     BRAND_ID,
     BRANDS,
@@ -56,6 +58,7 @@ from registry.format import (
     version_number,
 )
 from registry.user_keys import UserKeys
+from registry.verified_files import VERIFIED, stamp
 
 _HASH_CHUNK = 8 << 20
 
@@ -138,7 +141,8 @@ class LoadedVersion:
         return items[np.lexsort((items, -scores))]
 
     def load_state(self, map_location: Any = "cpu", mapped: bool = False) -> dict[str, Any]:
-        """model.pt as {"state_dict": ..., "hparams": ...}, checked against its sha256 again (it is read later).
+        """model.pt as {"state_dict": ..., "hparams": ...}, checked against its sha256 again (it is read later; on local
+        disk the check is its stat when this process hashed it since, `registry.verified_files`).
 
         `mapped` (local disk only): the tensors map the file copy-on-write once it is checked, so a table-sized file
         is neither read into bytes nor copied out of them (half a second of a Taobao update cycle at 1,024 dims).
@@ -276,8 +280,10 @@ def load_latest(storage: Storage, verify: bool = True) -> LoadedVersion | None:
     return None if version is None else load_version(storage, version, verify)
 
 
-def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: str, verify: bool
-                ) -> LoadedVersion:
+def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: str, verify: bool,
+                from_disk: bool = False) -> LoadedVersion:
+    """`from_disk` (local disk, verify): hash the files as the disk holds them, around the page cache (a publisher's
+    read-back, `core.direct_io`)."""
     files: dict[str, str] = manifest["files"]
     for rel in required_files(manifest):
         if rel not in files:
@@ -292,9 +298,10 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
             raise CheckpointError(f"{label}: {unlisted[0]} is in the folder but not listed in {MANIFEST}")
 
     # On local disk every file is hashed up front, side by side, and parsed from the disk after (a version is
-    # immutable once published: the mapped files were always read after their check); from an object store each
-    # file is checked as it is copied or read.
-    checked = _check_all(storage, folder, files, label) if verify and storage.is_local else set()
+    # immutable once published: the mapped files were always read after their check), except one this process
+    # hashed before and that is unchanged since (`registry.verified_files`); from an object store each file is
+    # checked as it is copied or read.
+    checked = _check_all(storage, folder, files, label, from_disk) if verify and storage.is_local else set()
 
     def read(rel: str) -> bytes:
         return read_file(storage, folder, rel, files[rel], label, verify and rel not in checked)
@@ -456,7 +463,7 @@ def _spill(storage: Storage, folder: str, rel: str, sha: str, label: str, verify
     return out.name
 
 
-def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str) -> set[str]:
+def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str, from_disk: bool = False) -> set[str]:
     """Hash every listed file against the manifest, several at a time, the largest first; the first failure in
     name order is raised (after all are read). Returns the names checked."""
     def size(rel: str) -> int:
@@ -466,30 +473,47 @@ def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str)
             return 0  # gone since the listing: its check says so
 
     order = sorted(files, key=lambda rel: (-size(rel), rel))
-    failures = run_all([lambda rel=rel: _failure(storage, folder, rel, files[rel], label) for rel in order])
+    # From the disk, a read waits on the device as much as it hashes: more at once (3 big files: 0.30 s against 0.46
+    # on two threads, Taobao).
+    failures = run_all([lambda rel=rel: _failure(storage, folder, rel, files[rel], label, from_disk) for rel in order],
+                       workers=MAX_THREADS if from_disk else None)
     failed = sorted((rel, err) for rel, err in zip(order, failures, strict=True) if err is not None)
     if failed:
         raise failed[0][1]
     return set(files)
 
 
-def _failure(storage: Storage, folder: str, rel: str, sha: str, label: str) -> CheckpointError | None:
+def _failure(storage: Storage, folder: str, rel: str, sha: str, label: str, from_disk: bool
+             ) -> CheckpointError | None:
     try:
-        _check_streamed(storage, folder, rel, sha, label)
+        _check_streamed(storage, folder, rel, sha, label, from_disk)
     except CheckpointError as err:
         return err
     return None
 
 
-def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str) -> None:
+def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str, from_disk: bool = False) -> None:
+    """Hash one file against its manifest entry; on local disk, not again while it is unchanged since this
+    process last found it so (`registry.verified_files`), and with `from_disk` as the disk holds it."""
+    path = f"{folder}/{rel}"
+    before = stamp(path) if storage.is_local else None
+    if VERIFIED.holds(before, sha):
+        return
+    started = time.time_ns()
     digest = hashlib.sha256()
     try:
-        with storage.fs.open_input_stream(f"{folder}/{rel}") as f:
-            while chunk := f.read(_HASH_CHUNK):
+        if from_disk and before is not None:
+            for chunk in direct_chunks(path):
                 digest.update(chunk)
+        else:
+            with storage.fs.open_input_stream(path) as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
     except OSError as e:
         raise CheckpointError(f"{label}: {rel} is missing or unreadable: {one_line(e)}") from e
     if digest.hexdigest() != sha:
         raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
                               f"manifest {sha[:12]}...)")
+    if before is not None:
+        VERIFIED.remember(before, stamp(path), sha, started)
 

@@ -23,6 +23,7 @@ from registry.format import (
     LATEST,
     LOCK,
     MANIFEST,
+    MODEL,
     STAGING_PREFIX,
     VERSION_RE,
     VERSIONS,
@@ -56,9 +57,12 @@ def _publish(storage: Storage, artifacts: ModelArtifacts, object_store: bool) ->
         raise ValueError(f"parent {artifacts.parent!r} is not a published version")
     staging = storage.path(CHECKPOINTS, f"{STAGING_PREFIX}{uuid.uuid4().hex}")
     try:
-        manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}"))
-        # Verify through the reader's own code path: a version that publishes is one that loads.
-        load_folder(storage, staging, manifest, version_label(None), verify=True)
+        # Around the page cache, all but model.pt (the next update cycle maps it): serving reads the rest, which
+        # this process never reads again but to verify it (core.direct_io).
+        manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}", around_cache=rel != MODEL))
+        # Verify through the reader's own code path: a version that publishes is one that loads; on local disk, the
+        # bytes on the disk, not a copy in memory.
+        load_folder(storage, staging, manifest, version_label(None), verify=True, from_disk=True)
         if object_store:
             return _commit_object_store(storage, staging, manifest)
         return _commit_local(storage, staging, manifest)

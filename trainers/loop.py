@@ -43,7 +43,7 @@ from trainers.model import InterestGCN
 from trainers.propagation import side_plan
 from trainers.sampling import Csr, NegativeSampler, csr_from_pairs, with_replay
 from trainers.shared_graph import build_adjacency, build_shared_graph
-from trainers.spectral import spectral_embeddings
+from trainers.spectral import GaussianRows, spectral_embeddings
 from trainers.train_state import Checkpoint, TrainState, as_tensors
 from trainers.worker_inputs import GrowFrom, WorkerInputs
 
@@ -307,8 +307,8 @@ def _spectral_start(adj: torch.Tensor, offsets: NodeOffsets, hp: TrainConfig, se
         threads = torch.get_num_threads()
         torch.set_num_threads(threads * session.local_world)
         try:
-            start = spectral_embeddings(adj, offsets, hp.embedding_dim, seed=hp.seed,
-                                        filter_beta=hp.spectral_filter, num_layers=hp.num_layers).to(device)
+            start = spectral_embeddings(adj, offsets, hp.embedding_dim, seed=hp.seed, filter_beta=hp.spectral_filter,
+                                        num_layers=hp.num_layers, draws=_KEPT.draws).to(device)
         finally:
             torch.set_num_threads(threads)
     else:
@@ -316,6 +316,23 @@ def _spectral_start(adj: torch.Tensor, offsets: NodeOffsets, hp: TrainConfig, se
     if session.world > 1:
         dist.broadcast(start, src=0)
     return start
+
+
+@dataclass
+class _Kept:
+    draws: GaussianRows | None = None  # the SVD's test matrix (rank 0's, which computes the filter start)
+
+
+# What a resident worker keeps between its cycles (`warm_up`); a one-shot training keeps nothing.
+_KEPT = _Kept()
+
+
+def warm_up() -> None:
+    """Make this process a resident worker (`trainers.resident`), before its first cycle: pay there what that
+    cycle paid (torch's first optimiser imports its compiler stack: about 800 modules, 0.9 s of the set-up), and
+    keep the randomized SVD's Gaussian draw from one re-filter to the next (`GaussianRows`)."""
+    RowAdam([torch.nn.Parameter(torch.zeros(1, 1))], lr=1.0)
+    _KEPT.draws = _KEPT.draws or GaussianRows()
 
 
 def _optimiser(model: InterestGCN, lr: float) -> RowAdam:

@@ -130,9 +130,10 @@ def resident_loop_per_worker(config: dict) -> None:
     """What each worker of the resident run executes: wait for a cycle, run it, repeat until stopped."""
     import ray
 
-    from trainers.loop import RayTrainSession, run_worker, session_for
+    from trainers.loop import RayTrainSession, run_worker, session_for, warm_up
 
     board, session, done = config["board"], RayTrainSession(), 0
+    warm_up()  # before the start's readiness check, which the driver waits for
     while True:
         got = ray.get(board.next.remote(done, 30.0))
         if got is None:

@@ -103,7 +103,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                                               bool(loaded.coverage.get("holdout_learned")))
     if not new_pairs:
         return unchanged("no new training pairs since the parent")
-    parent_state = loaded.load_state(mapped=True)  # checked against its sha256: the workers map it unchecked
+    parent_state = loaded.load_state(mapped=True)  # checked again (its stat, once hashed): the workers map it unchecked
     parent_hparams = parent_state["hparams"]
     if storage.is_local:  # each worker maps the parent's file and grows the table into its own
         init: Any = GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],

@@ -139,3 +139,34 @@ def test_vectors_past_int32_list_offsets_are_exported_as_large_lists(storage: St
     assert str(users.schema.field("vector").type) == "large_list<element: float>"
     np.testing.assert_array_equal(np.array(users["vector"].to_pylist(), np.float32), art.user_vectors)
     np.testing.assert_array_equal(registry.load_version(storage, version).user_vectors, art.user_vectors)
+
+
+def test_embedding_exports_in_several_row_groups_read_back_whole(storage: Storage, monkeypatch) -> None:
+    """The exports are written a few megabytes of vectors per row group; a reader sees the same table."""
+    import registry.format as fmt
+
+    monkeypatch.setattr(fmt, "_ROW_GROUP_BYTES", 4 * DIM * 2)  # two rows per group
+    art = _artifacts(seed=7)
+    version = registry.publish(storage, art)
+    folder = Path(storage.path("checkpoints", "versions", version))
+    items = pq.ParquetFile(folder / registry.ITEMS)
+    assert items.metadata.num_row_groups == -(-len(art.item_ids) // 2) > 1
+    loaded = registry.load_version(storage, version)
+    np.testing.assert_array_equal(loaded.item_vectors, art.item_vectors)
+    for rel, key, keys, vectors in ((registry.USERS, "user_key", art.user_keys, art.user_vectors),
+                                    (registry.ITEMS, "item_id", art.item_ids, art.item_vectors)):
+        table = pq.read_table(folder / rel)
+        np.testing.assert_array_equal(np.stack(table["vector"].to_numpy(zero_copy_only=False)), vectors)
+        assert table[key].to_pylist() == list(keys)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_value_in_any_chunk_of_the_vectors_is_refused(storage: Storage, monkeypatch, value) -> None:
+    import registry.format as fmt
+
+    monkeypatch.setattr(fmt, "_COPY_CHUNK", 4 * DIM * 2)  # finiteness checked two rows at a time
+    art = _artifacts(seed=8)
+    art.item_vectors[-1, -1] = value  # in the last chunk
+    with pytest.raises(ValueError, match="item_vectors has NaN or infinite values"):
+        registry.publish(storage, art)
+    assert registry.list_versions(storage) == []

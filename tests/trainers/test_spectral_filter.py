@@ -4,11 +4,21 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trainers.graph import build_norm_adjacency, node_offsets
 from trainers.loop import item_degree_scale
 from trainers.model import InterestGCN
-from trainers.spectral import _basis, _std, filter_coefficients, interest_block, randomized_svd, spectral_embeddings
+from trainers.spectral import (
+    GaussianRows,
+    _basis,
+    _std,
+    filter_coefficients,
+    interest_block,
+    randomized_svd,
+    spectral_embeddings,
+)
 
 E = np.array([], dtype=np.int64)
 USERS, ITEMS, CATS, BRANDS = 40, 30, 4, 3
@@ -209,3 +219,48 @@ def test_a_block_with_an_empty_row_and_as_many_pairs_as_it_has_rows_less_one():
     u, sigma, v = randomized_svd(sp.csr_matrix(dense), 5, iterations=3)
     assert np.isfinite(u).all() and np.isfinite(v).all()
     np.testing.assert_allclose(sigma[:5], np.linalg.svd(dense, compute_uv=False)[:5], rtol=1e-3, atol=1e-5)
+
+
+def _fresh(n: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=6), width=st.sampled_from([16, 32, 80, 1280]),
+       seed=st.integers(0, 3))
+def test_a_kept_draw_is_the_fresh_draw_of_every_size(sizes, width, seed):
+    """Items only grow, but any sequence of sizes (a smaller graph after a larger one too) gets exactly
+    torch.randn's matrix for that size: the kept rows and the rows drawn on from the same generator."""
+    draws = GaussianRows()
+    for n in sizes:
+        assert torch.equal(draws.draw(n, width, seed), _fresh(n, width, seed))
+
+
+def test_a_kept_draw_is_drawn_afresh_for_another_width_or_seed_or_past_its_bound():
+    draws = GaussianRows(max_bytes=112 * 32 * 4)  # 100 rows and their eighth more
+    assert torch.equal(draws.draw(50, 32, 0), _fresh(50, 32, 0))
+    assert torch.equal(draws.draw(60, 32, 1), _fresh(60, 32, 1))  # another seed
+    assert torch.equal(draws.draw(70, 48, 1), _fresh(70, 48, 1))  # another width
+    assert torch.equal(draws.draw(70, 18, 1), _fresh(70, 18, 1))  # not a multiple of 16: not kept
+    assert torch.equal(draws.draw(101, 32, 1), _fresh(101, 32, 1))  # past the bound: not kept
+    assert draws._rows.numel() == 0
+
+
+def test_the_svd_with_a_kept_draw_is_the_svd_without():
+    rng = np.random.default_rng(10)
+    draws = GaussianRows()
+    for cols in (200, 230):  # the second grows the kept draw
+        m = sp.random(40, cols, density=0.05, random_state=rng, format="csr", dtype=np.float32)
+        expected = randomized_svd(m, 12, iterations=3, seed=4)
+        for got, want in zip(randomized_svd(m, 12, iterations=3, seed=4, draws=draws), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_kept_draw_grows_in_place_by_up_to_an_eighth():
+    """A day's new items are drawn into the room kept for them, not into a fresh copy of the whole matrix."""
+    draws = GaussianRows()
+    first = draws.draw(800, 16, 0)
+    grown = draws.draw(900, 16, 0)
+    assert grown.data_ptr() == first.data_ptr()
+    assert torch.equal(grown, _fresh(900, 16, 0))
+    assert draws.draw(901, 16, 0).data_ptr() != first.data_ptr()  # past the room: a larger buffer

@@ -1,0 +1,101 @@
+"""Files written and read around the page cache hold exactly the bytes given, whatever the sizes of the writes, and
+the same calls fall back to buffered I/O where O_DIRECT is refused."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core import direct_io
+from core.direct_io import ALIGN, CHUNK, direct_chunks, direct_write
+
+# Sizes around every boundary the writer has: empty, one block, one buffer, and either side of each.
+_SIZES = st.one_of(st.sampled_from([0, 1, ALIGN - 1, ALIGN, ALIGN + 1, CHUNK - 1, CHUNK, CHUNK + 1]),
+                   st.integers(0, 3 * ALIGN))
+
+
+def _payload(sizes: list[int], seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(_SIZES, max_size=5), seed=st.integers(0, 2**16))
+def test_a_file_written_around_the_cache_holds_exactly_what_was_written(tmp_path: Path, sizes: list[int],
+                                                                        seed: int) -> None:
+    parts = _payload(sizes, seed)
+    path = str(tmp_path / "f")
+    with direct_write(path) as out:
+        assert all(out.write(p) == len(p) for p in parts)
+    expected = b"".join(parts)
+    assert Path(path).read_bytes() == expected  # the padding of the last block is cut off
+    assert b"".join(bytes(c) for c in direct_chunks(path)) == expected
+
+
+def test_the_file_is_opened_around_the_cache_where_the_filesystem_allows(tmp_path: Path) -> None:
+    flags = []
+    with direct_write(str(tmp_path / "f")) as out:
+        flags.append(fcntl.fcntl(out._fd, fcntl.F_GETFL))
+        out.write(b"x" * (CHUNK + 5))
+    if out._direct:  # ext4 and tmpfs take it: this checks the flag is really set, not just remembered
+        assert flags[0] & os.O_DIRECT
+    assert (tmp_path / "f").stat().st_size == CHUNK + 5
+
+
+def test_a_refused_open_falls_back_to_buffered_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def refuses_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT refused")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(direct_io.os, "open", refuses_direct)
+    data = _payload([CHUNK + ALIGN + 3], 1)[0]
+    with direct_write(str(tmp_path / "f")) as out:
+        out.write(data)
+    assert not out._direct
+    assert (tmp_path / "f").read_bytes() == data
+    assert b"".join(bytes(c) for c in direct_chunks(str(tmp_path / "f"))) == data
+
+
+def test_a_refused_transfer_mid_file_goes_on_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A device whose blocks are larger than ALIGN refuses the transfer, not the open: the file goes on buffered,
+    every byte once, and a read refused the same way does too."""
+    real_write, real_readv = os.write, os.readv
+    writes = []
+
+    def refuses_second_direct_write(fd, data):
+        writes.append(len(data))
+        if len(writes) == 2 and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "unaligned for this device")
+        return real_write(fd, data)
+
+    def refuses_direct_read(fd, buffers):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "unaligned for this device")
+        return real_readv(fd, buffers)
+
+    monkeypatch.setattr(direct_io.os, "write", refuses_second_direct_write)
+    monkeypatch.setattr(direct_io.os, "readv", refuses_direct_read)
+    data = _payload([3 * CHUNK + 7], 2)[0]
+    with direct_write(str(tmp_path / "f")) as out:
+        out.write(data)
+    assert (tmp_path / "f").read_bytes() == data
+    assert b"".join(bytes(c) for c in direct_chunks(str(tmp_path / "f"))) == data
+
+
+def test_other_errors_are_raised(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        with direct_write(str(tmp_path / "missing" / "f")):
+            pass
+    with pytest.raises(FileNotFoundError):
+        list(direct_chunks(str(tmp_path / "absent")))
