@@ -282,8 +282,9 @@ def load_latest(storage: Storage, verify: bool = True) -> LoadedVersion | None:
 
 def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: str, verify: bool,
                 from_disk: bool = False) -> LoadedVersion:
-    """`from_disk` (local disk, verify): hash the files as the disk holds them, around the page cache (a publisher's
-    read-back, `core.direct_io`)."""
+    """`from_disk` (local disk, verify): a publisher's read-back of its own staging folder, which hashes the files as
+    the disk holds them (around the page cache, `core.direct_io`) and remembers them as written here
+    (`registry.verified_files`)."""
     files: dict[str, str] = manifest["files"]
     for rel in required_files(manifest):
         if rel not in files:
@@ -515,5 +516,5 @@ def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: st
         raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
                               f"manifest {sha[:12]}...)")
     if before is not None:
-        VERIFIED.remember(before, stamp(path), sha, started)
+        VERIFIED.remember(before, stamp(path), sha, started, written_here=from_disk)
 

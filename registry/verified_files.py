@@ -56,12 +56,15 @@ class VerifiedFiles:
         with self._lock:
             return self._seen.get((now.dev, now.ino)) == (now, sha)
 
-    def remember(self, before: Stamp | None, after: Stamp | None, sha: str, hash_started_ns: int) -> None:
+    def remember(self, before: Stamp | None, after: Stamp | None, sha: str, hash_started_ns: int,
+                 written_here: bool = False) -> None:
         """Record a file that hashed to `sha`: only if its stamp did not move while it was read (`before`, `after`)
-        and its last change came well before the hash began."""
+        and its last change came well before the hash began, or this process wrote it where no other writer looks
+        (a publisher's own staging folder, read back as soon as it is written: the margin is for another writer's
+        change in the same clock tick)."""
         if before is None or before != after:
             return
-        if max(before.mtime_ns, before.ctime_ns) > hash_started_ns - MARGIN_NS:
+        if not written_here and max(before.mtime_ns, before.ctime_ns) > hash_started_ns - MARGIN_NS:
             return
         with self._lock:
             key = (before.dev, before.ino)
