@@ -8,35 +8,60 @@ before: a Taobao update cycle's publish spent 1.8 s in the kernel, 0.2 s when th
 version again. Around the cache, the data goes from one reused, aligned buffer to the disk, and the read-back
 checks the bytes on the disk rather than a copy in memory.
 
-Where O_DIRECT is refused (tmpfs, some network filesystems, an unaligned block size) the same calls fall back to
-ordinary buffered I/O, silently: the bytes are the same either way.
+Where O_DIRECT is refused (tmpfs before Linux 6.6, some network filesystems, a block size above ALIGN) the same
+calls fall back to ordinary buffered I/O, silently: the bytes are the same either way.
+
+The cost moves: around the cache, a read-back reads the device, which on a slow disk (a cloud volume at 125 MB/s)
+takes seconds for a Taobao-sized version, where the page cache would answer at once.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
-
 ALIGN = 4096  # a multiple of every device's logical block size in use (512 or 4,096 bytes)
-CHUNK = 8 << 20  # the buffer each thread reuses: a multiple of ALIGN
+CHUNK = 8 << 20  # one buffer: a multiple of ALIGN
+POOL = 8  # buffers kept for the next file (a publish uses up to six at once: two lanes, four read-back threads)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere 0, which is buffered I/O
-_buffers = threading.local()
 
 
-def _buffer() -> memoryview:
-    """This thread's aligned buffer, made once (the point is memory that is not fresh)."""
-    buf = getattr(_buffers, "buf", None)
-    if buf is None:
-        raw = np.empty(CHUNK + ALIGN, np.uint8)
-        start = (-raw.ctypes.data) % ALIGN
-        buf = _buffers.buf = memoryview(raw[start : start + CHUNK])
-    return buf
+class _Buffers:
+    """Page-aligned buffers, each held by one open file at a time and kept for the next (the point is memory that
+    is not fresh: a publish's threads are new every time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+
+    @contextmanager
+    def held(self) -> Iterator[memoryview]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = mmap.mmap(-1, CHUNK)  # anonymous: page-aligned
+        view = memoryview(buf)
+        try:
+            yield view
+        finally:
+            view.release()
+            with self._lock:
+                if len(self._free) < POOL:
+                    self._free.append(buf)
+                    buf = None
+            if buf is not None:
+                try:
+                    buf.close()
+                except BufferError:  # a chunk of it still referenced: the collector frees it later
+                    pass
+
+
+_BUFFERS = _Buffers()
 
 
 def _open(path: str, flags: int) -> tuple[int, bool]:
@@ -59,9 +84,9 @@ class DirectWriter:
     """A forward-only binary file: `write` copies into the aligned buffer, each full buffer goes to the disk in one
     transfer, and `finish` pads the last block, cuts the file to its length and syncs it."""
 
-    def __init__(self, fd: int, direct: bool) -> None:
+    def __init__(self, fd: int, direct: bool, buf: memoryview) -> None:
         self._fd, self._direct = fd, direct
-        self._buf = _buffer()
+        self._buf = buf  # this file's alone while it is open
         self._fill = 0
         self._size = 0
         self.closed = False  # read by pyarrow's file wrapper
@@ -105,34 +130,42 @@ class DirectWriter:
 
 @contextmanager
 def direct_write(path: str) -> Iterator[DirectWriter]:
-    """A new file at `path` (replacing one there), written around the page cache and synced when the block ends."""
+    """A file at `path`, written around the page cache and synced when the block ends. A file already there is
+    truncated in place (a process mapping it would fault): for folders no reader uses yet, such as a staging one."""
     fd, direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    writer = DirectWriter(fd, direct)
     try:
-        yield writer
-        writer.finish()
+        with _BUFFERS.held() as buf:
+            writer = DirectWriter(fd, direct, buf)
+            try:
+                yield writer
+                writer.finish()
+            finally:
+                writer.closed = True
     finally:
-        writer.closed = True
         os.close(fd)
 
 
 def direct_chunks(path: str) -> Iterator[memoryview]:
-    """The file's bytes in order, read around the page cache into this thread's buffer (each chunk is valid until
+    """The file's bytes in order, read around the page cache into a buffer of its own (each chunk is valid until
     the next is read)."""
     fd, direct = _open(path, os.O_RDONLY)
     try:
-        buf = _buffer()
-        while True:
-            try:
-                n = os.readv(fd, [buf])
-            except OSError as e:
-                if not (direct and e.errno == errno.EINVAL):
-                    raise
-                _buffered(fd)
-                direct = False
-                continue
-            if not n:
-                return
-            yield buf[:n]
+        with _BUFFERS.held() as buf:
+            yield from _read_chunks(fd, direct, buf)
     finally:
         os.close(fd)
+
+
+def _read_chunks(fd: int, direct: bool, buf: memoryview) -> Iterator[memoryview]:
+    while True:
+        try:
+            n = os.readv(fd, [buf])
+        except OSError as e:
+            if not (direct and e.errno == errno.EINVAL):
+                raise
+            _buffered(fd)
+            direct = False
+            continue
+        if not n:
+            return
+        yield buf[:n]

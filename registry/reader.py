@@ -141,8 +141,9 @@ class LoadedVersion:
         return items[np.lexsort((items, -scores))]
 
     def load_state(self, map_location: Any = "cpu", mapped: bool = False) -> dict[str, Any]:
-        """model.pt as {"state_dict": ..., "hparams": ...}, checked against its sha256 again (it is read later; on local
-        disk the check is its stat when this process hashed it since, `registry.verified_files`).
+        """model.pt as {"state_dict": ..., "hparams": ...}, checked against its sha256 again, as it is read later. On
+        local disk, a file this process has hashed before and that is unchanged since is checked by its stat
+        (`registry.verified_files`).
 
         `mapped` (local disk only): the tensors map the file copy-on-write once it is checked, so a table-sized file
         is neither read into bytes nor copied out of them (half a second of a Taobao update cycle at 1,024 dims).
@@ -281,10 +282,10 @@ def load_latest(storage: Storage, verify: bool = True) -> LoadedVersion | None:
 
 
 def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: str, verify: bool,
-                from_disk: bool = False) -> LoadedVersion:
-    """`from_disk` (local disk, verify): a publisher's read-back of its own staging folder, which hashes the files as
-    the disk holds them (around the page cache, `core.direct_io`) and remembers them as written here
-    (`registry.verified_files`)."""
+                read_back: frozenset[str] | None = None) -> LoadedVersion:
+    """`read_back` (local disk, verify): this is a publisher's read-back of its own staging folder, and these files
+    went around the page cache (`core.direct_io`) and are hashed as the disk holds them. Every file it checks is
+    remembered as written here (`registry.verified_files`)."""
     files: dict[str, str] = manifest["files"]
     for rel in required_files(manifest):
         if rel not in files:
@@ -302,7 +303,7 @@ def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: 
     # immutable once published: the mapped files were always read after their check), except one this process
     # hashed before and that is unchanged since (`registry.verified_files`); from an object store each file is
     # checked as it is copied or read.
-    checked = _check_all(storage, folder, files, label, from_disk) if verify and storage.is_local else set()
+    checked = _check_all(storage, folder, files, label, read_back) if verify and storage.is_local else set()
 
     def read(rel: str) -> bytes:
         return read_file(storage, folder, rel, files[rel], label, verify and rel not in checked)
@@ -464,9 +465,11 @@ def _spill(storage: Storage, folder: str, rel: str, sha: str, label: str, verify
     return out.name
 
 
-def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str, from_disk: bool = False) -> set[str]:
-    """Hash every listed file against the manifest, several at a time, the largest first; the first failure in
-    name order is raised (after all are read). Returns the names checked."""
+def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str,
+               read_back: frozenset[str] | None = None) -> set[str]:
+    """Check every listed file against the manifest (hashing those this process has not found unchanged since it
+    last did, `_check_streamed`), several at a time, the largest first; the first failure in name order is raised
+    (after all are read). Returns the names checked."""
     def size(rel: str) -> int:
         try:
             return os.path.getsize(f"{folder}/{rel}")
@@ -476,26 +479,27 @@ def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str,
     order = sorted(files, key=lambda rel: (-size(rel), rel))
     # From the disk, a read waits on the device as much as it hashes: more at once (3 big files: 0.30 s against 0.46
     # on two threads, Taobao).
-    failures = run_all([lambda rel=rel: _failure(storage, folder, rel, files[rel], label, from_disk) for rel in order],
-                       workers=MAX_THREADS if from_disk else None)
+    failures = run_all([lambda rel=rel: _failure(storage, folder, rel, files[rel], label, read_back) for rel in order],
+                       workers=MAX_THREADS if read_back else None)
     failed = sorted((rel, err) for rel, err in zip(order, failures, strict=True) if err is not None)
     if failed:
         raise failed[0][1]
     return set(files)
 
 
-def _failure(storage: Storage, folder: str, rel: str, sha: str, label: str, from_disk: bool
+def _failure(storage: Storage, folder: str, rel: str, sha: str, label: str, read_back: frozenset[str] | None
              ) -> CheckpointError | None:
     try:
-        _check_streamed(storage, folder, rel, sha, label, from_disk)
+        _check_streamed(storage, folder, rel, sha, label, read_back)
     except CheckpointError as err:
         return err
     return None
 
 
-def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str, from_disk: bool = False) -> None:
+def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str,
+                    read_back: frozenset[str] | None = None) -> None:
     """Hash one file against its manifest entry; on local disk, not again while it is unchanged since this
-    process last found it so (`registry.verified_files`), and with `from_disk` as the disk holds it."""
+    process last found it so (`registry.verified_files`). `read_back`: see `load_folder`."""
     path = f"{folder}/{rel}"
     before = stamp(path) if storage.is_local else None
     if VERIFIED.holds(before, sha):
@@ -503,7 +507,7 @@ def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: st
     started = time.time_ns()
     digest = hashlib.sha256()
     try:
-        if from_disk and before is not None:
+        if read_back and rel in read_back and before is not None:
             for chunk in direct_chunks(path):
                 digest.update(chunk)
         else:
@@ -516,5 +520,5 @@ def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: st
         raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
                               f"manifest {sha[:12]}...)")
     if before is not None:
-        VERIFIED.remember(before, stamp(path), sha, started, written_here=from_disk)
+        VERIFIED.remember(before, stamp(path), sha, started, written_here=read_back is not None)
 

@@ -60,9 +60,10 @@ def _publish(storage: Storage, artifacts: ModelArtifacts, object_store: bool) ->
         # Around the page cache, all but model.pt (the next update cycle maps it): serving reads the rest, which
         # this process never reads again but to verify it (core.direct_io).
         manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}", around_cache=rel != MODEL))
-        # Verify through the reader's own code path: a version that publishes is one that loads; on local disk, the
-        # bytes on the disk, not a copy in memory.
-        load_folder(storage, staging, manifest, version_label(None), verify=True, from_disk=True)
+        # Verify through the reader's own code path: a version that publishes is one that loads; what went around
+        # the cache is read back from the disk.
+        load_folder(storage, staging, manifest, version_label(None), verify=True,
+                    read_back=frozenset(manifest["files"]) - {MODEL})
         if object_store:
             return _commit_object_store(storage, staging, manifest)
         return _commit_local(storage, staging, manifest)

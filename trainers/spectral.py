@@ -18,7 +18,7 @@ from trainers.graph import NodeOffsets
 from trainers.propagation import side_block, sparse_gram, torch_csr
 
 # A kept draw larger than this is drawn afresh instead: at a million items and 1,024 dimensions it would be 5 GB
-# held between cycles.
+# held between cycles. (While it grows, the old rows and the new room are both held for a moment.)
 KEEP_MAX_BYTES = 1 << 30
 
 
@@ -41,16 +41,17 @@ class GaussianRows:
         self._drawn = 0
 
     def draw(self, n: int, width: int, seed: int) -> torch.Tensor:
-        """`torch.randn(n, width, generator=torch.Generator().manual_seed(seed))`, read-only (it may be kept)."""
+        """`torch.randn(n, width, generator=torch.Generator().manual_seed(seed))` in float32. Read-only: the rows
+        may be kept for the next call."""
         if width % 16 or (n + n // 8) * width * 4 > self._max:
             self._key, self._generator, self._rows, self._drawn = None, None, torch.empty(0, 0), 0
-            return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+            return torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         if self._key != (width, seed) or self._generator is None:
             self._key, self._generator = (width, seed), torch.Generator().manual_seed(seed)
             self._rows, self._drawn = torch.empty(0, width), 0
         drawn = self._drawn
         if n > len(self._rows):
-            room = torch.empty(n + n // 8, width)
+            room = torch.empty(n + n // 8, width, dtype=torch.float32)
             room[:drawn] = self._rows[:drawn]
             self._rows = room
         if n > drawn:
@@ -86,7 +87,7 @@ def randomized_svd(m: sp.csr_matrix, k: int, iterations: int, seed: int = 0,
 
     width = k + max(k // 4, 8)
     if draws is None:
-        omega = torch.randn(m.shape[1], width, generator=torch.Generator().manual_seed(seed))
+        omega = torch.randn(m.shape[1], width, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     else:
         omega = draws.draw(m.shape[1], width, seed)
     q = _basis(a @ omega, orthonormal=iterations == 0)

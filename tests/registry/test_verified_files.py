@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import registry
 import registry.reader as reader
 from core.storage import Storage
-from registry.verified_files import MARGIN_NS, VERIFIED, VerifiedFiles, stamp
+from registry import verified_files
+from registry.verified_files import COARSE_MARGIN_NS, MARGIN_NS, VERIFIED, VerifiedFiles, stamp
 from tests.registry.test_format_and_commit import _artifacts
 
 
@@ -140,3 +141,31 @@ def test_an_object_store_version_is_hashed_on_every_load(tmp_path: Path, hashes:
     for _ in range(2):
         reader._check_streamed(object_store, str(folder), registry.MODEL, sha, "v")
     assert hashes.made - before == 2
+
+
+def test_whole_second_timestamps_need_a_longer_margin(tmp_path: Path) -> None:
+    """Where the filesystem keeps whole seconds, a change in the same second as the hash would not show."""
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    second = 10**18  # a whole second, in ns
+    coarse = stamp(str(path))._replace(mtime_ns=second, ctime_ns=second)
+    memo = VerifiedFiles()
+    memo.remember(coarse, coarse, "sha", second + 2 * MARGIN_NS)
+    assert not memo.holds(coarse, "sha")
+    memo.remember(coarse, coarse, "sha", second + COARSE_MARGIN_NS + 1)
+    assert memo.holds(coarse, "sha")
+
+
+def test_a_file_on_a_network_filesystem_is_always_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network filesystem's client can serve a stale stat after another client changed the file."""
+    monkeypatch.setattr(verified_files, "filesystem_type", lambda dev: "nfs4")
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    now = stamp(str(path))
+    memo = VerifiedFiles()
+    memo.remember(now, now, "sha", time.time_ns() + 2 * MARGIN_NS, written_here=True)
+    assert not memo.holds(now, "sha")
+
+
+def test_the_filesystem_of_a_local_folder_is_known(tmp_path: Path) -> None:
+    assert verified_files.filesystem_type(os.stat(tmp_path).st_dev) is not None

@@ -226,13 +226,13 @@ def _fresh(n: int, width: int, seed: int) -> torch.Tensor:
 
 
 @settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=6), width=st.sampled_from([16, 32, 80, 1280]),
-       seed=st.integers(0, 3))
-def test_a_kept_draw_is_the_fresh_draw_of_every_size(sizes, width, seed):
-    """Items only grow, but any sequence of sizes (a smaller graph after a larger one too) gets exactly
-    torch.randn's matrix for that size: the kept rows and the rows drawn on from the same generator."""
+@given(calls=st.lists(st.tuples(st.integers(1, 300), st.sampled_from([16, 32, 80, 1280, 20]), st.integers(0, 2)),
+                      min_size=1, max_size=6))
+def test_a_kept_draw_is_the_fresh_draw_of_every_call(calls):
+    """Items only grow, but any sequence of sizes (a smaller graph after a larger one too), widths (one not a
+    multiple of 16 among them) and seeds gets exactly torch.randn's matrix for that call."""
     draws = GaussianRows()
-    for n in sizes:
+    for n, width, seed in calls:
         assert torch.equal(draws.draw(n, width, seed), _fresh(n, width, seed))
 
 
@@ -240,7 +240,8 @@ def test_a_kept_draw_is_drawn_afresh_for_another_width_or_seed_or_past_its_bound
     draws = GaussianRows(max_bytes=112 * 32 * 4)  # 100 rows and their eighth more
     assert torch.equal(draws.draw(50, 32, 0), _fresh(50, 32, 0))
     assert torch.equal(draws.draw(60, 32, 1), _fresh(60, 32, 1))  # another seed
-    assert torch.equal(draws.draw(70, 48, 1), _fresh(70, 48, 1))  # another width
+    assert torch.equal(draws.draw(60, 48, 1), _fresh(60, 48, 1))  # another width
+    assert draws._key == (48, 1)
     assert torch.equal(draws.draw(70, 18, 1), _fresh(70, 18, 1))  # not a multiple of 16: not kept
     assert torch.equal(draws.draw(101, 32, 1), _fresh(101, 32, 1))  # past the bound: not kept
     assert draws._rows.numel() == 0
@@ -249,11 +250,12 @@ def test_a_kept_draw_is_drawn_afresh_for_another_width_or_seed_or_past_its_bound
 def test_the_svd_with_a_kept_draw_is_the_svd_without():
     rng = np.random.default_rng(10)
     draws = GaussianRows()
-    for cols in (200, 230):  # the second grows the kept draw
-        m = sp.random(40, cols, density=0.05, random_state=rng, format="csr", dtype=np.float32)
-        expected = randomized_svd(m, 12, iterations=3, seed=4)
-        for got, want in zip(randomized_svd(m, 12, iterations=3, seed=4, draws=draws), expected, strict=True):
+    for cols in (200, 220, 260):  # the second grows within the room kept, the third past it
+        m = sp.random(60, cols, density=0.05, random_state=rng, format="csr", dtype=np.float32)
+        expected = randomized_svd(m, 24, iterations=3, seed=4)  # a sketch 32 wide: kept
+        for got, want in zip(randomized_svd(m, 24, iterations=3, seed=4, draws=draws), expected, strict=True):
             np.testing.assert_array_equal(got, want)
+        assert draws._drawn == cols and draws._key == (32, 4)
 
 
 def test_a_kept_draw_grows_in_place_by_up_to_an_eighth():
