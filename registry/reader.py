@@ -507,7 +507,7 @@ def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: st
     started = time.time_ns()
     digest = hashlib.sha256()
     try:
-        if read_back and rel in read_back and before is not None:
+        if read_back is not None and rel in read_back and before is not None:
             for chunk in direct_chunks(path):
                 digest.update(chunk)
         else:

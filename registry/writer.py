@@ -57,19 +57,23 @@ def _publish(storage: Storage, artifacts: ModelArtifacts, object_store: bool) ->
         raise ValueError(f"parent {artifacts.parent!r} is not a published version")
     staging = storage.path(CHECKPOINTS, f"{STAGING_PREFIX}{uuid.uuid4().hex}")
     try:
-        # Around the page cache, all but model.pt (the next update cycle maps it): serving reads the rest, which
-        # this process never reads again but to verify it (core.direct_io).
-        manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}", around_cache=rel != MODEL))
+        manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}", _around_cache(rel)))
         # Verify through the reader's own code path: a version that publishes is one that loads; what went around
         # the cache is read back from the disk.
         load_folder(storage, staging, manifest, version_label(None), verify=True,
-                    read_back=frozenset(manifest["files"]) - {MODEL})
+                    read_back=frozenset(filter(_around_cache, manifest["files"])))
         if object_store:
             return _commit_object_store(storage, staging, manifest)
         return _commit_local(storage, staging, manifest)
     finally:
         storage.delete(staging)  # a no-op once the local rename has moved it
 
+
+
+def _around_cache(rel: str) -> bool:
+    """Whether a version's file is written around the page cache (core.direct_io): all but model.pt, which the next
+    update cycle maps; serving reads the rest, which the publisher never reads again but to verify it."""
+    return rel != MODEL
 
 
 def _write_manifest_checked(storage: Storage, path: str, data: bytes, label: str) -> None:
