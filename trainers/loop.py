@@ -229,7 +229,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
             model.load_state_dict(as_tensors(init, writable=False))  # copied in
     elif hp.init == "spectral":
         with torch.no_grad():
-            model.embedding.weight.copy_(_spectral_start(adj, offsets, hp, session, device))
+            _spectral_start(adj, offsets, hp, session, device, model.embedding.weight.detach())
     else:
         model.reset_parameters()
     model.to(device)
@@ -278,7 +278,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
         if inputs.warm.refilter:
             mark = time.time()
             with torch.no_grad():
-                model.embedding.weight.copy_(_spectral_start(adj, offsets, hp, session, device))
+                _spectral_start(adj, offsets, hp, session, device, model.embedding.weight.detach())
             worker.phases["refilter"] = round(time.time() - mark, 3)
     return worker
 
@@ -297,25 +297,34 @@ def _grow_parent(model: InterestGCN, parent: GrowFrom, storage: Any, graph: Inte
 
 
 def _spectral_start(adj: torch.Tensor, offsets: NodeOffsets, hp: TrainConfig, session: Session,
-                    device: torch.device) -> torch.Tensor:
-    """The filter start, computed once: rank 0 runs the randomized SVD and broadcasts the result. Every rank would
-    compute the same start (same graph, same seed), each spending its own core and its own SVD working memory on
-    it. The other ranks wait in the broadcast, so the SVD must end within the process group's timeout; those on
-    rank 0's node wait without using their cores (gloo blocks), so rank 0 takes their threads for the SVD (1,024
-    pairs of Gowalla: 27.5 s on one thread, 15.1 s on two)."""
+                    device: torch.device, table: torch.Tensor) -> None:
+    """Fill `table` (the model's embedding table) with the filter start, computed once: rank 0 runs the randomized
+    SVD and broadcasts the result. Every rank would compute the same start (same graph, same seed), each spending
+    its own core and its own SVD working memory on it. The other ranks wait in the broadcast, so the SVD must end
+    within the process group's timeout; those on rank 0's node wait without using their cores (gloo blocks), so rank
+    0 takes their threads for the SVD (1,024 pairs of Gowalla: 27.5 s on one thread, 15.1 s on two).
+
+    On the CPU the start is computed into the table and broadcast into the other ranks' tables: a separate start
+    and its copy were two fresh table-sized blocks a rank (see `spectral_embeddings`). A table elsewhere than
+    `device` (the model before it moves to a GPU) gets the start through one on the device, which NCCL needs."""
+    direct = table.device == device
+    target = table if direct else torch.empty(table.shape, device=device)
     if session.world == 1 or session.rank == 0:
         threads = torch.get_num_threads()
         torch.set_num_threads(threads * session.local_world)
         try:
-            start = spectral_embeddings(adj, offsets, hp.embedding_dim, seed=hp.seed, filter_beta=hp.spectral_filter,
-                                        num_layers=hp.num_layers, draws=_KEPT.draws).to(device)
+            kwargs = {"seed": hp.seed, "filter_beta": hp.spectral_filter, "num_layers": hp.num_layers,
+                      "draws": _KEPT.draws}
+            if target.device.type == "cpu":
+                spectral_embeddings(adj, offsets, hp.embedding_dim, out=target, **kwargs)
+            else:
+                target.copy_(spectral_embeddings(adj, offsets, hp.embedding_dim, **kwargs))
         finally:
             torch.set_num_threads(threads)
-    else:
-        start = torch.empty(offsets.num_nodes, hp.embedding_dim, device=device)
     if session.world > 1:
-        dist.broadcast(start, src=0)
-    return start
+        dist.broadcast(target, src=0)
+    if not direct:
+        table.copy_(target)
 
 
 @dataclass
@@ -327,12 +336,18 @@ class _Kept:
 _KEPT = _Kept()
 
 
-def warm_up() -> None:
+def warm_up(predraw: tuple[int, int, int] | None = None) -> None:
     """Make this process a resident worker (`trainers.resident`), before its first cycle: pay there what that
     cycle paid (torch's first optimiser imports its compiler stack: about 800 modules, 0.9 s of the set-up), and
-    keep the randomized SVD's Gaussian draw from one re-filter to the next (`GaussianRows`)."""
+    keep the randomized SVD's Gaussian draw from one re-filter to the next (`GaussianRows`).
+
+    `predraw` (rank 0: rows, width, seed): the draw the first re-filter is expected to make, drawn now where it
+    would be kept, so that re-filter draws only the rows of items new since (a whole draw, 0.35-0.45 s of a Taobao
+    re-filter). A wrong guess costs only the time taken here: a draw of another width or seed starts again."""
     RowAdam([torch.nn.Parameter(torch.zeros(1, 1))], lr=1.0)
     _KEPT.draws = _KEPT.draws or GaussianRows()
+    if predraw is not None and _KEPT.draws.keeps(predraw[0], predraw[1]):
+        _KEPT.draws.draw(*predraw)
 
 
 def _optimiser(model: InterestGCN, lr: float) -> RowAdam:

@@ -133,7 +133,7 @@ def resident_loop_per_worker(config: dict) -> None:
     from trainers.loop import RayTrainSession, run_worker, session_for, warm_up
 
     board, session, done = config["board"], RayTrainSession(), 0
-    warm_up()  # before the start's readiness check, which the driver waits for
+    warm_up(config.get("predraw") if session.rank == 0 else None)  # before the readiness check the driver waits for
     while True:
         got = ray.get(board.next.remote(done, 30.0))
         if got is None:
@@ -162,6 +162,29 @@ def resident_loop_per_worker(config: dict) -> None:
         done = cycle
         del capture
         gc.collect()  # reference cycles would keep this cycle's model (and GPU memory) until a later sweep
+
+
+def first_draw(cfg: AppConfig) -> tuple[int, int, int] | None:
+    """(rows, width, seed) of the Gaussian draw a re-filter of the newest published graph makes, which rank 0 draws
+    at start (`trainers.loop.warm_up`); None where no cycle re-filters, the filter is exact, or nothing verifiable is
+    published yet (the first cycle is then a full training, and the draw is made when a re-filter needs it)."""
+    if cfg.train.init != "spectral" or cfg.train.spectral_filter is None or cfg.update.refilter_above > 1:
+        return None
+    import registry
+    from core.storage import storage_for
+    from trainers.spectral import filter_rank, sketch_width
+
+    storage = storage_for(cfg)
+    try:
+        version = registry.latest_version(storage)
+        counts = registry.read_manifest(storage, version)["node_counts"] if version is not None else None
+    except registry.CheckpointError:
+        return None
+    if not counts:
+        return None
+    # The filter's block: items against every other node (trainers.spectral.interest_block).
+    k = filter_rank(cfg.train.embedding_dim, counts["user"] + counts["category"] + counts["brand"], counts["item"])
+    return (counts["item"], sketch_width(k), cfg.train.seed) if k >= 1 else None
 
 
 def _barrier(world: int) -> None:
@@ -200,7 +223,8 @@ class ResidentTrainer:
         self._kill_board()  # a dead run's board still holds its last cycle's inputs (object refs to the model)
         self._board = ray.remote(num_cpus=0)(CycleBoard).remote()
         name = time.strftime("resident-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-        trainer = trainer_for(self.cfg, self.opts, resident_loop_per_worker, {"board": self._board}, name)
+        trainer = trainer_for(self.cfg, self.opts, resident_loop_per_worker,
+                              {"board": self._board, "predraw": first_draw(self.cfg)}, name)
         self._error = None
 
         def fit() -> None:

@@ -7,8 +7,6 @@ model that already ranks sensibly, which is what makes a CPU time budget enough.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -40,10 +38,14 @@ class GaussianRows:
         self._rows = torch.empty(0, 0)  # room for more rows than drawn
         self._drawn = 0
 
+    def keeps(self, n: int, width: int) -> bool:
+        """Whether a draw of n rows of this width would be kept (the others are drawn afresh every time)."""
+        return width % 16 == 0 and (n + n // 8) * width * 4 <= self._max
+
     def draw(self, n: int, width: int, seed: int) -> torch.Tensor:
         """`torch.randn(n, width, generator=torch.Generator().manual_seed(seed))` in float32. Read-only: the rows
         may be kept for the next call."""
-        if width % 16 or (n + n // 8) * width * 4 > self._max:
+        if not self.keeps(n, width):
             self._key, self._generator, self._rows, self._drawn = None, None, torch.empty(0, 0), 0
             return torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         if self._key != (width, seed) or self._generator is None:
@@ -60,9 +62,19 @@ class GaussianRows:
         return self._rows[:n]
 
 
+def sketch_width(k: int) -> int:
+    """Columns of the randomized SVD's test matrix for k pairs: k plus a quarter (at least 8) of oversampling."""
+    return k + max(k // 4, 8)
+
+
+def filter_rank(dim: int, block_rows: int, block_columns: int) -> int:
+    """Singular pairs the filter start takes from an item block of this shape for a table `dim` wide."""
+    return min(dim, block_rows - 1, block_columns - 1)
+
+
 def randomized_svd(m: sp.csr_matrix, k: int, iterations: int, seed: int = 0,
-                   aat: sp.csr_matrix | None = None, draws: GaussianRows | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   aat: sp.csr_matrix | None = None, draws: GaussianRows | None = None,
+                   v_out: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k (u, sigma, v) of a sparse matrix by subspace iteration (Halko et al. 2011), in torch's threads.
 
     ARPACK's exact 1,024 vectors of Gowalla take 520 s here; three power iterations take under half a minute, and
@@ -78,6 +90,7 @@ def randomized_svd(m: sp.csr_matrix, k: int, iterations: int, seed: int = 0,
     `aat`: A A^T (`trainers.propagation.sparse_gram`, where it is sparse), which makes a power one product over
     the rows instead of two through the columns. Between powers the basis is an LU factor, not a QR (`_basis`).
     `draws`: where the Gaussian test matrix is kept between calls (`GaussianRows`); the same matrix either way.
+    `v_out`: a contiguous float32 [columns, k] tensor that v is written into (and returned as a view of).
     """
     a, at = torch_csr(m), torch_csr(m.T.tocsr())
     rows_gram = None if aat is None else torch_csr(aat)
@@ -85,7 +98,7 @@ def randomized_svd(m: sp.csr_matrix, k: int, iterations: int, seed: int = 0,
     def power(x: torch.Tensor) -> torch.Tensor:
         return a @ (at @ x) if rows_gram is None else rows_gram @ x
 
-    width = k + max(k // 4, 8)
+    width = sketch_width(k)
     if draws is None:
         omega = torch.randn(m.shape[1], width, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     else:
@@ -105,7 +118,11 @@ def randomized_svd(m: sp.csr_matrix, k: int, iterations: int, seed: int = 0,
     u = q @ w.float()
     # v = A^T u / sigma through the sparse block: a dense product with the columns' side of the basis took 0.86 s
     # on the Taobao block, this 0.13 s.
-    return u.numpy(), sigma.float().numpy(), (at @ (u * inv.float())).numpy()
+    if v_out is None:
+        return u.numpy(), sigma.float().numpy(), (at @ (u * inv.float())).numpy()
+    # Zeroed first: torch's sparse kernels without MKL scale what is there rather than ignore it (NaN bits stay NaN).
+    torch.addmm(v_out.zero_(), at, u * inv.float(), beta=0.0, out=v_out)
+    return u.numpy(), sigma.float().numpy(), v_out.numpy()
 
 
 def _basis(y: torch.Tensor, orthonormal: bool) -> torch.Tensor:
@@ -150,50 +167,76 @@ def interest_block(adj: torch.Tensor, offsets: NodeOffsets) -> sp.csr_matrix:
 
 def spectral_embeddings(adj: torch.Tensor, offsets: NodeOffsets, dim: int, std: float = 0.1, seed: int = 0,
                         filter_beta: float | None = None, num_layers: int = 0,
-                        iterations: int = 3, draws: GaussianRows | None = None) -> torch.Tensor:
+                        iterations: int = 3, draws: GaussianRows | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """[num_nodes, dim] from the top singular pairs of the adjacency's item block (`interest_block`): users,
     categories and brands from the left vectors, items from the right ones. With `filter_beta`, the start is shaped
     so that after `num_layers` of propagation a score is the low-pass filter exp(beta sigma / sigma_1), from a
-    randomized SVD; without, each side gets sqrt(sigma) from the exact one."""
+    randomized SVD; without, each side gets sqrt(sigma) from the exact one.
+
+    `out`: a contiguous float32 CPU table of that shape (a model's own) that the start is written into and returned
+    as: the table, the items' vectors and their scaled copies were each a fresh table-sized block (243 MB each on
+    Taobao at 1,024 dims), which on a VM costs more to fault in than to compute. The values are the same to the
+    bit either way."""
     block = interest_block(adj, offsets)
-    k = min(dim, block.shape[0] - 1, block.shape[1] - 1)
+    k = filter_rank(dim, *block.shape)
     found = k >= 1 and block.nnz > 0
+    if out is None:
+        table = torch.from_numpy(np.empty((offsets.num_nodes, dim), np.float32))
+    elif out.shape != (offsets.num_nodes, dim) or out.dtype != torch.float32 or out.device.type != "cpu" \
+            or not out.is_contiguous():
+        raise ValueError(f"the start's table must be a contiguous float32 CPU tensor of {(offsets.num_nodes, dim)}, "
+                         f"not {out.dtype} {tuple(out.shape)} on {out.device}")
+    else:
+        table = out
     # Every row is one of the block's, so with k == dim the singular vectors overwrite the whole table, and the
     # random draw (1.4 s of the Taobao start's 7.4) would be thrown away.
-    if found and k == dim:
-        out = np.empty((offsets.num_nodes, dim), np.float32)
-    else:
-        out = np.random.default_rng(seed).normal(0.0, std, size=(offsets.num_nodes, dim)).astype(np.float32)
+    if not (found and k == dim):
+        table.numpy()[:] = np.random.default_rng(seed).normal(0.0, std, size=(offsets.num_nodes, dim))
     if not found:
-        return torch.from_numpy(out)
+        return table
+    items = table[offsets.item : offsets.category]
     if filter_beta is None:
         u, sigma, vt = svds(block.astype(np.float64), k=k, random_state=seed)
         scale = np.sqrt(np.maximum(sigma, 0.0))
         v = vt.T
     else:
-        u, sigma, v = randomized_svd(block, k, iterations, seed, aat=sparse_gram(block), draws=draws)
+        # The items' vectors go straight into their rows where those are whole rows (k == dim, the usual case).
+        u, sigma, v = randomized_svd(block, k, iterations, seed, aat=sparse_gram(block), draws=draws,
+                                     v_out=items if k == dim else None)
         scale = filter_coefficients(sigma, filter_beta, num_layers)
-    u *= scale.astype(u.dtype)
-    v *= scale.astype(v.dtype)
+    # In torch, on the threads it has: numpy did these table-sized passes on one. Each product is the same IEEE
+    # float32 multiply either way, and the factor a float32 scalar, so the table is the same to the bit.
+    ut, vt_ = torch.from_numpy(np.ascontiguousarray(u)), torch.from_numpy(np.ascontiguousarray(v))
+    scale_t = torch.from_numpy(scale.astype(u.dtype))
+    ut.mul_(scale_t)
+    vt_.mul_(scale_t.to(vt_.dtype))
     # Same overall spread as the default initialisation, so learning rates keep their meaning.
-    factor = std / max(_std(u, v), 1e-12)
-    others = np.r_[offsets.user : offsets.item, offsets.category : offsets.num_nodes]
-    u *= factor
-    v *= factor
-    out[others, :k] = u
-    out[offsets.item : offsets.category, :k] = v
-    out[:, k:] *= 0.1
-    return torch.from_numpy(out)
+    factor = std / max(_std(ut, vt_), 1e-12)
+    ut.mul_(factor)
+    vt_.mul_(factor)
+    n_users = offsets.item - offsets.user
+    table[offsets.user : offsets.item, :k] = ut[:n_users]
+    table[offsets.category : offsets.num_nodes, :k] = ut[n_users:]
+    if vt_.data_ptr() != items.data_ptr():
+        items[:, :k] = vt_
+    table[:, k:] *= 0.1
+    return table
 
 
-def _std(*parts: np.ndarray) -> float:
-    """The standard deviation of the parts' values together (2-d arrays), in float64 and a few thousand rows at a
-    time: concatenating them first took two full tables' worth of memory at 1,024 dims."""
-    def chunks() -> Iterator[np.ndarray]:
-        for p in parts:
-            for s in range(0, len(p), 4096):
-                yield p[s : s + 4096].astype(np.float64)
-
-    n = sum(p.size for p in parts)
-    mean = sum(float(c.sum()) for c in chunks()) / max(n, 1)
-    return float(np.sqrt(sum(float(np.square(c - mean).sum()) for c in chunks()) / max(n, 1)))
+def _std(*parts: torch.Tensor | np.ndarray) -> float:
+    """The standard deviation of the parts' values together (2-d tensors), in float64 and a few thousand rows at a
+    time: concatenating them first took two full tables' worth of memory at 1,024 dims. One pass (sum and sum of
+    squares): the values are centred near zero, so nothing cancels that float64 would miss."""
+    total = square = 0.0
+    n = 0
+    for p in map(torch.as_tensor, parts):
+        for s in range(0, len(p), 4096):
+            chunk = p[s : s + 4096].to(torch.float64).reshape(-1)
+            total += float(chunk.sum())
+            square += float(torch.dot(chunk, chunk))
+            n += chunk.numel()
+    if n == 0:
+        return 0.0
+    mean = total / n
+    return float(np.sqrt(max(square / n - mean * mean, 0.0)))

@@ -167,13 +167,37 @@ def test_rank_zero_runs_the_svd_on_the_threads_of_the_ranks_waiting_on_its_node(
     torch.set_num_threads(1)
     try:
         hp = TrainConfig(embedding_dim=8, spectral_filter=3.5)
+        expected = real(_adjacency(0, attributes=True), off, 8, seed=hp.seed, filter_beta=3.5,
+                        num_layers=hp.num_layers)
         for local_world in (1, 2):
             session = loop.LocalSession(out_dir=str(tmp_path), local_world=local_world)
-            start = loop._spectral_start(_adjacency(0, attributes=True), off, hp, session, torch.device("cpu"))
-            assert start.shape == (off.num_nodes, 8) and torch.get_num_threads() == 1
+            table = torch.full((off.num_nodes, 8), float("nan"))
+            loop._spectral_start(_adjacency(0, attributes=True), off, hp, session, torch.device("cpu"), table)
+            assert torch.equal(table, expected) and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("dim", [8, 16, ITEMS + 5])
+@pytest.mark.parametrize("beta", [None, 3.0])
+def test_a_start_written_into_a_given_table_is_the_same_to_the_bit(dim, beta):
+    """The start computed into a model's own table (no table-sized blocks of its own) equals the one it allocates,
+    whether the singular vectors fill the table (16: every node is a row of the block) or not (8, wider than the
+    block's rank); the table given is the one returned."""
+    adj, off = _adjacency(0, attributes=True), node_offsets(USERS, ITEMS, CATS, BRANDS)
+    expected = spectral_embeddings(adj, off, dim, seed=3, filter_beta=beta, num_layers=3)
+    table = torch.full((off.num_nodes, dim), float("nan"))
+    got = spectral_embeddings(adj, off, dim, seed=3, filter_beta=beta, num_layers=3, out=table)
+    assert got is table and torch.equal(table, expected)
+
+
+@pytest.mark.parametrize("bad", [lambda n: torch.empty(n, 9), lambda n: torch.empty(n, 8, dtype=torch.float64),
+                                 lambda n: torch.empty(8, n).T])
+def test_a_table_of_another_shape_type_or_layout_is_refused_before_the_svd(bad):
+    adj, off = _adjacency(0, attributes=True), node_offsets(USERS, ITEMS, CATS, BRANDS)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        spectral_embeddings(adj, off, 8, filter_beta=3.0, num_layers=3, out=bad(off.num_nodes))
 
 
 
