@@ -102,6 +102,10 @@ class VerifiedFiles:
             while len(self._seen) > self._max:
                 self._seen.popitem(last=False)
 
+    def remembers_on(self, dev: int) -> bool:
+        """Whether files on device `dev` are remembered at all (a local disk's filesystem)."""
+        return self._is_local(dev)
+
     def forget_all(self) -> None:
         with self._lock:
             self._seen.clear()

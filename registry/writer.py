@@ -12,6 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,7 +36,7 @@ from registry.format import (
     version_name,
     version_number,
 )
-from registry.reader import latest_version, list_versions, load_folder
+from registry.reader import check_written, latest_version, list_versions, load_folder
 
 # LATEST on an object store converges by re-checking; bounded so a pathological store cannot spin forever.
 _LATEST_ROUNDS = 20
@@ -57,7 +58,17 @@ def _publish(storage: Storage, artifacts: ModelArtifacts, object_store: bool) ->
         raise ValueError(f"parent {artifacts.parent!r} is not a published version")
     staging = storage.path(CHECKPOINTS, f"{STAGING_PREFIX}{uuid.uuid4().hex}")
     try:
-        manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}", _around_cache(rel)))
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="registry-read-back") as early:
+            # On local disk each file is read back as soon as it is closed, beside the ones still being written (a
+            # Taobao publish's encoders left most of a core idle); the reader below then finds them checked
+            # (`registry.verified_files`) instead of reading them after the last one. A failure is not raised here:
+            # an unchecked file is checked, and its failure raised, below.
+            def written(rel: str, sha: str) -> None:
+                if not object_store:
+                    early.submit(check_written, storage, staging, rel, sha, version_label(None), _around_cache(rel))
+
+            manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}", _around_cache(rel)),
+                              written)
         # Verify through the reader's own code path: a version that publishes is one that loads; what went around
         # the cache is read back from the disk.
         load_folder(storage, staging, manifest, version_label(None), verify=True,

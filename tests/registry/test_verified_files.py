@@ -169,3 +169,53 @@ def test_a_file_on_a_network_filesystem_is_always_hashed(tmp_path: Path, monkeyp
 
 def test_the_filesystem_of_a_local_folder_is_known(tmp_path: Path) -> None:
     assert verified_files.filesystem_type(os.stat(tmp_path).st_dev) is not None
+
+
+def test_a_publisher_reads_each_file_back_while_it_writes_the_others(tmp_path: Path, hashes: _Counting,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-back of a file is asked for as soon as it is closed, with others still to write (the encoder writes
+    two lanes of several files each); each file is read once."""
+    import registry.writer as writer
+
+    storage = Storage(str(tmp_path / "root"))
+    staged_at_each: list[int] = []
+    real = writer.encode
+
+    def encode(artifacts: object, sink: object, written: object) -> dict:
+        def spy(rel: str, sha: str) -> None:
+            staged = [p for p in Path(storage.path("checkpoints")).rglob("*")
+                      if p.is_file() and registry.STAGING_PREFIX in str(p)]
+            staged_at_each.append(len(staged))
+            written(rel, sha)
+
+        return real(artifacts, sink, spy)
+
+    monkeypatch.setattr(writer, "encode", encode)
+    version = registry.publish(storage, _artifacts())
+    files = len(registry.read_manifest(storage, version)["files"])
+    assert len(staged_at_each) == files and min(staged_at_each) < files
+    assert hashes.made == files
+
+
+def test_a_file_that_fails_its_early_read_back_fails_the_publish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """A file whose bytes on disk differ from what was written (here: damaged between its write and its read-back)
+    is not remembered as checked, so the publisher's own load refuses the version and LATEST does not move."""
+    import registry.writer as writer
+
+    storage = Storage(str(tmp_path / "root"))
+    first = registry.publish(storage, _artifacts(seed=1))
+    real = writer.check_written
+
+    def damaging(storage: Storage, folder: str, rel: str, *args: object) -> None:
+        if rel == registry.ITEM_VECTORS:
+            path = Path(folder) / rel
+            data = bytearray(path.read_bytes())
+            data[-1] ^= 0x01
+            path.write_bytes(bytes(data))
+        real(storage, folder, rel, *args)
+
+    monkeypatch.setattr(writer, "check_written", damaging)
+    with pytest.raises(registry.CheckpointError, match="fails its checksum"):
+        registry.publish(storage, _artifacts(seed=2))
+    assert registry.latest_version(storage) == first

@@ -158,6 +158,11 @@ def test_embedding_exports_in_several_row_groups_read_back_whole(storage: Storag
         table = pq.read_table(folder / rel)
         np.testing.assert_array_equal(np.stack(table["vector"].to_numpy(zero_copy_only=False)), vectors)
         assert table[key].to_pylist() == list(keys)
+        # The vectors are stored plain (floats neither compress nor repeat); the keys keep the defaults.
+        meta = pq.ParquetFile(folder / rel).metadata.row_group(0)
+        vector, key_column = meta.column(1), meta.column(0)
+        assert vector.compression == "UNCOMPRESSED" and "PLAIN_DICTIONARY" not in vector.encodings
+        assert vector.statistics is None and key_column.compression == "SNAPPY"
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
