@@ -1,7 +1,8 @@
 """Large files written and read around the page cache (O_DIRECT), where the filesystem allows it.
 
-A published version's serving files (the vectors as .npy and as Parquet: 400 MB on Taobao at 1,024 dimensions) are
-written once by the publisher, read back once to verify them, and then only read by serving. Through the page
+A published version's files (the vectors as .npy and as Parquet, the model: 620 MB on Taobao at 1,024 dimensions)
+are written once by the publisher, read back once to verify them, and then read by serving and the next update
+cycle's workers. Through the page
 cache, every write takes a fresh page of memory. On this project's VMs (and others whose host takes back the
 guest's free memory) a fresh page costs about 2 s per GB of kernel time, against 0.1 s for memory used a moment
 before: a Taobao update cycle's publish spent 1.8 s in the kernel, 0.2 s when the same process published the same

@@ -496,17 +496,16 @@ def _failure(storage: Storage, folder: str, rel: str, sha: str, label: str, read
     return None
 
 
-def check_written(storage: Storage, folder: str, rel: str, sha: str, label: str, around_cache: bool) -> None:
+def check_written(storage: Storage, folder: str, rel: str, sha: str, label: str) -> None:
     """A publisher's read-back of one file of its own staging folder as soon as it is written (`registry.writer`):
-    hashed as `load_folder(..., read_back=...)` hashes it (from the disk where it went `around_cache`) and remembered,
-    so that the publisher's `load_folder` finds it checked. Nothing where the memo would not remember it (not a local
-    disk's filesystem): the file would be read twice. A failure is not raised: `load_folder` checks the file again
-    and says so."""
+    hashed from the disk as `load_folder(..., read_back=...)` hashes it, and remembered, so that the publisher's
+    `load_folder` finds it checked. Nothing where the memo would not remember it (not a local disk's filesystem): the
+    file would be read twice. A failure is not raised: `load_folder` checks the file again and says so."""
     now = stamp(f"{folder}/{rel}") if storage.is_local else None
     if now is None or not VERIFIED.remembers_on(now.dev):
         return
     try:
-        _check_streamed(storage, folder, rel, sha, label, frozenset([rel]) if around_cache else frozenset())
+        _check_streamed(storage, folder, rel, sha, label, frozenset([rel]))
     except CheckpointError:
         pass
 
