@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -95,9 +96,15 @@ def forget(deleted: np.ndarray, user_keys: pa.Array, user_vectors: np.ndarray, i
     return pa.array(keys, pa.string()), user_vectors, new_indptr, indices[keep], model_state, evidence
 
 
+class Published(NamedTuple):
+    version: str
+    manifest: dict
+    as_trained: bool  # model.pt holds the checkpoint's model state as it was (no deleted user blanked in it)
+
+
 def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkpoint, parent: str | None,
                             num_workers: int, graph: InterestGraph | None = None, sp: Split | None = None,
-                            curve: bool = True) -> tuple[str, dict]:
+                            curve: bool = True) -> Published:
     """`graph`, `sp`: the graph the checkpoint was trained on and its split, where the caller has them (a split
     only with its graph).
     `curve=False`: no training curve (an update cycle's history is one evaluation, and drawing it was a third of
@@ -154,7 +161,7 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkp
                "refit": history[-1].get("refit")},
         curve_png=curve_png(history, k) if curve else None,
     )
-    return publish_and_prune(cfg, storage, artifacts)
+    return Published(*publish_and_prune(cfg, storage, artifacts), as_trained=not len(deleted))
 
 
 def deleted_rows(user_keys: pa.Array, tombstones: pa.Array) -> np.ndarray:

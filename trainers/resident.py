@@ -130,7 +130,7 @@ def resident_loop_per_worker(config: dict) -> None:
     """What each worker of the resident run executes: wait for a cycle, run it, repeat until stopped."""
     import ray
 
-    from trainers.loop import RayTrainSession, run_worker, session_for, warm_up
+    from trainers.loop import RayTrainSession, keep_table, run_worker, session_for, warm_up
 
     board, session, done = config["board"], RayTrainSession(), 0
     warm_up(config.get("predraw") if session.rank == 0 else None)  # before the readiness check the driver waits for
@@ -149,7 +149,7 @@ def resident_loop_per_worker(config: dict) -> None:
         _barrier(session.world)  # raises PeerLost with the cycle still pending
         capture = _CycleSession(session)
         try:
-            run_worker(inputs, session_for(inputs, capture))
+            keep_table(run_worker(inputs, session_for(inputs, capture)), cycle)
         except BaseException as err:
             ray.get(board.finish.remote(cycle, {"error": f"rank {session.rank}: {type(err).__name__}: {err}"}))
             raise
@@ -209,6 +209,14 @@ class ResidentTrainer:
         self._error: BaseException | None = None
         self._cycle = 0
         self.started_s: float | None = None  # seconds the last start took until the workers were ready
+        # (version, cycle): the version published from that cycle's checkpoint as it was, whose table the workers
+        # kept (`trainers.loop.keep_table`); set by the update cycle that publishes it.
+        self.published: tuple[str, int] | None = None
+
+    @property
+    def last_cycle(self) -> int:
+        """The number of the cycle posted last (the one `fitted` ran)."""
+        return self._cycle
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -142,8 +142,8 @@ def run_train(cfg: AppConfig, opts: TrainOptions | None = None, parent: str | No
     inputs = worker_inputs(cfg, opts, started, **extra)
     name = time.strftime("train-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     with fitted(cfg, opts, inputs, name) as (checkpoint, _):
-        version, manifest = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
-                                                    num_workers=opts.num_workers or cfg.train.num_workers)
+        version, manifest, _ = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
+                                                       num_workers=opts.num_workers or cfg.train.num_workers)
     return {
         "version": version,
         "parent": parent,

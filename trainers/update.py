@@ -105,9 +105,11 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
         return unchanged("no new training pairs since the parent")
     parent_state = loaded.load_state(mapped=True)  # checked again (its stat, once hashed): the workers map it unchecked
     parent_hparams = parent_state["hparams"]
-    if storage.is_local:  # each worker maps the parent's file and grows the table into its own
+    if storage.is_local:  # each worker maps the parent's file, or its own copy of it, and grows the table into its own
+        kept = resident.published[1] if resident is not None and resident.published and \
+            resident.published[0] == parent else None
         init: Any = GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],
-                             label=registry.version_label(parent), counts=dict(loaded.node_counts))
+                             label=registry.version_label(parent), counts=dict(loaded.node_counts), kept=kept)
     else:
         init = as_arrays(extended_state(parent_state["state_dict"], loaded.node_counts, graph, sp.train_user,
                                         sp.train_item))
@@ -176,10 +178,12 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
         mark = time.time()
         # On resident workers the checkpoint's tensors are read-only views of the object store: publishing only
         # reads them (blanking a deleted user's rows works on copies).
-        version, _ = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
-                                             num_workers=opts.num_workers or cfg.train.num_workers, graph=graph,
-                                             sp=sp, curve=False)
+        version, _, as_trained = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
+                                                         num_workers=opts.num_workers or cfg.train.num_workers,
+                                                         graph=graph, sp=sp, curve=False)
         timings["publish"] = round(time.time() - mark, 3)
+        if resident is not None:
+            resident.published = (version, resident.last_cycle) if as_trained else None
     log.info("published %s (parent %s): %s", version, parent, metrics)
     return {**base, "parent": parent, "version": version, "seconds": round(time.time() - started, 3)}
 

@@ -21,6 +21,9 @@ class GrowFrom:
     sha: str  # model.pt's sha256 from the manifest
     label: str  # the version, as errors name it
     counts: dict[str, int]  # the parent's node counts by type
+    # The resident cycle whose final table model.pt holds to the bit (it published that cycle's checkpoint as it
+    # was): a resident worker that kept that table grows it from memory instead of reading the file (`warm_up`).
+    kept: int | None = None
 
 
 @dataclass(frozen=True)

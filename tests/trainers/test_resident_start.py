@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from tests.helpers import N_CATS, N_ITEMS, N_USERS, make_config, publish_toy_ver
 from trainers import loop
 from trainers.resident import first_draw
 from trainers.spectral import filter_rank, sketch_width
+from trainers.worker_inputs import GrowFrom
 
 FILTER = {"init": "spectral", "spectral_filter": 3.5, "embedding_dim": 8, "seed": 7}
 
@@ -58,3 +60,77 @@ def test_a_draw_that_would_not_be_kept_is_not_made_at_start(monkeypatch, predraw
     monkeypatch.setattr(loop, "_KEPT", loop._Kept())
     loop.warm_up(predraw)
     assert loop._KEPT.draws is not None and loop._KEPT.draws._drawn == 0
+
+
+def _parent_and_graph(tmp_path: Path) -> tuple[Storage, GrowFrom, torch.Tensor, SimpleNamespace, SimpleNamespace]:
+    """A published parent (3 users, 4 items, 2 categories, 1 brand) and a grown graph (one more of each)."""
+    import numpy as np
+
+    import registry
+    from tests.registry.test_format_and_commit import _artifacts
+
+    counts = {"user": 3, "item": 4, "category": 2, "brand": 1}
+    table = torch.randn(sum(counts.values()), 4, generator=torch.Generator().manual_seed(3))
+    storage = Storage(str(tmp_path))
+    art = _artifacts(user_keys=[f"u{i}" for i in range(3)], user_vectors=np.ones((3, 4), np.float32),
+                     item_ids=[f"i{i}" for i in range(4)], item_vectors=np.ones((4, 4), np.float32),
+                     seen_indptr=np.array([0, 1, 1, 2], np.int64), seen_indices=np.array([0, 3], np.int32),
+                     popularity={"item_idx": np.arange(4, dtype=np.int32), "score": np.ones(4, np.float32),
+                                 "category_idx": np.zeros(4, np.int32)}, node_counts=counts, category_ids=["c0", "c1"], brand_ids=["b0"],
+                     category_vectors=np.ones((2, 4), np.float32), brand_vectors=np.ones((1, 4), np.float32),
+                     state_dict={"embedding.weight": table})
+    version = registry.publish(storage, art)
+    loaded = registry.load_version(storage, version)
+    parent = GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL], label=version,
+                      counts=counts)
+    graph = SimpleNamespace(num_users=4, num_items=5, num_categories=3, num_brands=2,
+                            ic_item=np.array([0, 4, 4]), ic_cat=np.array([0, 2, 1]), ib_item=np.array([4]),
+                            ib_brand=np.array([1]))
+    sp = SimpleNamespace(train_user=np.array([0, 3, 3]), train_item=np.array([1, 2, 4]))
+    return storage, parent, table, graph, sp
+
+
+def test_a_kept_table_grows_to_the_same_bits_as_the_parents_file(tmp_path: Path, monkeypatch) -> None:
+    """A resident worker grows the parent from the table it kept when the driver says the parent is that table
+    (`GrowFrom.kept` naming the cycle it kept it from); the result is the file's growth, and the file is not read.
+    Any other cycle, or no word from the driver, reads the file; either way the kept table is let go."""
+    from dataclasses import replace
+
+    from trainers.model import InterestGCN
+
+    storage, parent, table, graph, sp = _parent_and_graph(tmp_path)
+    monkeypatch.setattr(loop, "_KEPT", loop._Kept())
+    nodes = 4 + 5 + 3 + 2
+
+    def grown(grow_from: GrowFrom) -> torch.Tensor:
+        model = InterestGCN(nodes, 4, 2, initialise=False)
+        loop._grow_parent(model, grow_from, storage, graph, sp)
+        return model.embedding.weight.detach().clone()
+
+    from_file = grown(parent)
+    loop.warm_up()
+    loop.keep_table(table.clone(), cycle=7)
+    import registry.reader
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the parent's file was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(registry.reader, "load_model", no_read)
+        assert torch.equal(grown(replace(parent, kept=7)), from_file)
+    assert loop._KEPT.table is None
+    for kept_word in (None, 6):
+        loop.keep_table(table.clone(), cycle=7)
+        assert torch.equal(grown(replace(parent, kept=kept_word)), from_file) and loop._KEPT.table is None
+
+
+def test_only_a_resident_worker_keeps_its_table_and_only_within_the_bound(monkeypatch) -> None:
+    monkeypatch.setattr(loop, "_KEPT", loop._Kept())
+    loop.keep_table(torch.zeros(3, 2), cycle=1)
+    assert loop._KEPT.table is None  # a one-shot training keeps nothing
+    loop.warm_up()
+    loop.keep_table(torch.zeros(3, 2), cycle=1)
+    assert loop._KEPT.table_cycle == 1
+    monkeypatch.setattr(loop, "KEEP_TABLE_MAX_BYTES", 20)
+    loop.keep_table(torch.zeros(3, 2), cycle=2)
+    assert loop._KEPT.table is None and loop._KEPT.table_cycle is None
