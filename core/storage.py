@@ -110,8 +110,8 @@ class Storage:
     def write_stream(self, path: str, around_cache: bool = False) -> Iterator[BinaryIO]:
         """A file written in place as it is produced, synced to disk locally when the block ends: only for folders
         no reader looks in until they are renamed or committed (a version's staging folder), since a reader could
-        see it half-written. `around_cache`: locally, around the page cache (`core.direct_io`), for a large file
-        this process will not read again."""
+        see it half-written. `around_cache`: locally, around the page cache (`core.direct_io`), for a file whose readers
+        come later or elsewhere (a published version's: its bytes need no place in this process's memory)."""
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if around_cache:

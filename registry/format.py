@@ -647,7 +647,8 @@ def _write_vectors(table: pa.Table, width: int, out: BinaryIO) -> None:
 
     The vectors are written plain: trained floats neither compress (Snappy made Taobao's items 0.3% larger) nor
     repeat (a dictionary is tried, per row group, then given up), and their min/max statistics prune nothing. That
-    encoding took 0.61 s of the file's 0.25 (Taobao's items, 1,024 dims); the keys keep the writer's defaults."""
+    file took 0.61 s to write that way and 0.25 s plain (Taobao's items, 1,024 dims); the keys keep the writer's
+    defaults."""
     keys = [name for name in table.column_names if name != VECTOR]
     pq.write_table(table, out, row_group_size=max(1, _ROW_GROUP_BYTES // (4 * width)),
                    compression={VECTOR: "none", **dict.fromkeys(keys, "snappy")}, use_dictionary=keys,

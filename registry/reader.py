@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -61,6 +62,8 @@ from registry.user_keys import UserKeys
 from registry.verified_files import VERIFIED, stamp
 
 _HASH_CHUNK = 8 << 20
+
+log = logging.getLogger("registry.reader")
 
 
 @dataclass
@@ -508,6 +511,8 @@ def check_written(storage: Storage, folder: str, rel: str, sha: str, label: str)
         _check_streamed(storage, folder, rel, sha, label, frozenset([rel]))
     except CheckpointError:
         pass
+    except Exception:  # noqa: BLE001 - never remembered, so the publisher's load checks the file again
+        log.warning("%s: the early read-back of %s failed; it is checked again", label, rel, exc_info=True)
 
 
 def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str,

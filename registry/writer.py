@@ -57,20 +57,27 @@ def _publish(storage: Storage, artifacts: ModelArtifacts, object_store: bool) ->
         raise ValueError(f"parent {artifacts.parent!r} is not a published version")
     staging = storage.path(CHECKPOINTS, f"{STAGING_PREFIX}{uuid.uuid4().hex}")
     try:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="registry-read-back") as early:
-            # On local disk each file is read back as soon as it is closed, beside the ones still being written (a
-            # Taobao publish's encoders left most of a core idle); the reader below then finds them checked
-            # (`registry.verified_files`) instead of reading them after the last one. A failure is not raised here:
-            # an unchecked file is checked, and its failure raised, below.
-            def written(rel: str, sha: str) -> None:
-                if not object_store:
-                    early.submit(check_written, storage, staging, rel, sha, version_label(None))
+        # On local disk each file is read back as soon as it is closed, beside the ones still being written (a Taobao
+        # publish's encoders left most of a core idle); the reader below then finds them checked
+        # (`registry.verified_files`) instead of reading them after the last one. A failure is not raised here: an
+        # unchecked file is checked, and its failure raised, below. Every check ends before the folder is read or
+        # deleted; those not started when the encoding fails are dropped.
+        early = ThreadPoolExecutor(max_workers=2, thread_name_prefix="registry-read-back")
 
-            # Every file goes around the page cache (core.direct_io), model.pt too: the next cycle's workers map it
-            # from the disk (their set-up took 0.05-0.1 s longer), where filling the cache with it was 0.3-0.4 s of
-            # the publisher's kernel time (Taobao).
+        def written(rel: str, sha: str) -> None:
+            if not object_store:
+                early.submit(check_written, storage, staging, rel, sha, version_label(None))
+
+        try:
+            # Every file goes around the page cache (core.direct_io), model.pt too: filling the cache with it was
+            # 0.3-0.4 s of the publisher's kernel time (Taobao); a resident update worker grows the next parent
+            # from the table it kept, and other readers map it from the disk.
             manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}", around_cache=True),
                               written)
+        except BaseException:
+            early.shutdown(wait=True, cancel_futures=True)
+            raise
+        early.shutdown(wait=True)
         # Verify through the reader's own code path: a version that publishes is one that loads; the files are read
         # back from the disk.
         load_folder(storage, staging, manifest, version_label(None), verify=True,

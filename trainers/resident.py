@@ -210,13 +210,18 @@ class ResidentTrainer:
         self._cycle = 0
         self.started_s: float | None = None  # seconds the last start took until the workers were ready
         # (version, cycle): the version published from that cycle's checkpoint as it was, whose table the workers
-        # kept (`trainers.loop.keep_table`); set by the update cycle that publishes it.
-        self.published: tuple[str, int] | None = None
+        # kept (`trainers.loop.keep_table`).
+        self._published: tuple[str, int] | None = None
 
-    @property
-    def last_cycle(self) -> int:
-        """The number of the cycle posted last (the one `fitted` ran)."""
-        return self._cycle
+    def note_published(self, version: str, as_trained: bool) -> None:
+        """The last cycle's checkpoint was published as `version`; `as_trained`: its model state as the workers
+        left it (no deleted user blanked in it), so their kept tables are that version's table."""
+        self._published = (version, self._cycle) if as_trained else None
+
+    def kept_cycle(self, parent: str) -> int | None:
+        """The cycle whose kept table is `parent`'s to the bit (`GrowFrom.kept`), or None: the workers read the
+        file (another parent, a blanked version, or nothing published from these workers yet)."""
+        return self._published[1] if self._published is not None and self._published[0] == parent else None
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

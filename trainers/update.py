@@ -106,8 +106,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     parent_state = loaded.load_state(mapped=True)  # checked again (its stat, once hashed): the workers map it unchecked
     parent_hparams = parent_state["hparams"]
     if storage.is_local:  # each worker maps the parent's file, or its own copy of it, and grows the table into its own
-        kept = resident.published[1] if resident is not None and resident.published and \
-            resident.published[0] == parent else None
+        kept = resident.kept_cycle(parent) if resident is not None else None
         init: Any = GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],
                              label=registry.version_label(parent), counts=dict(loaded.node_counts), kept=kept)
     else:
@@ -183,7 +182,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
                                                          graph=graph, sp=sp, curve=False)
         timings["publish"] = round(time.time() - mark, 3)
         if resident is not None:
-            resident.published = (version, resident.last_cycle) if as_trained else None
+            resident.note_published(version, as_trained)
     log.info("published %s (parent %s): %s", version, parent, metrics)
     return {**base, "parent": parent, "version": version, "seconds": round(time.time() - started, 3)}
 

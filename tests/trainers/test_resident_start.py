@@ -76,7 +76,8 @@ def _parent_and_graph(tmp_path: Path) -> tuple[Storage, GrowFrom, torch.Tensor, 
                      item_ids=[f"i{i}" for i in range(4)], item_vectors=np.ones((4, 4), np.float32),
                      seen_indptr=np.array([0, 1, 1, 2], np.int64), seen_indices=np.array([0, 3], np.int32),
                      popularity={"item_idx": np.arange(4, dtype=np.int32), "score": np.ones(4, np.float32),
-                                 "category_idx": np.zeros(4, np.int32)}, node_counts=counts, category_ids=["c0", "c1"], brand_ids=["b0"],
+                                 "category_idx": np.zeros(4, np.int32)},
+                     node_counts=counts, category_ids=["c0", "c1"], brand_ids=["b0"],
                      category_vectors=np.ones((2, 4), np.float32), brand_vectors=np.ones((1, 4), np.float32),
                      state_dict={"embedding.weight": table})
     version = registry.publish(storage, art)
@@ -134,3 +135,18 @@ def test_only_a_resident_worker_keeps_its_table_and_only_within_the_bound(monkey
     monkeypatch.setattr(loop, "KEEP_TABLE_MAX_BYTES", 20)
     loop.keep_table(torch.zeros(3, 2), cycle=2)
     assert loop._KEPT.table is None and loop._KEPT.table_cycle is None
+
+
+def test_the_driver_names_a_kept_table_only_for_the_version_published_from_it_as_it_was() -> None:
+    """`GrowFrom.kept` names the cycle whose checkpoint became the parent unchanged: not another version, not one
+    with a deleted user blanked in it, and not once a later cycle published something else."""
+    from trainers.resident import ResidentTrainer
+
+    resident = ResidentTrainer(make_config(Path("/nonexistent"), train=FILTER), None)
+    assert resident.kept_cycle("v000001") is None  # nothing published from these workers yet
+    resident._cycle = 5
+    resident.note_published("v000002", as_trained=True)
+    assert resident.kept_cycle("v000002") == 5 and resident.kept_cycle("v000001") is None
+    resident._cycle = 6
+    resident.note_published("v000003", as_trained=False)  # blanked: model.pt is not the workers' table
+    assert resident.kept_cycle("v000003") is None and resident.kept_cycle("v000002") is None

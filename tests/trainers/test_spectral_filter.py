@@ -183,8 +183,8 @@ def test_rank_zero_runs_the_svd_on_the_threads_of_the_ranks_waiting_on_its_node(
 @pytest.mark.parametrize("beta", [None, 3.0])
 def test_a_start_written_into_a_given_table_is_the_same_to_the_bit(dim, beta):
     """The start computed into a model's own table (no table-sized blocks of its own) equals the one it allocates,
-    whether the singular vectors fill the table (16: every node is a row of the block) or not (8, wider than the
-    block's rank); the table given is the one returned."""
+    whether the singular vectors fill the table (8, 16) or not (wider than the block's rank: the rest drawn at
+    random); the table given is the one returned."""
     adj, off = _adjacency(0, attributes=True), node_offsets(USERS, ITEMS, CATS, BRANDS)
     expected = spectral_embeddings(adj, off, dim, seed=3, filter_beta=beta, num_layers=3)
     table = torch.full((off.num_nodes, dim), float("nan"))
