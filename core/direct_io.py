@@ -1,13 +1,13 @@
 """Large files written and read around the page cache (O_DIRECT), where the filesystem allows it.
 
 A published version's files (the vectors as .npy and as Parquet, the model: 620 MB on Taobao at 1,024 dimensions)
-are written once by the publisher, read back once to verify them, and then read by serving and the next update
-cycle's workers. Through the page
-cache, every write takes a fresh page of memory. On this project's VMs (and others whose host takes back the
-guest's free memory) a fresh page costs about 2 s per GB of kernel time, against 0.1 s for memory used a moment
-before: a Taobao update cycle's publish spent 1.8 s in the kernel, 0.2 s when the same process published the same
-version again. Around the cache, the data goes from one reused, aligned buffer to the disk, and the read-back
-checks the bytes on the disk rather than a copy in memory.
+are written once by the publisher, read back once to verify them, and then read by serving (and, where a resident
+worker kept no copy, by the next update cycle's workers). Through the page cache, every write takes a fresh page of
+memory. On this project's VMs (and others whose host takes back the guest's free memory) a fresh page costs about
+2 s per GB of kernel time, against 0.1 s for memory used a moment before: a Taobao update cycle's publish spent
+1.8 s in the kernel, 0.2 s when the same process published the same version again. Around the cache, the data goes
+from one reused, aligned buffer to the disk, and the read-back checks the bytes on the disk rather than a copy in
+memory.
 
 Where O_DIRECT is refused (tmpfs before Linux 6.6, some network filesystems, a block size above ALIGN) the same
 calls fall back to ordinary buffered I/O, silently: the bytes are the same either way.

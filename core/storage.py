@@ -107,21 +107,15 @@ class Storage:
                 f.write(data)
 
     @contextmanager
-    def write_stream(self, path: str, around_cache: bool = False) -> Iterator[BinaryIO]:
+    def write_stream(self, path: str) -> Iterator[BinaryIO]:
         """A file written in place as it is produced, synced to disk locally when the block ends: only for folders
         no reader looks in until they are renamed or committed (a version's staging folder), since a reader could
-        see it half-written. `around_cache`: locally, around the page cache (`core.direct_io`), for a file whose readers
-        come later or elsewhere (a published version's: its bytes need no place in this process's memory)."""
+        see it half-written. Locally it goes around the page cache (`core.direct_io`): its readers come later or
+        elsewhere, and its bytes need no place in this process's memory."""
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            if around_cache:
-                with direct_write(path) as out:
-                    yield out  # type: ignore[misc]
-                return
-            with open(path, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
+            with direct_write(path) as out:
+                yield out  # type: ignore[misc]
         else:
             with self.fs.open_output_stream(path) as out:
                 yield _CopiedWrites(out)  # type: ignore[misc]

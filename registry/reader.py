@@ -285,9 +285,9 @@ def load_latest(storage: Storage, verify: bool = True) -> LoadedVersion | None:
 
 
 def load_folder(storage: Storage, folder: str, manifest: dict[str, Any], label: str, verify: bool,
-                read_back: frozenset[str] | None = None) -> LoadedVersion:
-    """`read_back` (local disk, verify): this is a publisher's read-back of its own staging folder, and these files
-    went around the page cache (`core.direct_io`) and are hashed as the disk holds them. Every file it checks is
+                read_back: bool = False) -> LoadedVersion:
+    """`read_back` (local disk, verify): this is a publisher's read-back of its own staging folder, whose files went
+    around the page cache (`core.direct_io`) and are hashed as the disk holds them. Every file it checks is
     remembered as written here (`registry.verified_files`)."""
     files: dict[str, str] = manifest["files"]
     for rel in required_files(manifest):
@@ -468,8 +468,8 @@ def _spill(storage: Storage, folder: str, rel: str, sha: str, label: str, verify
     return out.name
 
 
-def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str,
-               read_back: frozenset[str] | None = None) -> set[str]:
+def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str, read_back: bool = False
+               ) -> set[str]:
     """Check every listed file against the manifest (hashing those this process has not found unchanged since it
     last did, `_check_streamed`), several at a time, the largest first; the first failure in name order is raised
     (after all are read). Returns the names checked."""
@@ -490,7 +490,7 @@ def _check_all(storage: Storage, folder: str, files: dict[str, str], label: str,
     return set(files)
 
 
-def _failure(storage: Storage, folder: str, rel: str, sha: str, label: str, read_back: frozenset[str] | None
+def _failure(storage: Storage, folder: str, rel: str, sha: str, label: str, read_back: bool
              ) -> CheckpointError | None:
     try:
         _check_streamed(storage, folder, rel, sha, label, read_back)
@@ -508,15 +508,15 @@ def check_written(storage: Storage, folder: str, rel: str, sha: str, label: str)
     if now is None or not VERIFIED.remembers_on(now.dev):
         return
     try:
-        _check_streamed(storage, folder, rel, sha, label, frozenset([rel]))
+        _check_streamed(storage, folder, rel, sha, label, read_back=True)
     except CheckpointError:
         pass
     except Exception:  # noqa: BLE001 - never remembered, so the publisher's load checks the file again
         log.warning("%s: the early read-back of %s failed; it is checked again", label, rel, exc_info=True)
 
 
-def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str,
-                    read_back: frozenset[str] | None = None) -> None:
+def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: str, read_back: bool = False
+                    ) -> None:
     """Hash one file against its manifest entry; on local disk, not again while it is unchanged since this
     process last found it so (`registry.verified_files`). `read_back`: see `load_folder`."""
     path = f"{folder}/{rel}"
@@ -526,7 +526,7 @@ def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: st
     started = time.time_ns()
     digest = hashlib.sha256()
     try:
-        if read_back is not None and rel in read_back and before is not None:
+        if read_back and before is not None:
             for chunk in direct_chunks(path):
                 digest.update(chunk)
         else:
@@ -539,5 +539,5 @@ def _check_streamed(storage: Storage, folder: str, rel: str, sha: str, label: st
         raise CheckpointError(f"{label}: {rel} fails its checksum (sha256 {digest.hexdigest()[:12]}..., "
                               f"manifest {sha[:12]}...)")
     if before is not None:
-        VERIFIED.remember(before, stamp(path), sha, started, written_here=read_back is not None)
+        VERIFIED.remember(before, stamp(path), sha, started, written_here=read_back)
 

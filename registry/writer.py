@@ -72,16 +72,14 @@ def _publish(storage: Storage, artifacts: ModelArtifacts, object_store: bool) ->
             # Every file goes around the page cache (core.direct_io), model.pt too: filling the cache with it was
             # 0.3-0.4 s of the publisher's kernel time (Taobao); a resident update worker grows the next parent
             # from the table it kept, and other readers map it from the disk.
-            manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}", around_cache=True),
-                              written)
+            manifest = encode(artifacts, lambda rel: storage.write_stream(f"{staging}/{rel}"), written)
         except BaseException:
             early.shutdown(wait=True, cancel_futures=True)
             raise
         early.shutdown(wait=True)
         # Verify through the reader's own code path: a version that publishes is one that loads; the files are read
         # back from the disk.
-        load_folder(storage, staging, manifest, version_label(None), verify=True,
-                    read_back=frozenset(manifest["files"]))
+        load_folder(storage, staging, manifest, version_label(None), verify=True, read_back=True)
         if object_store:
             return _commit_object_store(storage, staging, manifest)
         return _commit_local(storage, staging, manifest)

@@ -232,7 +232,7 @@ def set_up(inputs: WorkerInputs, session: Session) -> Worker:
             _spectral_start(adj, offsets, hp, session, device, model.embedding.weight.detach())
     else:
         model.reset_parameters()
-    _KEPT.table = _KEPT.table_cycle = None  # whatever this cycle started from, the table kept before is done with
+    _KEPT.table = _KEPT.table_cycle = None  # not taken (no parent grown on this disk): done with all the same
     model.to(device)
     optimiser = _optimiser(model, hp.lr)
     # Per-epoch decay: a high starting rate gets the spectral start moving fast, a falling one stops it overfitting.
@@ -292,7 +292,7 @@ def _grow_parent(model: InterestGCN, parent: GrowFrom, storage: Any, graph: Inte
     from trainers.warm_start import extend_embeddings
 
     kept, cycle = _KEPT.table, _KEPT.table_cycle
-    _KEPT.table = _KEPT.table_cycle = None  # released once grown from (the model's table is the only copy now)
+    _KEPT.table = _KEPT.table_cycle = None  # taken: this cycle's table replaces it whichever way it grows
     if kept is not None and parent.kept is not None and parent.kept == cycle \
             and kept.shape == (sum(parent.counts.values()), model.embedding_dim) \
             and list(model.state_dict()) == ["embedding.weight"]:

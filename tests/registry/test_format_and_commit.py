@@ -407,7 +407,7 @@ def test_row_counts_must_match_node_counts(storage: Storage):
     ({"popularity": {"item_idx": np.arange(3)}}, "popularity lacks"),
 ])
 def test_invalid_artifacts_are_refused_before_writing(storage: Storage, override: dict, expect: str, monkeypatch):
-    def no_writes(self, path, around_cache=False):
+    def no_writes(self, path):
         raise AssertionError(f"{path} was written for artifacts that are refused")
 
     monkeypatch.setattr(Storage, "write_stream", no_writes)
@@ -454,8 +454,8 @@ def test_publish_refuses_what_it_could_not_write_faithfully(storage: Storage, mo
             self.out.flush()
 
     @contextlib.contextmanager
-    def flaky(self, path, around_cache=False):
-        with original(self, path, around_cache) as f:
+    def flaky(self, path):
+        with original(self, path) as f:
             yield Short(f) if path.endswith(registry.ITEMS) else f
 
     monkeypatch.setattr(Storage, "write_stream", flaky)
