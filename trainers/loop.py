@@ -13,6 +13,7 @@ full propagation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import tempfile
@@ -46,6 +47,8 @@ from trainers.shared_graph import build_adjacency, build_shared_graph
 from trainers.spectral import GaussianRows, spectral_embeddings
 from trainers.train_state import Checkpoint, TrainState, as_tensors
 from trainers.worker_inputs import GrowFrom, WorkerInputs
+
+log = logging.getLogger("trainers.loop")
 
 
 class Session(Protocol):
@@ -364,6 +367,40 @@ def keep_table(table: torch.Tensor, cycle: int) -> None:
 # What a resident worker keeps between its cycles (`warm_up`); a one-shot training keeps nothing.
 _KEPT = _Kept()
 
+def kept_table_bytes() -> int:
+    """Bytes of the table this resident worker keeps for its next cycle (0: none)."""
+    table = _KEPT.table
+    return 0 if table is None else table.numel() * table.element_size()
+
+
+# The cycle number a table preloaded at resident start is kept under (`preload_table`): a resident run's cycles count
+# from 1.
+PRELOADED = 0
+
+
+def preload_table(storage: Any, parent: GrowFrom | None) -> None:
+    """Resident start: keep the newest version's table (`parent`, guessed by the driver), checked against its
+    sha256, as if a cycle 0 had ended with it. The first cycle, whose parent it is unless a newer version came in
+    between, then grows it from memory (`GrowFrom.kept` = PRELOADED) instead of reading model.pt from the disk, where
+    publishing left it around the page cache (0.25-0.35 s of a Taobao first cycle's set-up). Nothing is kept where
+    the file cannot be read or checked, holds more than the table, or the table is past KEEP_TABLE_MAX_BYTES; the
+    cycle then reads the file as before."""
+    if parent is None or _KEPT.draws is None:  # no guess, or not a resident worker (`warm_up`)
+        return
+    from registry.format import CheckpointError
+    from registry.reader import load_model
+
+    try:
+        state = load_model(storage, parent.folder, parent.sha, parent.label, mapped=True)["state_dict"]
+    except (CheckpointError, OSError) as err:
+        log.warning("resident start: %s not preloaded: %s", parent.label, err)
+        return
+    table = state.get("embedding.weight")
+    if list(state) != ["embedding.weight"] or table.dim() != 2 or table.shape[0] != sum(parent.counts.values()) \
+            or table.numel() * table.element_size() > KEEP_TABLE_MAX_BYTES:
+        return
+    keep_table(table.clone(), PRELOADED)  # its own memory: the file's mapping goes with `state`
+
 
 def warm_up(predraw: tuple[int, int, int] | None = None) -> None:
     """Make this process a resident worker (`trainers.resident`), before its first cycle: pay there what that
@@ -384,6 +421,10 @@ def _optimiser(model: InterestGCN, lr: float) -> RowAdam:
     return RowAdam([model.embedding.weight], lr=lr)
 
 
+# Floats of candidates' rows a CPU chunk of `_hard_negatives` gathers: 2 MB, a core's L2 here.
+HARD_NEGATIVE_CHUNK_FLOATS = 1 << 19
+
+
 def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.Generator, candidates: int,
                     emb: torch.Tensor, item_base: int, device: torch.device) -> np.ndarray:
     """One negative per user (node ids): the best-scoring of `candidates` uniform non-positives by `emb` (dynamic
@@ -394,11 +435,16 @@ def _hard_negatives(sampler: NegativeSampler, users: np.ndarray, rng: np.random.
         return neg[:, 0]
     n_t, u_t = torch.from_numpy(neg).to(device), torch.from_numpy(users).to(device)
     best = torch.empty(len(users), dtype=torch.int64, device=device)
-    # In chunks: all candidates' vectors at once would be batch x candidates x dim floats (2 GB at 1,024 dims).
-    chunk = max(1, (1 << 22) // (candidates * emb.shape[1]))
+    # In chunks: all candidates' vectors at once would be batch x candidates x dim floats (2 GB at 1,024 dims). On
+    # the CPU a chunk's gathered rows fit in a core's L2 (2 MB), where the product reads them back: 16 MB chunks
+    # made each step's scoring twice as slow, the rows going out to memory and back in between.
+    budget = HARD_NEGATIVE_CHUNK_FLOATS if emb.device.type == "cpu" else 1 << 22
+    chunk = max(1, budget // (candidates * emb.shape[1]))
+    width = emb.shape[1]
     with torch.no_grad():
         for s in range(0, len(users), chunk):
-            scores = torch.bmm(emb[n_t[s : s + chunk]], emb[u_t[s : s + chunk]].unsqueeze(2)).squeeze(2)
+            rows = emb.index_select(0, n_t[s : s + chunk].reshape(-1)).view(-1, candidates, width)
+            scores = torch.bmm(rows, emb.index_select(0, u_t[s : s + chunk]).unsqueeze(2)).squeeze(2)
             best[s : s + chunk] = scores.argmax(dim=1)
     return neg[np.arange(len(users)), best.cpu().numpy()]
 
@@ -442,8 +488,10 @@ def train_epoch(w: Worker, epoch: int) -> EpochResult:
     loss_sum, step, stop = 0.0, 0, False
     for step in range(w.steps):
         if step % refresh_every == 0 and not w.stored_fresh:
+            mark = time.time()
             w.stored = None  # the old copy's memory is free before the new one is computed, not after
             w.stored = refresh(w.model, w.adj)
+            w.phases["refresh"] = round(w.phases.get("refresh", 0.0) + time.time() - mark, 3)
         w.stored_fresh = False  # this step moves the table
         idx = order[step * batch : (step + 1) * batch]
         loss_sum += train_step(w, w.pairs_user[idx], w.pairs_item[idx] + w.offsets.item, rng)
@@ -569,7 +617,9 @@ def run_worker(inputs: WorkerInputs, session: Session) -> torch.Tensor:
     w = set_up(inputs, session)
     hp = w.hp
     for epoch in range(w.start_epoch, hp.epochs):
+        mark = time.time()
         result = train_epoch(w, epoch) if w.steps else EpochResult(loss=None, steps=0, stop=True)
+        w.phases["train"] = round(w.phases.get("train", 0.0) + time.time() - mark, 3)
         final = result.stop or epoch == hp.epochs - 1
         entry: dict[str, Any] = {"epoch": epoch, "seconds": round(time.time() - w.started, 3), "loss": result.loss,
                                  "steps": result.steps}

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from core.config import AppConfig
-from trainers.worker_inputs import WorkerInputs
+from trainers.worker_inputs import GrowFrom, WorkerInputs
 
 if TYPE_CHECKING:
     from trainers.train_state import Checkpoint
@@ -130,16 +130,26 @@ def resident_loop_per_worker(config: dict) -> None:
     """What each worker of the resident run executes: wait for a cycle, run it, repeat until stopped."""
     import ray
 
-    from trainers.loop import RayTrainSession, keep_table, run_worker, session_for, warm_up
+    from trainers.allocator import purge
+    from trainers.loop import RayTrainSession, keep_table, preload_table, run_worker, session_for, warm_up
 
     board, session, done = config["board"], RayTrainSession(), 0
-    warm_up(config.get("predraw") if session.rank == 0 else None)  # before the readiness check the driver waits for
+    # All before the readiness check the driver waits for.
+    warm_up(config.get("predraw") if session.rank == 0 else None)
+    if config.get("preload") is not None:
+        preload_table(*config["preload"])
+    _warm_memory(session.rank)
+    holding = True  # freed pages this worker's allocator keeps (`trainer_for(retain=True)`)
     while True:
         got = ray.get(board.next.remote(done, 30.0))
         if got is None:
             return
         if got == IDLE:
+            if holding:  # no cycle for a while: the pages kept for the next one go back to the system
+                purge()
+                holding = False
             continue
+        holding = True
         cycle, inputs = got
         if inputs is None:  # the driver's readiness check
             if session.rank == 0:
@@ -164,27 +174,80 @@ def resident_loop_per_worker(config: dict) -> None:
         gc.collect()  # reference cycles would keep this cycle's model (and GPU memory) until a later sweep
 
 
+def _newest(cfg: AppConfig) -> tuple[Any, str, dict] | None:
+    """(storage, version, manifest) of the newest published version, or None: nothing published, or its manifest
+    unreadable (the first cycle then finds out which version is its parent, as it always does)."""
+    import registry
+    from core.storage import storage_for
+
+    storage = storage_for(cfg)
+    try:
+        version = registry.latest_version(storage)
+        return None if version is None else (storage, version, registry.read_manifest(storage, version))
+    except registry.CheckpointError:
+        return None
+
+
+# Start-up warm-ups are made for a table up to this size: past it a cycle takes minutes, not seconds, and what they
+# would touch is gigabytes.
+WARM_TABLE_MAX_BYTES = 1 << 30
+PRETOUCH_TABLES = 6  # memory a Taobao first cycle faulted in a rank, in tables (1.2-1.5 GB of a 242 MB table)
+STORE_TABLES = 2.2  # the final checkpoint rank 0 puts: the table and the propagated embeddings, and some growth
+
+
+def _warm_memory(rank: int) -> None:
+    """Resident start, once the newest table is preloaded: fault in the memory the first cycle will ask for, so
+    that it starts as later cycles do. Each rank touches a block its allocator then keeps for the cycle's tables
+    (`trainers.allocator.pretouch`); rank 0 puts and drops an object the size of the final checkpoint, whose pages
+    the object store then reuses (its first put of that size took 0.85 s, later ones 0.15-0.23 s)."""
+    from trainers.allocator import pretouch
+    from trainers.loop import kept_table_bytes
+
+    size = kept_table_bytes()
+    if not size or size > WARM_TABLE_MAX_BYTES:
+        return
+    pretouch(PRETOUCH_TABLES * size)
+    if rank == 0:
+        import numpy as np
+        import ray
+
+        ref = ray.put(np.zeros(int(STORE_TABLES * size), np.uint8))  # zero pages read, the store's pages written
+        del ref
+
+
 def first_draw(cfg: AppConfig) -> tuple[int, int, int] | None:
     """(rows, width, seed) of the Gaussian draw a re-filter of the newest published graph makes, which rank 0 draws
     at start (`trainers.loop.warm_up`); None where no cycle re-filters, the filter is exact, or nothing verifiable is
     published yet (the first cycle is then a full training, and the draw is made when a re-filter needs it)."""
     if cfg.train.init != "spectral" or cfg.train.spectral_filter is None or cfg.update.refilter_above > 1:
         return None
-    import registry
-    from core.storage import storage_for
     from trainers.spectral import filter_rank, sketch_width
 
-    storage = storage_for(cfg)
-    try:
-        version = registry.latest_version(storage)
-        counts = registry.read_manifest(storage, version)["node_counts"] if version is not None else None
-    except registry.CheckpointError:
-        return None
+    newest = _newest(cfg)
+    counts = newest[2].get("node_counts") if newest is not None else None
     if not counts:
         return None
     # The filter's block: items against every other node (trainers.spectral.interest_block).
     k = filter_rank(cfg.train.embedding_dim, counts["user"] + counts["category"] + counts["brand"], counts["item"])
     return (counts["item"], sketch_width(k), cfg.train.seed) if k >= 1 else None
+
+
+def first_parent(cfg: AppConfig) -> tuple[str, GrowFrom] | None:
+    """(version, where its table is) of the newest published version on local disk, whose table each worker
+    preloads at start (`trainers.loop.preload_table`): the first cycle's parent, unless a newer version comes in
+    first. None on an object store (a cycle ships the grown table there) or where nothing readable is published."""
+    newest = _newest(cfg)
+    if newest is None:
+        return None
+    import registry
+    from core.storage import CHECKPOINTS
+
+    storage, version, manifest = newest
+    sha, counts = manifest.get("files", {}).get(registry.MODEL), manifest.get("node_counts")
+    if not storage.is_local or not isinstance(sha, str) or not counts:
+        return None
+    return version, GrowFrom(folder=storage.path(CHECKPOINTS, registry.VERSIONS, version), sha=sha,
+                             label=registry.version_label(version), counts=dict(counts))
 
 
 def _barrier(world: int) -> None:
@@ -210,7 +273,7 @@ class ResidentTrainer:
         self._cycle = 0
         self.started_s: float | None = None  # seconds the last start took until the workers were ready
         # (version, cycle): the version published from that cycle's checkpoint as it was, whose table the workers
-        # kept (`trainers.loop.keep_table`).
+        # kept (`trainers.loop.keep_table`); at start, the version they preloaded (`trainers.loop.PRELOADED`).
         self._published: tuple[str, int] | None = None
 
     def note_published(self, version: str, as_trained: bool) -> None:
@@ -230,14 +293,21 @@ class ResidentTrainer:
         """Start the run and wait until its workers take a first (empty) cycle."""
         import ray
 
+        from core.storage import storage_for
+        from trainers.loop import PRELOADED
         from trainers.train import trainer_for
 
         began = time.time()
         self._kill_board()  # a dead run's board still holds its last cycle's inputs (object refs to the model)
         self._board = ray.remote(num_cpus=0)(CycleBoard).remote()
         name = time.strftime("resident-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        parent = first_parent(self.cfg)
         trainer = trainer_for(self.cfg, self.opts, resident_loop_per_worker,
-                              {"board": self._board, "predraw": first_draw(self.cfg)}, name)
+                              {"board": self._board, "predraw": first_draw(self.cfg),
+                               "preload": (storage_for(self.cfg), parent[1]) if parent is not None else None}, name,
+                              retain=True)
+        # A new group's workers hold no table but the one they preload (`trainers.loop.PRELOADED`), if they could.
+        self._published = (parent[0], PRELOADED) if parent is not None else None
         self._error = None
 
         def fit() -> None:

@@ -52,3 +52,41 @@ def test_training_workers_get_the_allocator_env(tmp_path: Path) -> None:
     system = trainer_for(make_config(tmp_path, train={"allocator": "system"}), TrainOptions(),
                          train_loop_per_worker, {}, "env-check")
     assert not system.run_config.worker_runtime_env
+
+
+def test_resident_workers_keep_what_they_free_and_give_it_back_on_purge(ray_session, tmp_path: Path) -> None:
+    """`retain`: the decay off, so freed table-sized blocks are not faulted in again; the resident trainer asks for
+    it. In a process started that way, a block freed and asked for again costs no page faults, and `purge` gives the
+    pages back (the next block faults in again). The driver, on the system allocator, has nothing to purge."""
+    import ray
+
+    from trainers.loop import train_loop_per_worker
+    from trainers.train import TrainOptions, trainer_for
+
+    env = worker_env("jemalloc", retain=True)
+    assert env["MALLOC_CONF"] == allocator.RETAINING_CONF
+    resident = trainer_for(make_config(tmp_path), TrainOptions(), train_loop_per_worker, {}, "env-check", retain=True)
+    assert resident.run_config.worker_runtime_env == {"env_vars": env}
+    assert not allocator.retains() and not allocator.purge()
+
+    def faults_of_a_block_again() -> tuple[bool, int, int]:
+        import resource
+
+        import torch
+
+        from trainers import allocator as a
+
+        def faults() -> int:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.empty(1 << 24, dtype=torch.float32).fill_(1.0)  # 64 MB, freed at once
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+        a.pretouch(1 << 26)
+        kept = faults()
+        purged = a.purge()
+        return a.retains() and purged, kept, faults()
+
+    probe = ray.remote(num_cpus=0.1, runtime_env={"env_vars": env})(faults_of_a_block_again)
+    retaining, kept, after_purge = ray.get(probe.remote(), timeout=120)
+    assert retaining
+    assert kept < 1_000 < after_purge  # 64 MB is 16,384 pages

@@ -189,3 +189,27 @@ def test_ranks_that_each_move_their_own_rows_keep_one_table_and_take_the_average
     for r in range(2):
         for key, value in moments.items():
             assert torch.allclose(got[r][1][key], value, atol=1e-7), key
+
+
+# One chunk for all; three users a chunk (the last one short); one user a chunk.
+@pytest.mark.parametrize("chunk_floats", [1 << 19, 3 * 8 * 4, 8 * 4])
+def test_hard_negatives_pick_the_best_scoring_candidate_whatever_the_chunks(monkeypatch, chunk_floats: int) -> None:
+    """Each user's negative is its candidate with the highest score by the stored embeddings, as one product over all
+    candidates at once would pick it: the chunks (sized to a core's cache on the CPU) only bound memory."""
+    from trainers import loop
+    from trainers.sampling import NegativeSampler
+
+    monkeypatch.setattr(loop, "HARD_NEGATIVE_CHUNK_FLOATS", chunk_floats)
+    rng = np.random.default_rng(3)
+    users_n, items_n, dim, candidates = 11, 40, 4, 8
+    positives = [np.sort(rng.choice(items_n, 5, replace=False)) for _ in range(users_n)]
+    sampler = NegativeSampler(np.r_[0, np.cumsum([len(p) for p in positives])], np.concatenate(positives), items_n)
+    emb = torch.randn(users_n + items_n, dim)
+    users = np.array([0, 3, 3, 7, 10, 1, 2], dtype=np.int64)
+    picked = loop._hard_negatives(sampler, users, np.random.default_rng(5), candidates, emb, users_n,
+                                  torch.device("cpu"))
+    drawn = sampler.sample(np.repeat(users, candidates), np.random.default_rng(5)).reshape(len(users), candidates)
+    scores = (emb[torch.from_numpy(drawn + users_n)] * emb[torch.from_numpy(users)].unsqueeze(1)).sum(-1)
+    expected = drawn[np.arange(len(users)), scores.argmax(1).numpy()] + users_n
+    assert np.array_equal(picked, expected)
+    assert all(p - users_n not in positives[u] for u, p in zip(users, picked, strict=True))

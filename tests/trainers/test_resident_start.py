@@ -150,3 +150,54 @@ def test_the_driver_names_a_kept_table_only_for_the_version_published_from_it_as
     resident._cycle = 6
     resident.note_published("v000003", as_trained=False)  # blanked: model.pt is not the workers' table
     assert resident.kept_cycle("v000003") is None and resident.kept_cycle("v000002") is None
+
+
+def test_a_table_preloaded_at_start_is_the_newest_versions_and_grows_the_first_parent_without_its_file(
+        tmp_path: Path, monkeypatch) -> None:
+    """The driver names the newest version (`first_parent`); each worker reads its table at start, checked, and
+    keeps it under PRELOADED; the first cycle, told so (`GrowFrom.kept`), grows that table to the file's bits."""
+    from dataclasses import replace
+
+    import registry
+    import registry.reader
+    from trainers.model import InterestGCN
+    from trainers.resident import first_parent
+
+    storage, parent, table, graph, sp = _parent_and_graph(tmp_path)
+    assert first_parent(make_config(tmp_path / "empty")) is None  # nothing published: nothing to preload
+    version, named = first_parent(make_config(tmp_path))
+    assert version == parent.label and named == replace(parent, label=registry.version_label(version))
+    monkeypatch.setattr(loop, "_KEPT", loop._Kept())
+    loop.preload_table(storage, named)
+    assert loop._KEPT.table is None  # not a resident worker: nothing read, nothing held
+    loop.warm_up()
+    loop.preload_table(storage, named)
+    assert loop._KEPT.table_cycle == loop.PRELOADED and torch.equal(loop._KEPT.table, table)
+
+    def grown(grow_from: GrowFrom) -> torch.Tensor:
+        model = InterestGCN(4 + 5 + 3 + 2, 4, 2, initialise=False)
+        loop._grow_parent(model, grow_from, storage, graph, sp)
+        return model.embedding.weight.detach().clone()
+
+    with monkeypatch.context() as m:
+        m.setattr(registry.reader, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("file read")))
+        from_memory = grown(replace(parent, kept=loop.PRELOADED))
+    assert torch.equal(from_memory, grown(parent)) and loop._KEPT.table is None
+
+
+def test_a_damaged_or_vanished_newest_version_preloads_nothing_and_the_worker_starts(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from dataclasses import replace
+
+    storage, parent, _table, _graph, _sp = _parent_and_graph(tmp_path)
+    monkeypatch.setattr(loop, "_KEPT", loop._Kept())
+    loop.warm_up()
+    loop.preload_table(storage, replace(parent, sha="0" * 64))  # the file does not match its manifest
+    assert loop._KEPT.table is None
+    loop.preload_table(storage, replace(parent, folder=str(tmp_path / "pruned")))
+    assert loop._KEPT.table is None
+    loop.preload_table(storage, replace(parent, counts={**parent.counts, "item": 5}))  # not the table named
+    assert loop._KEPT.table is None
+    monkeypatch.setattr(loop, "KEEP_TABLE_MAX_BYTES", 16)
+    loop.preload_table(storage, parent)
+    assert loop._KEPT.table is None
