@@ -53,15 +53,6 @@ def retains() -> bool:
     return in_use() == "jemalloc" and os.environ.get("MALLOC_CONF") == RETAINING_CONF
 
 
-def pretouch(nbytes: int) -> None:
-    """Fault in `nbytes` of fresh memory and free it: a retaining allocator hands those pages to the next blocks
-    asked for, which then start without a fault (a resident worker's first cycle). A no-op elsewhere."""
-    if nbytes > 0 and retains():
-        import torch
-
-        torch.empty(nbytes // 4, dtype=torch.float32).fill_(0.0)
-
-
 def purge() -> bool:
     """Give every page jemalloc holds unused back to the system (a retaining worker that waits for work); False
     where this process does not run on jemalloc."""

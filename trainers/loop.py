@@ -367,11 +367,6 @@ def keep_table(table: torch.Tensor, cycle: int) -> None:
 # What a resident worker keeps between its cycles (`warm_up`); a one-shot training keeps nothing.
 _KEPT = _Kept()
 
-def kept_table_bytes() -> int:
-    """Bytes of the table this resident worker keeps for its next cycle (0: none)."""
-    table = _KEPT.table
-    return 0 if table is None else table.numel() * table.element_size()
-
 
 # The cycle number a table preloaded at resident start is kept under (`preload_table`): a resident run's cycles count
 # from 1.

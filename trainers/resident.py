@@ -138,7 +138,6 @@ def resident_loop_per_worker(config: dict) -> None:
     warm_up(config.get("predraw") if session.rank == 0 else None)
     if config.get("preload") is not None:
         preload_table(*config["preload"])
-    _warm_memory(session.rank)
     holding = True  # freed pages this worker's allocator keeps (`trainer_for(retain=True)`)
     while True:
         got = ray.get(board.next.remote(done, 30.0))
@@ -186,33 +185,6 @@ def _newest(cfg: AppConfig) -> tuple[Any, str, dict] | None:
         return None if version is None else (storage, version, registry.read_manifest(storage, version))
     except registry.CheckpointError:
         return None
-
-
-# Start-up warm-ups are made for a table up to this size: past it a cycle takes minutes, not seconds, and what they
-# would touch is gigabytes.
-WARM_TABLE_MAX_BYTES = 1 << 30
-PRETOUCH_TABLES = 6  # memory a Taobao first cycle faulted in a rank, in tables (1.2-1.5 GB of a 242 MB table)
-STORE_TABLES = 2.2  # the final checkpoint rank 0 puts: the table and the propagated embeddings, and some growth
-
-
-def _warm_memory(rank: int) -> None:
-    """Resident start, once the newest table is preloaded: fault in the memory the first cycle will ask for, so
-    that it starts as later cycles do. Each rank touches a block its allocator then keeps for the cycle's tables
-    (`trainers.allocator.pretouch`); rank 0 puts and drops an object the size of the final checkpoint, whose pages
-    the object store then reuses (its first put of that size took 0.85 s, later ones 0.15-0.23 s)."""
-    from trainers.allocator import pretouch
-    from trainers.loop import kept_table_bytes
-
-    size = kept_table_bytes()
-    if not size or size > WARM_TABLE_MAX_BYTES:
-        return
-    pretouch(PRETOUCH_TABLES * size)
-    if rank == 0:
-        import numpy as np
-        import ray
-
-        ref = ray.put(np.zeros(int(STORE_TABLES * size), np.uint8))  # zero pages read, the store's pages written
-        del ref
 
 
 def first_draw(cfg: AppConfig) -> tuple[int, int, int] | None:
