@@ -130,7 +130,6 @@ def resident_loop_per_worker(config: dict) -> None:
     """What each worker of the resident run executes: wait for a cycle, run it, repeat until stopped."""
     import ray
 
-    from trainers.allocator import purge
     from trainers.loop import RayTrainSession, keep_table, preload_table, run_worker, session_for, warm_up
 
     board, session, done = config["board"], RayTrainSession(), 0
@@ -138,17 +137,12 @@ def resident_loop_per_worker(config: dict) -> None:
     warm_up(config.get("predraw") if session.rank == 0 else None)
     if config.get("preload") is not None:
         preload_table(*config["preload"])
-    holding = True  # freed pages this worker's allocator keeps (`trainer_for(retain=True)`)
     while True:
         got = ray.get(board.next.remote(done, 30.0))
         if got is None:
             return
         if got == IDLE:
-            if holding:  # no cycle for a while: the pages kept for the next one go back to the system
-                purge()
-                holding = False
             continue
-        holding = True
         cycle, inputs = got
         if inputs is None:  # the driver's readiness check
             if session.rank == 0:
@@ -276,8 +270,7 @@ class ResidentTrainer:
         parent = first_parent(self.cfg)
         trainer = trainer_for(self.cfg, self.opts, resident_loop_per_worker,
                               {"board": self._board, "predraw": first_draw(self.cfg),
-                               "preload": (storage_for(self.cfg), parent[1]) if parent is not None else None}, name,
-                              retain=True)
+                               "preload": (storage_for(self.cfg), parent[1]) if parent is not None else None}, name)
         # A new group's workers hold no table but the one they preload (`trainers.loop.PRELOADED`), if they could.
         self._published = (parent[0], PRELOADED) if parent is not None else None
         self._error = None

@@ -79,15 +79,13 @@ def torch_config(cfg: AppConfig, opts: TrainOptions):  # -> ray.train.torch.Torc
     return TorchConfig(backend="nccl" if _use_gpu(cfg, opts) else "gloo")
 
 
-def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, name: str,
-                retain: bool = False):  # -> TorchTrainer
-    """A TorchTrainer with the app's scaling, backend, failure and storage settings (full, update, resident).
-    `retain`: the workers' allocator keeps what they free (`trainers.allocator`; resident update workers)."""
+def trainer_for(cfg: AppConfig, opts: TrainOptions, loop: Any, config: dict, name: str):  # -> TorchTrainer
+    """A TorchTrainer with the app's scaling, backend, failure and storage settings (full, update, resident)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     storage = storage_for(cfg)
-    env = worker_env(cfg.train.allocator, retain=retain)
+    env = worker_env(cfg.train.allocator)
     # On an object store Ray Train gets our filesystem, so it uses data.s3_endpoint / s3_region like everything else.
     where = {"storage_path": storage.path(TRAIN_RUNS)}
     if not storage.is_local:
