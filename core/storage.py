@@ -33,6 +33,8 @@ TMP = "tmp"
 TRAIN_RUNS = "train_runs"  # Ray Train's own run folders (checkpoints of runs in progress)
 AUDIENCES = "audiences"  # audience exports, per version (pseudonymous keys only)
 LAST_INGEST = "last_ingest.json"  # under STATE: the newest ingestion's summary, as operators see it
+# Walks of a folder that changed under them, before the error is raised (`Storage.list_files`).
+LIST_ATTEMPTS = 5
 
 
 def filesystem_for(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -80,9 +82,18 @@ class Storage:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def list_files(self, *parts: str, suffix: str = "") -> list[str]:
-        """Files (full paths) under a folder, recursively, sorted; none if it does not exist."""
+        """Files (full paths) under a folder, recursively, sorted; none if it does not exist.
+
+        A local folder that another process changes while it is walked (a publisher removing a version folder it
+        lost) makes the walk fail on a folder it had just seen; the listing is then taken again, from the top."""
         selector = pafs.FileSelector(self.path(*parts), recursive=True, allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
+        for attempt in range(LIST_ATTEMPTS):
+            try:
+                infos = self.fs.get_file_info(selector)
+                break
+            except FileNotFoundError:
+                if attempt == LIST_ATTEMPTS - 1:
+                    raise
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
     def read_bytes(self, path: str) -> bytes:

@@ -7,6 +7,10 @@ the kernel. Keeping glibc's freed blocks (no mmap, no trim) removed the faults b
 two workers passed Ray's memory limit at a refresh. jemalloc reuses a freed block in the next step and gives pages
 back after they stay unused for a while (its decay, 10 s by default); `oversize_threshold:0` keeps large blocks in
 that regime (above 8 MB they would otherwise go to an arena that gives them back at once, which is glibc's cost).
+Measured again on 2026-12-07 (jemalloc 5.3, a process that frees its blocks and asks for them again): blocks of
+8-245 MB were faulted in again every time under this setting, as under decays of 30 s to 1,000 s; only a decay of -1
+kept them. Resident update workers with -1 faulted 2,000-20,000 pages a Taobao cycle instead of 60,000-170,000, but
+their cycles were no faster in bench.warm_start, so nothing here changed (README, "Warm start against full retrain").
 
 The library is preloaded into the Ray Train workers only (`RunConfig(worker_runtime_env=...)`). Where the machine
 has no jemalloc, the workers run on the system allocator, slower and otherwise the same.
