@@ -84,8 +84,8 @@ class Storage:
     def list_files(self, *parts: str, suffix: str = "") -> list[str]:
         """Files (full paths) under a folder, recursively, sorted; none if it does not exist.
 
-        A local folder that another process changes while it is walked (a publisher removing a version folder it
-        lost) makes the walk fail on a folder it had just seen; the listing is then taken again, from the top."""
+        A local walk that fails with FileNotFoundError while other processes change the folder (CI met it once, on
+        checkpoints/versions, as two publishers and a reader ran at once) is taken again, from the top."""
         selector = pafs.FileSelector(self.path(*parts), recursive=True, allow_not_found=True)
         for attempt in range(LIST_ATTEMPTS):
             try:

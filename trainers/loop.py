@@ -377,9 +377,10 @@ def preload_table(storage: Any, parent: GrowFrom | None) -> None:
     """Resident start: keep the newest version's table (`parent`, guessed by the driver), checked against its
     sha256, as if a cycle 0 had ended with it. The first cycle, whose parent it is unless a newer version came in
     between, then grows it from memory (`GrowFrom.kept` = PRELOADED) instead of reading model.pt from the disk, where
-    publishing left it around the page cache (0.25-0.35 s of a Taobao first cycle's set-up). Nothing is kept where
-    the file cannot be read or checked, holds more than the table, or the table is past KEEP_TABLE_MAX_BYTES; the
-    cycle then reads the file as before."""
+    publishing left it around the page cache. Measured side by side (bench.warm_start, Taobao), the first cycle's
+    set-up moved within the machine's spread (0.23-0.40 s against 0.26-0.44 s): its cost is the new table's first
+    touch in a fresh process more than the file. Nothing is kept where the file cannot be read or checked, holds more
+    than the table, or the table is past KEEP_TABLE_MAX_BYTES; the cycle then reads the file as before."""
     if parent is None or _KEPT.draws is None:  # no guess, or not a resident worker (`warm_up`)
         return
     from registry.format import CheckpointError

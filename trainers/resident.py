@@ -185,11 +185,14 @@ def first_draw(cfg: AppConfig) -> tuple[int, int, int] | None:
     """(rows, width, seed) of the Gaussian draw a re-filter of the newest published graph makes, which rank 0 draws
     at start (`trainers.loop.warm_up`); None where no cycle re-filters, the filter is exact, or nothing verifiable is
     published yet (the first cycle is then a full training, and the draw is made when a re-filter needs it)."""
+    return _draw_for(cfg, _newest(cfg))
+
+
+def _draw_for(cfg: AppConfig, newest: tuple[Any, str, dict] | None) -> tuple[int, int, int] | None:
     if cfg.train.init != "spectral" or cfg.train.spectral_filter is None or cfg.update.refilter_above > 1:
         return None
     from trainers.spectral import filter_rank, sketch_width
 
-    newest = _newest(cfg)
     counts = newest[2].get("node_counts") if newest is not None else None
     if not counts:
         return None
@@ -202,7 +205,10 @@ def first_parent(cfg: AppConfig) -> tuple[str, GrowFrom] | None:
     """(version, where its table is) of the newest published version on local disk, whose table each worker
     preloads at start (`trainers.loop.preload_table`): the first cycle's parent, unless a newer version comes in
     first. None on an object store (a cycle ships the grown table there) or where nothing readable is published."""
-    newest = _newest(cfg)
+    return _parent_in(_newest(cfg))
+
+
+def _parent_in(newest: tuple[Any, str, dict] | None) -> tuple[str, GrowFrom] | None:
     if newest is None:
         return None
     import registry
@@ -259,7 +265,6 @@ class ResidentTrainer:
         """Start the run and wait until its workers take a first (empty) cycle."""
         import ray
 
-        from core.storage import storage_for
         from trainers.loop import PRELOADED
         from trainers.train import trainer_for
 
@@ -267,10 +272,11 @@ class ResidentTrainer:
         self._kill_board()  # a dead run's board still holds its last cycle's inputs (object refs to the model)
         self._board = ray.remote(num_cpus=0)(CycleBoard).remote()
         name = time.strftime("resident-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-        parent = first_parent(self.cfg)
+        newest = _newest(self.cfg)  # the draw's and the preload's version: its manifest read once
+        parent = _parent_in(newest)
         trainer = trainer_for(self.cfg, self.opts, resident_loop_per_worker,
-                              {"board": self._board, "predraw": first_draw(self.cfg),
-                               "preload": (storage_for(self.cfg), parent[1]) if parent is not None else None}, name)
+                              {"board": self._board, "predraw": _draw_for(self.cfg, newest),
+                               "preload": (newest[0], parent[1]) if parent is not None else None}, name)
         # A new group's workers hold no table but the one they preload (`trainers.loop.PRELOADED`), if they could.
         self._published = (parent[0], PRELOADED) if parent is not None else None
         self._error = None
