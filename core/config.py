@@ -168,6 +168,9 @@ class UpdateConfig(_Section):
                                "Gowalla, and took 40% of a re-filtering cycle)")
     resident: bool = Field(True, description="--every: keep the Ray Train workers up between cycles (no start-up per "
                                              "cycle; their CPUs/GPUs stay reserved)")
+    rehearse: bool = Field(True, description="resident workers run one cycle at start and throw it away (the newest "
+                                             "version, one step, two evaluations), so the first real cycle does not "
+                                             "pay a fresh process's first touch of its memory")
 
 
 def _ordered(section: _Section, low: str, high: str) -> Any:

@@ -13,7 +13,6 @@ full propagation.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import tempfile
@@ -47,8 +46,6 @@ from trainers.shared_graph import build_adjacency, build_shared_graph
 from trainers.spectral import GaussianRows, spectral_embeddings
 from trainers.train_state import Checkpoint, TrainState, as_tensors
 from trainers.worker_inputs import GrowFrom, WorkerInputs
-
-log = logging.getLogger("trainers.loop")
 
 
 class Session(Protocol):
@@ -366,36 +363,6 @@ def keep_table(table: torch.Tensor, cycle: int) -> None:
 
 # What a resident worker keeps between its cycles (`warm_up`); a one-shot training keeps nothing.
 _KEPT = _Kept()
-
-
-# The cycle number a table preloaded at resident start is kept under (`preload_table`): a resident run's cycles count
-# from 1.
-PRELOADED = 0
-
-
-def preload_table(storage: Any, parent: GrowFrom | None) -> None:
-    """Resident start: keep the newest version's table (`parent`, guessed by the driver), checked against its
-    sha256, as if a cycle 0 had ended with it. The first cycle, whose parent it is unless a newer version came in
-    between, then grows it from memory (`GrowFrom.kept` = PRELOADED) instead of reading model.pt from the disk, where
-    publishing left it around the page cache. Measured side by side (bench.warm_start, Taobao), the first cycle's
-    set-up moved within the machine's spread (0.23-0.40 s against 0.26-0.44 s): its cost is the new table's first
-    touch in a fresh process more than the file. Nothing is kept where the file cannot be read or checked, holds more
-    than the table, or the table is past KEEP_TABLE_MAX_BYTES; the cycle then reads the file as before."""
-    if parent is None or _KEPT.draws is None:  # no guess, or not a resident worker (`warm_up`)
-        return
-    from registry.format import CheckpointError
-    from registry.reader import load_model
-
-    try:
-        state = load_model(storage, parent.folder, parent.sha, parent.label, mapped=True)["state_dict"]
-    except (CheckpointError, OSError) as err:
-        log.warning("resident start: %s not preloaded: %s", parent.label, err)
-        return
-    table = state.get("embedding.weight")
-    if list(state) != ["embedding.weight"] or table.dim() != 2 or table.shape[0] != sum(parent.counts.values()) \
-            or table.numel() * table.element_size() > KEEP_TABLE_MAX_BYTES:
-        return
-    keep_table(table.clone(), PRELOADED)  # its own memory: the file's mapping goes with `state`
 
 
 def warm_up(predraw: tuple[int, int, int] | None = None) -> None:

@@ -22,8 +22,8 @@ class GrowFrom:
     label: str  # the version, as errors name it
     counts: dict[str, int]  # the parent's node counts by type
     # The resident cycle whose final table model.pt holds to the bit (it published that cycle's checkpoint as it
-    # was), or `trainers.loop.PRELOADED` for the table each worker read from this version at start: a resident
-    # worker that kept that table grows it from memory instead of reading the file (`trainers.loop.keep_table`).
+    # was): a resident worker that kept that table grows it from memory instead of reading the file
+    # (`trainers.loop.keep_table`).
     kept: int | None = None
 
 

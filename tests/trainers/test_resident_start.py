@@ -1,4 +1,5 @@
-"""What a resident update worker prepares at start: the re-filter's Gaussian draw, guessed from the newest version."""
+"""What a resident update worker prepares at start: the re-filter's Gaussian draw, guessed from the newest version, and
+the rehearsal cycle it runs and throws away."""
 
 from __future__ import annotations
 
@@ -152,52 +153,86 @@ def test_the_driver_names_a_kept_table_only_for_the_version_published_from_it_as
     assert resident.kept_cycle("v000003") is None and resident.kept_cycle("v000002") is None
 
 
-def test_a_table_preloaded_at_start_is_the_newest_versions_and_grows_the_first_parent_without_its_file(
-        tmp_path: Path, monkeypatch) -> None:
-    """The driver names the newest version (`first_parent`); each worker reads its table at start, checked, and
-    keeps it under PRELOADED; the first cycle, told so (`GrowFrom.kept`), grows that table to the file's bits."""
-    from dataclasses import replace
+def _published_with_graph(tmp_path: Path, monkeypatch, pairs: int) -> tuple[Storage, GrowFrom]:
+    """A published version (as `_parent_and_graph`, with a trainer's hparams) and a graph of `pairs` training pairs
+    that `trainers.data` hands out as the one on disk."""
+    import numpy as np
 
     import registry
-    import registry.reader
-    from trainers.model import InterestGCN
-    from trainers.resident import first_parent
+    import trainers.data
+    from tests.registry.test_format_and_commit import _artifacts
 
-    storage, parent, table, graph, sp = _parent_and_graph(tmp_path)
-    assert first_parent(make_config(tmp_path / "empty")) is None  # nothing published: nothing to preload
-    version, named = first_parent(make_config(tmp_path))
-    assert version == parent.label and named == replace(parent, label=registry.version_label(version))
-    monkeypatch.setattr(loop, "_KEPT", loop._Kept())
-    loop.preload_table(storage, named)
-    assert loop._KEPT.table is None  # not a resident worker: nothing read, nothing held
-    loop.warm_up()
-    loop.preload_table(storage, named)
-    assert loop._KEPT.table_cycle == loop.PRELOADED and torch.equal(loop._KEPT.table, table)
-
-    def grown(grow_from: GrowFrom) -> torch.Tensor:
-        model = InterestGCN(4 + 5 + 3 + 2, 4, 2, initialise=False)
-        loop._grow_parent(model, grow_from, storage, graph, sp)
-        return model.embedding.weight.detach().clone()
-
-    with monkeypatch.context() as m:
-        m.setattr(registry.reader, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("file read")))
-        from_memory = grown(replace(parent, kept=loop.PRELOADED))
-    assert torch.equal(from_memory, grown(parent)) and loop._KEPT.table is None
+    counts = {"user": 3, "item": 4, "category": 2, "brand": 1}
+    storage = Storage(str(tmp_path))
+    art = _artifacts(user_keys=[f"u{i}" for i in range(3)], user_vectors=np.ones((3, 4), np.float32),
+                     item_ids=[f"i{i}" for i in range(4)], item_vectors=np.ones((4, 4), np.float32),
+                     seen_indptr=np.array([0, 1, 1, 2], np.int64), seen_indices=np.array([0, 3], np.int32),
+                     popularity={"item_idx": np.arange(4, dtype=np.int32), "score": np.ones(4, np.float32),
+                                 "category_idx": np.zeros(4, np.int32)},
+                     node_counts=counts, category_ids=["c0", "c1"], brand_ids=["b0"],
+                     category_vectors=np.ones((2, 4), np.float32), brand_vectors=np.ones((1, 4), np.float32),
+                     state_dict={"embedding.weight": torch.zeros(10, 4)},
+                     hparams={"num_nodes": 10, "embedding_dim": 4, "num_layers": 2})
+    version = registry.publish(storage, art)
+    loaded = registry.load_version(storage, version)
+    monkeypatch.setattr(trainers.data, "load_graph", lambda _storage: SimpleNamespace())
+    monkeypatch.setattr(trainers.data, "split", lambda *_a: SimpleNamespace(train_user=np.zeros(pairs, np.int32)))
+    return storage, GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],
+                             label=registry.version_label(version), counts=counts)
 
 
-def test_a_damaged_or_vanished_newest_version_preloads_nothing_and_the_worker_starts(tmp_path: Path,
-                                                                                    monkeypatch) -> None:
-    from dataclasses import replace
+def test_the_rehearsal_is_the_newest_version_grown_and_stepped_once_on_the_newest_pairs(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """What resident workers run at start: a warm start from the newest version (read from its file, as no table
+    is kept yet), scored before and after one step over a step's worth of the newest training pairs, at the
+    parent's width; no fault wrapper, no deadline beyond the configured budget."""
+    import numpy as np
 
-    storage, parent, _table, _graph, _sp = _parent_and_graph(tmp_path)
-    monkeypatch.setattr(loop, "_KEPT", loop._Kept())
-    loop.warm_up()
-    loop.preload_table(storage, replace(parent, sha="0" * 64))  # the file does not match its manifest
-    assert loop._KEPT.table is None
-    loop.preload_table(storage, replace(parent, folder=str(tmp_path / "pruned")))
-    assert loop._KEPT.table is None
-    loop.preload_table(storage, replace(parent, counts={**parent.counts, "item": 5}))  # not the table named
-    assert loop._KEPT.table is None
-    monkeypatch.setattr(loop, "KEEP_TABLE_MAX_BYTES", 16)
-    loop.preload_table(storage, parent)
-    assert loop._KEPT.table is None
+    from trainers.resident import _newest, rehearsal
+    from trainers.train import TrainOptions
+
+    _storage, parent = _published_with_graph(tmp_path, monkeypatch, pairs=5000)
+    cfg = make_config(tmp_path, train={"batch_size": 1024, "num_workers": 2, "embedding_dim": 16, "num_layers": 3})
+    inputs = rehearsal(cfg, TrainOptions(), _newest(cfg))
+    warm = inputs.warm
+    assert warm.init_state == parent and warm.init_state.kept is None
+    assert warm.steps == 1 and warm.eval_parent and not warm.refilter and warm.trainable is None
+    assert np.array_equal(warm.pair_index, np.arange(5000 - 2048, 5000))
+    assert (inputs.train.embedding_dim, inputs.train.num_layers, inputs.train.epochs) == (4, 2, 1)
+    assert inputs.train.lr == cfg.update.lr and inputs.refit is None and inputs.session_wrapper is None
+    _published_with_graph(tmp_path / "small", monkeypatch, pairs=300)
+    small = make_config(tmp_path / "small")
+    assert np.array_equal(rehearsal(small, TrainOptions(), _newest(small)).warm.pair_index, np.arange(300))
+
+
+def test_no_rehearsal_without_a_readable_version_and_graph_and_the_start_goes_on(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """Nothing published, an object store, no training pairs, a model.pt that fails its check, or no graph: no
+    rehearsal (the first cycle runs cold), and nothing raised."""
+    import registry
+    import trainers.data
+    from trainers.data import GraphMissingError
+    from trainers.resident import _newest, rehearsal
+    from trainers.train import TrainOptions
+
+    opts = TrainOptions()
+    assert rehearsal(make_config(tmp_path / "empty"), opts, _newest(make_config(tmp_path / "empty"))) is None
+    storage, parent = _published_with_graph(tmp_path, monkeypatch, pairs=0)
+    cfg = make_config(tmp_path)
+    newest = _newest(cfg)
+    assert rehearsal(cfg, opts, newest) is None  # no training pairs
+    assert rehearsal(cfg, opts, (SimpleNamespace(is_local=False), *newest[1:])) is None
+    _published_with_graph(tmp_path / "nograph", monkeypatch, pairs=10)
+
+    def missing(_storage):
+        raise GraphMissingError("no graph under graph/")
+
+    monkeypatch.setattr(trainers.data, "load_graph", missing)
+    nograph = make_config(tmp_path / "nograph")
+    assert rehearsal(nograph, opts, _newest(nograph)) is None
+    _published_with_graph(tmp_path / "damaged", monkeypatch, pairs=10)
+    damaged = make_config(tmp_path / "damaged")
+    newest = _newest(damaged)
+    model = Path(damaged.data.root) / "checkpoints" / "versions" / newest[1] / registry.MODEL
+    model.write_bytes(model.read_bytes()[:-1] + b"x")
+    assert rehearsal(damaged, opts, newest) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -207,9 +208,12 @@ def test_every_mode_survives_a_crashed_cycle(own: dict) -> None:
     assert "error" not in lines[1] and lines[1]["cycle"] == 2
 
 
-def test_resident_workers_survive_a_failed_cycle_and_a_lost_worker(own: dict, tmp_path: Path) -> None:
+def test_resident_workers_survive_a_failed_cycle_and_a_lost_worker(own: dict, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """--every keeps one Ray Train run across cycles: a cycle that raises on a worker is reported and the group
-    replaced; a worker that dies mid-cycle has its cycle run again by the replacement group, which publishes."""
+    replaced; a worker that dies mid-cycle has its cycle run again by the replacement group, which publishes. The
+    first start rehearses a cycle (outside the fault wrapper); the replacements do not."""
+    caplog.set_level(logging.INFO, logger="trainers.resident")
     cfg: AppConfig = own["cfg"]
     # Survival and lineage are the point here; the quality gate is tested above and by bench.warm_start --stream
     # (25 pairs on this small log swung the candidate past the loose 0.2 once in CI: a refusal, not a crash).
@@ -234,6 +238,7 @@ def test_resident_workers_survive_a_failed_cycle_and_a_lost_worker(own: dict, tm
     assert registry.latest_version(storage) == lines[1]["version"]
     # Both cycles, and both replacement groups, belonged to one Ray Train run.
     assert len(set(runs.glob("resident-*")) - earlier) == 1
+    assert caplog.text.count("rehearsed a cycle") == 1, caplog.text
 
 
 def test_resident_ddp_group_runs_cycle_after_cycle_and_outlives_a_lost_rank(own: dict, tmp_path: Path) -> None:
