@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
@@ -60,7 +61,7 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     from datasets.tombstones import load_tombstones
     from trainers.data import load_graph, split
     from trainers.loop import steps_per_pass
-    from trainers.publish import blanked, publish_and_prune, publish_from_checkpoint
+    from trainers.publish import blanked, prepare, publish_and_prune, publish_from_checkpoint
     from trainers.train import fitted, run_train, worker_inputs
     from trainers.train_state import as_arrays
     from trainers.warm_start import extended_state, touched_rows, update_pair_index, update_steps
@@ -147,6 +148,10 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
     name = time.strftime("update-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     mark = time.time()
     with ExitStack() as stack:
+        # The version's pieces that do not come from training are made while the workers train (one thread, mostly
+        # numpy; the workers' collectives leave it room).
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-prepare"))
+        prepared = pool.submit(prepare, cfg, storage, graph, sp)
         try:
             checkpoint, _ = stack.enter_context(
                 resident.fitted(inputs) if resident is not None else fitted(cfg, opts, inputs, name))
@@ -179,7 +184,8 @@ def _cycle(cfg: AppConfig, storage: Any, opts: TrainOptions | None, resident: An
         # reads them (blanking a deleted user's rows works on copies).
         version, _, as_trained = publish_from_checkpoint(cfg, storage, checkpoint, parent=parent,
                                                          num_workers=opts.num_workers or cfg.train.num_workers,
-                                                         graph=graph, sp=sp, curve=False)
+                                                         graph=graph, sp=sp, curve=False,
+                                                         prepared=prepared.result())
         timings["publish"] = round(time.time() - mark, 3)
         if resident is not None:
             resident.note_published(version, as_trained)
