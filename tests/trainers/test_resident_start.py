@@ -63,16 +63,14 @@ def test_a_draw_that_would_not_be_kept_is_not_made_at_start(monkeypatch, predraw
     assert loop._KEPT.draws is not None and loop._KEPT.draws._drawn == 0
 
 
-def _parent_and_graph(tmp_path: Path) -> tuple[Storage, GrowFrom, torch.Tensor, SimpleNamespace, SimpleNamespace]:
-    """A published parent (3 users, 4 items, 2 categories, 1 brand) and a grown graph (one more of each)."""
+def _publish_small(storage: Storage, table: torch.Tensor, **changes) -> GrowFrom:
+    """Publish a version of 3 users, 4 items, 2 categories and 1 brand whose model is `table`; where it lies."""
     import numpy as np
 
     import registry
     from tests.registry.test_format_and_commit import _artifacts
 
     counts = {"user": 3, "item": 4, "category": 2, "brand": 1}
-    table = torch.randn(sum(counts.values()), 4, generator=torch.Generator().manual_seed(3))
-    storage = Storage(str(tmp_path))
     art = _artifacts(user_keys=[f"u{i}" for i in range(3)], user_vectors=np.ones((3, 4), np.float32),
                      item_ids=[f"i{i}" for i in range(4)], item_vectors=np.ones((4, 4), np.float32),
                      seen_indptr=np.array([0, 1, 1, 2], np.int64), seen_indices=np.array([0, 3], np.int32),
@@ -80,11 +78,20 @@ def _parent_and_graph(tmp_path: Path) -> tuple[Storage, GrowFrom, torch.Tensor, 
                                  "category_idx": np.zeros(4, np.int32)},
                      node_counts=counts, category_ids=["c0", "c1"], brand_ids=["b0"],
                      category_vectors=np.ones((2, 4), np.float32), brand_vectors=np.ones((1, 4), np.float32),
-                     state_dict={"embedding.weight": table})
+                     state_dict={"embedding.weight": table}, **changes)
     version = registry.publish(storage, art)
     loaded = registry.load_version(storage, version)
-    parent = GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL], label=version,
-                      counts=counts)
+    return GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],
+                    label=registry.version_label(version), counts=counts)
+
+
+def _parent_and_graph(tmp_path: Path) -> tuple[Storage, GrowFrom, torch.Tensor, SimpleNamespace, SimpleNamespace]:
+    """A published parent (3 users, 4 items, 2 categories, 1 brand) and a grown graph (one more of each)."""
+    import numpy as np
+
+    table = torch.randn(10, 4, generator=torch.Generator().manual_seed(3))
+    storage = Storage(str(tmp_path))
+    parent = _publish_small(storage, table)
     graph = SimpleNamespace(num_users=4, num_items=5, num_categories=3, num_brands=2,
                             ic_item=np.array([0, 4, 4]), ic_cat=np.array([0, 2, 1]), ib_item=np.array([4]),
                             ib_brand=np.array([1]))
@@ -158,27 +165,13 @@ def _published_with_graph(tmp_path: Path, monkeypatch, pairs: int) -> tuple[Stor
     that `trainers.data` hands out as the one on disk."""
     import numpy as np
 
-    import registry
     import trainers.data
-    from tests.registry.test_format_and_commit import _artifacts
 
-    counts = {"user": 3, "item": 4, "category": 2, "brand": 1}
-    storage = Storage(str(tmp_path))
-    art = _artifacts(user_keys=[f"u{i}" for i in range(3)], user_vectors=np.ones((3, 4), np.float32),
-                     item_ids=[f"i{i}" for i in range(4)], item_vectors=np.ones((4, 4), np.float32),
-                     seen_indptr=np.array([0, 1, 1, 2], np.int64), seen_indices=np.array([0, 3], np.int32),
-                     popularity={"item_idx": np.arange(4, dtype=np.int32), "score": np.ones(4, np.float32),
-                                 "category_idx": np.zeros(4, np.int32)},
-                     node_counts=counts, category_ids=["c0", "c1"], brand_ids=["b0"],
-                     category_vectors=np.ones((2, 4), np.float32), brand_vectors=np.ones((1, 4), np.float32),
-                     state_dict={"embedding.weight": torch.zeros(10, 4)},
-                     hparams={"num_nodes": 10, "embedding_dim": 4, "num_layers": 2})
-    version = registry.publish(storage, art)
-    loaded = registry.load_version(storage, version)
+    parent = _publish_small(Storage(str(tmp_path)), torch.zeros(10, 4),
+                            hparams={"num_nodes": 10, "embedding_dim": 4, "num_layers": 2})
     monkeypatch.setattr(trainers.data, "load_graph", lambda _storage: SimpleNamespace())
     monkeypatch.setattr(trainers.data, "split", lambda *_a: SimpleNamespace(train_user=np.zeros(pairs, np.int32)))
-    return storage, GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],
-                             label=registry.version_label(version), counts=counts)
+    return Storage(str(tmp_path)), parent
 
 
 def test_the_rehearsal_is_the_newest_version_grown_and_stepped_once_on_the_newest_pairs(tmp_path: Path,
