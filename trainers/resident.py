@@ -205,9 +205,9 @@ def rehearsal(cfg: AppConfig, opts: Any, newest: tuple[Any, str, dict] | None) -
     checkpoint put in the object store and taken back. A fresh worker's first cycle paid for its first touch of
     every block it asks for (the grown table, the optimiser's moments, the evaluations' score blocks, the object
     store's pages for a checkpoint): in bench.warm_start (Taobao, 2 workers) the first day's set-up, parent
-    evaluation, 4 steps and checkpoint transfer took 0.7-0.9, 1.7-1.8, 2.4-2.6 and 0.8 s on fresh workers, and
+    evaluation, 4 steps and checkpoint transfer took 0.7-0.9, 1.7-2.2, 2.4-2.9 and 0.8 s on fresh workers, and
     0.3-0.4, 0.8-1.2, 1.1-1.6 and 0.1-0.2 s after a rehearsal. The start pays for them instead, once (20-28 s
-    there, against 11-12 s).
+    there, against 11-13 s).
 
     None (no rehearsal) on an object store, where nothing readable is published yet, or where the graph cannot be
     read: the first cycle then runs cold, as before. Nothing it computes is published or kept as a parent."""
