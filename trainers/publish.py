@@ -149,7 +149,8 @@ def publish_from_checkpoint(cfg: AppConfig, storage: Storage, checkpoint: Checkp
     k = cfg.train.k
     final = next(h for h in reversed(history) if f"recall@{k}" in h)
     if prepared is None:
-        prepared = prepare(cfg, storage, graph, sp or split(graph, cfg.train.holdout, cfg.train.holdout_days))
+        prepared = prepare(cfg, storage, graph,
+                           sp if sp is not None else split(graph, cfg.train.holdout, cfg.train.holdout_days))
     indptr, indices, evidence = prepared.seen
     user_keys = prepared.user_keys
     user_vectors, model_state = emb["users"], state.model
