@@ -227,7 +227,7 @@ def rehearsal(cfg: AppConfig, opts: Any, newest: tuple[Any, str, dict] | None) -
         loaded = registry.load_version(storage, version)
         hparams = loaded.load_state(mapped=True)["hparams"]  # model.pt checked: the workers map it unchecked
         width, layers = int(hparams["embedding_dim"]), int(hparams["num_layers"])
-        graph = load_graph(storage)
+        graph = load_graph(storage, evidence=False)  # only its training pairs are counted here
     except (registry.CheckpointError, GraphMissingError, OSError, KeyError, TypeError, ValueError) as err:
         log.warning("resident start: no rehearsal cycle (%s: %s)", type(err).__name__, err)
         return None

@@ -169,7 +169,7 @@ def _published_with_graph(tmp_path: Path, monkeypatch, pairs: int) -> tuple[Stor
 
     parent = _publish_small(Storage(str(tmp_path)), torch.zeros(10, 4),
                             hparams={"num_nodes": 10, "embedding_dim": 4, "num_layers": 2})
-    monkeypatch.setattr(trainers.data, "load_graph", lambda _storage: SimpleNamespace())
+    monkeypatch.setattr(trainers.data, "load_graph", lambda _storage, **_kw: SimpleNamespace())
     monkeypatch.setattr(trainers.data, "split", lambda *_a: SimpleNamespace(train_user=np.zeros(pairs, np.int32)))
     return Storage(str(tmp_path)), parent
 
@@ -217,7 +217,7 @@ def test_no_rehearsal_without_a_readable_version_and_graph_and_the_start_goes_on
     assert rehearsal(cfg, opts, (SimpleNamespace(is_local=False), *newest[1:])) is None
     _published_with_graph(tmp_path / "nograph", monkeypatch, pairs=10)
 
-    def missing(_storage):
+    def missing(_storage, **_kw):
         raise GraphMissingError("no graph under graph/")
 
     monkeypatch.setattr(trainers.data, "load_graph", missing)
