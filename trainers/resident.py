@@ -216,16 +216,20 @@ def rehearsal(cfg: AppConfig, opts: Any, newest: tuple[Any, str, dict] | None) -
     import numpy as np
 
     import registry
+    from core.storage import CHECKPOINTS
+    from registry.reader import load_model
     from trainers.data import GraphMissingError, load_graph, split
     from trainers.train import worker_inputs
     from trainers.worker_inputs import WarmStart
 
-    storage, version, _ = newest
+    storage, version, manifest = newest
     if not storage.is_local:
         return None
+    folder, label = storage.path(CHECKPOINTS, registry.VERSIONS, version), registry.version_label(version)
     try:
-        loaded = registry.load_version(storage, version)
-        hparams = loaded.load_state(mapped=True)["hparams"]  # model.pt checked: the workers map it unchecked
+        sha, counts = manifest["files"][registry.MODEL], dict(manifest["node_counts"])
+        # Only model.pt is checked here (the workers map it unchecked); the first cycle verifies the whole version.
+        hparams = load_model(storage, folder, sha, label, mapped=True)["hparams"]
         width, layers = int(hparams["embedding_dim"]), int(hparams["num_layers"])
         graph = load_graph(storage, evidence=False)  # only its training pairs are counted here
     except (registry.CheckpointError, GraphMissingError, OSError, KeyError, TypeError, ValueError) as err:
@@ -235,8 +239,7 @@ def rehearsal(cfg: AppConfig, opts: Any, newest: tuple[Any, str, dict] | None) -
     n = len(sp.train_user)
     if not n:
         return None
-    parent = GrowFrom(folder=loaded.folder, sha=loaded.manifest["files"][registry.MODEL],
-                      label=registry.version_label(version), counts=dict(loaded.node_counts))
+    parent = GrowFrom(folder=folder, sha=sha, label=label, counts=counts)
     # The newest pairs, a step's worth on every rank: what a small cycle trains on.
     pairs = np.arange(max(0, n - cfg.train.batch_size * (opts.num_workers or cfg.train.num_workers)), n)
     train = cfg.train.model_copy(update={"embedding_dim": width, "num_layers": layers, "epochs": 1, "eval_every": 1,
@@ -284,15 +287,16 @@ class ResidentTrainer:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, rehearse: bool = True) -> None:
-        """Start the run, wait until its workers take a first (empty) cycle, then run the rehearsal cycle
-        (`rehearsal`) where `rehearse` and update.rehearse say so. Only a first start rehearses: one that replaces
-        lost workers has a cycle waiting."""
+    def start(self) -> None:
+        """Start the run, wait until its workers take a first (empty) cycle, then, on this trainer's first start and
+        with update.rehearse, run the rehearsal cycle (`rehearsal`). A start that replaces lost workers does not
+        rehearse: it has a cycle waiting."""
         import ray
 
         from trainers.train import trainer_for
 
         began = time.time()
+        first = self._thread is None
         self._kill_board()  # a dead run's board still holds its last cycle's inputs (object refs to the model)
         self._board = ray.remote(num_cpus=0)(CycleBoard).remote()
         name = time.strftime("resident-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
@@ -313,7 +317,7 @@ class ResidentTrainer:
         self._thread = threading.Thread(target=fit, name="resident-train", daemon=True)
         self._thread.start()
         self._run(None, stoppable=True)
-        inputs = rehearsal(self.cfg, self.opts, newest) if rehearse and self.cfg.update.rehearse else None
+        inputs = rehearsal(self.cfg, self.opts, newest) if first and self.cfg.update.rehearse else None
         if inputs is not None:
             mark = time.time()
             try:
@@ -357,7 +361,7 @@ class ResidentTrainer:
         if not self.alive():
             if self._thread is not None:
                 log.warning("resident update workers were gone (%r); starting new ones", self._error)
-            self.start(rehearse=self._thread is None)
+            self.start()
         result = self._run(inputs)
         if result["final"] is None:
             raise RuntimeError("the update cycle finished without a checkpoint")
