@@ -41,6 +41,7 @@ from registry.reader import (
     load_version,
     read_curve,
     read_manifest,
+    version_folder,
 )
 from registry.retention import prune, remove_stale_staging
 from registry.user_keys import UserKeys
@@ -51,5 +52,5 @@ __all__ = [
     "MODEL", "POPULARITY", "POPULARITY_SCHEMA", "SEEN", "STAGING_PREFIX", "USER_VECTORS", "USERS", "VERSIONS",
     "CheckpointError", "LoadedVersion", "ModelArtifacts", "config_hash", "latest_version", "list_versions",
     "load_latest", "load_newest_good", "load_version", "publish", "UserKeys", "prune", "read_curve", "read_manifest",
-    "remove_stale_staging", "version_label", "version_name", "version_number",
+    "remove_stale_staging", "version_folder", "version_label", "version_name", "version_number",
 ]

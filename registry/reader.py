@@ -202,6 +202,11 @@ def latest_version(storage: Storage) -> str | None:
     return text
 
 
+def version_folder(storage: Storage, version: str) -> str:
+    """Where a published version's files lie (`checkpoints/versions/<version>`)."""
+    return storage.path(CHECKPOINTS, VERSIONS, version)
+
+
 def list_versions(storage: Storage) -> list[str]:
     """Complete versions (those with a manifest.json), oldest first."""
     prefix = storage.path(CHECKPOINTS, VERSIONS) + "/"
@@ -220,7 +225,7 @@ def read_manifest(storage: Storage, version: str) -> dict[str, Any]:
         version_number(version)
     except ValueError as e:
         raise CheckpointError(f"{label}: {e}") from None
-    path = storage.path(CHECKPOINTS, VERSIONS, version, MANIFEST)
+    path = f"{version_folder(storage, version)}/{MANIFEST}"
     try:
         data = storage.read_bytes(path)
     except OSError as e:
@@ -242,15 +247,14 @@ def read_curve(storage: Storage, version: str) -> bytes | None:
     sha = manifest["files"].get(CURVE)
     if sha is None:
         return None
-    return read_file(storage, storage.path(CHECKPOINTS, VERSIONS, version), CURVE, sha, version_label(version),
-                     verify=True)
+    return read_file(storage, version_folder(storage, version), CURVE, sha, version_label(version), verify=True)
 
 
 def load_version(storage: Storage, version: str, verify: bool = True) -> LoadedVersion:
     """Load one version. With verify, every file must match its sha256 and no file may be missing or unlisted;
     shapes are always checked. Any failure raises CheckpointError naming the version and the file."""
     manifest = read_manifest(storage, version)
-    return load_folder(storage, storage.path(CHECKPOINTS, VERSIONS, version), manifest, version_label(version), verify)
+    return load_folder(storage, version_folder(storage, version), manifest, version_label(version), verify)
 
 
 def load_newest_good(storage: Storage, newer_than: str | None = None, skip: set[str] | frozenset = frozenset()

@@ -11,8 +11,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core.storage import CHECKPOINTS, Storage
-from registry.format import MANIFEST, STAGING_PREFIX, USER_KEY, USERS, VERSIONS, CheckpointError, version_number
-from registry.reader import latest_version, list_versions
+from registry.format import MANIFEST, STAGING_PREFIX, USER_KEY, USERS, CheckpointError, version_number
+from registry.reader import latest_version, list_versions, version_folder
 
 
 def remove_stale_staging(storage: Storage, older_than_s: float = 24 * 3600) -> int:
@@ -54,7 +54,7 @@ def prune(storage: Storage, keep: int, holding: set[str] | None = None) -> list[
     keys = pa.array(sorted(holding or ()), pa.string())
     removed = []
     for version in older:
-        folder = storage.path(CHECKPOINTS, VERSIONS, version)
+        folder = version_folder(storage, version)
         if version in kept and not (len(keys) and _holds_any(storage, folder, keys)):
             continue
         storage.delete(f"{folder}/{MANIFEST}")  # readers skip a folder without a manifest from this moment

@@ -35,7 +35,7 @@ from registry.format import (
     version_name,
     version_number,
 )
-from registry.reader import check_written, latest_version, list_versions, load_folder
+from registry.reader import check_written, latest_version, list_versions, load_folder, version_folder
 
 # LATEST on an object store converges by re-checking; bounded so a pathological store cannot spin forever.
 _LATEST_ROUNDS = 20
@@ -202,7 +202,7 @@ def _claim_object_store(storage: Storage) -> tuple[int, str]:
 def _commit_object_store(storage: Storage, staging: str, manifest: dict[str, Any]) -> str:
     number, claim = _claim_object_store(storage)
     name = version_name(number)
-    target = storage.path(CHECKPOINTS, VERSIONS, name)
+    target = version_folder(storage, name)
     try:
         for rel in manifest["files"]:
             if storage.is_local:

@@ -216,7 +216,6 @@ def rehearsal(cfg: AppConfig, opts: Any, newest: tuple[Any, str, dict] | None) -
     import numpy as np
 
     import registry
-    from core.storage import CHECKPOINTS
     from registry.reader import load_model
     from trainers.data import GraphMissingError, load_graph, split
     from trainers.train import worker_inputs
@@ -225,7 +224,7 @@ def rehearsal(cfg: AppConfig, opts: Any, newest: tuple[Any, str, dict] | None) -
     storage, version, manifest = newest
     if not storage.is_local:
         return None
-    folder, label = storage.path(CHECKPOINTS, registry.VERSIONS, version), registry.version_label(version)
+    folder, label = registry.version_folder(storage, version), registry.version_label(version)
     try:
         sha, counts = manifest["files"][registry.MODEL], dict(manifest["node_counts"])
         # Only model.pt is checked here (the workers map it unchecked); the first cycle verifies the whole version.

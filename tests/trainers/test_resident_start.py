@@ -167,11 +167,11 @@ def _published_with_graph(tmp_path: Path, monkeypatch, pairs: int) -> tuple[Stor
 
     import trainers.data
 
-    parent = _publish_small(Storage(str(tmp_path)), torch.zeros(10, 4),
-                            hparams={"num_nodes": 10, "embedding_dim": 4, "num_layers": 2})
+    storage = Storage(str(tmp_path))
+    parent = _publish_small(storage, torch.zeros(10, 4), hparams={"num_nodes": 10, "embedding_dim": 4, "num_layers": 2})
     monkeypatch.setattr(trainers.data, "load_graph", lambda _storage, **_kw: SimpleNamespace())
     monkeypatch.setattr(trainers.data, "split", lambda *_a: SimpleNamespace(train_user=np.zeros(pairs, np.int32)))
-    return Storage(str(tmp_path)), parent
+    return storage, parent
 
 
 def test_the_rehearsal_is_the_newest_version_grown_and_stepped_once_on_the_newest_pairs(tmp_path: Path,
