@@ -107,9 +107,9 @@ def test_update_publishes_a_child_with_new_users_and_items_and_learns_late_event
     assert summary["touched_only"] and 0 < summary["new_share"] < cfg.update.touched_only_below
     assert summary["parent"] == parent.version and summary["ingested"]["new_users"] == 3 + 8
     t = summary["timings"]
-    assert set(t) == {"ingest", "prepare", "ray_train", "worker_loop", "worker", "publish"}
+    assert set(t) == {"ingest", "parent", "prepare", "ray_train", "worker_loop", "worker", "publish"}
     assert {"setup", "eval_parent", "eval"} <= set(t["worker"])
-    spent = t["ingest"] + t["prepare"] + t["ray_train"] + t["publish"]
+    spent = t["ingest"] + t["parent"] + t["prepare"] + t["ray_train"] + t["publish"]
     assert 0 < t["worker_loop"] < t["ray_train"] and spent <= summary["seconds"] + 0.01
     child = registry.load_version(storage, summary["version"])
     assert child.parent == parent.version and registry.latest_version(storage) == child.version
@@ -140,11 +140,14 @@ def test_update_publishes_a_child_with_new_users_and_items_and_learns_late_event
     assert {(graph.ui_user[e], graph.ui_item[e]) for e in late} <= trained_on
 
 
-def _later_clicks(folder: Path) -> None:
-    """Twenty clicks by new shoppers a minute ago: a cycle's worth of new pairs."""
-    now_s = int(time.time()) - 60
+def _later_clicks(folder: Path, storage: Storage) -> None:
+    """Twenty clicks by new shoppers a minute after the newest event the parent saw: a cycle's worth of new pairs,
+    whose day-long holdout also holds the log's last day. Dated by the clock instead (the log ends at UTC midnight),
+    just before the next midnight they came a day after the log's end, the holdout held them alone, and nobody in
+    it had a history to be scored on (the parent's Recall@20 was 0)."""
+    after_s = registry.read_manifest(storage, registry.latest_version(storage))["watermark_ms"] // 1000 + 60
     (folder / "events-more.csv").write_text(
-        HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{now_s + u},,,," for u in range(20)) + "\n")
+        HEADER + "\n".join(f"shopper-later{u},item-{u % 50},click,{after_s + u},,,," for u in range(20)) + "\n")
 
 
 def test_a_cycle_at_a_destructive_rate_is_held_to_the_gate(own: dict) -> None:
@@ -155,7 +158,7 @@ def test_a_cycle_at_a_destructive_rate_is_held_to_the_gate(own: dict) -> None:
     cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
     before = registry.latest_version(storage)
-    _later_clicks(own["new"])
+    _later_clicks(own["new"], storage)
     cfg.update.lr = 50.0
     summary = run_update(cfg)
     floor = (1 - cfg.update.tolerance) * summary["parent_metrics"]["recall@20"]
@@ -175,7 +178,7 @@ def test_a_large_increment_refilters_and_is_still_gated(own: dict) -> None:
     cfg: AppConfig = own["cfg"]
     storage = Storage(cfg.data.root)
     parent = registry.latest_version(storage)
-    _later_clicks(own["new"])
+    _later_clicks(own["new"], storage)
     cfg.update.refilter_above = 0.0
     summary = run_update(cfg)
     assert summary["refilter"] and not summary["touched_only"] and summary["new_pairs"] > 0
