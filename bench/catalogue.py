@@ -166,7 +166,7 @@ def as_format_2(storage: Storage, version: str) -> None:
     registry's tests use it for a format-2 version too."""
     import registry
 
-    folder = Path(storage.path("checkpoints", "versions", version))
+    folder = Path(registry.version_folder(storage, version))
     manifest = json.loads((folder / registry.MANIFEST).read_text())
     for rel in (registry.USER_VECTORS, registry.ITEM_VECTORS):
         (folder / rel).unlink()
