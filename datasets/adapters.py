@@ -33,6 +33,8 @@ TAOBAO_COLUMNS = (s.USER_ID, s.ITEM_ID, s.CATEGORY_ID, s.EVENT, s.TS)
 # lightgcn and sequence data carry no clock: rows get this base time (plus their position, for sequences).
 UNTIMED_BASE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z
 _PLAN_BLOCK = 16 << 20
+# Runs of Unicode whitespace, as `str.isspace` (and arrow's utf8_trim_whitespace) define it.
+WHITESPACE_RUN = r"[\t-\r\x{1c}-\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]+"
 
 
 class SourceError(ValueError):
@@ -479,9 +481,18 @@ def _timestamp_ms_text(arr: pa.Array) -> pa.Array:
     return pc.cast(ints, pa.string())
 
 
+def split_whitespace(text: pa.Array) -> pa.Array:
+    """Each string's tokens between runs of whitespace, as Python's `re.split(r"\\s+", s)`: whitespace at either end
+    gives an empty token. Not arrow's `utf8_split_whitespace`, which splits the same way on most calls but not on
+    all: in pyarrow 26, on one and the same array, the last string's trailing whitespace was now a token boundary
+    and now part of its last token (a line of a fuzzed lightgcn file read as 6 rows or 7 from one call to the
+    next)."""
+    return pc.split_pattern_regex(text, WHITESPACE_RUN)
+
+
 def _parse_lists(lines: _Lines, chunk: Chunk) -> pa.Table:
     """`user item item ...`: one row per item; sequence files take the position as the clock."""
-    parts = pc.utf8_split_whitespace(lines.text)
+    parts = split_whitespace(lines.text)
     items = pc.list_slice(parts, 1)
     counts = pc.list_value_length(items).to_numpy().astype(np.int64)
     parent = np.repeat(np.arange(len(counts)), counts)
