@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests bench-catalogue bench-seen-events bench-defaults clean
+.PHONY: install run test test-fast fuzz lint bench-deps bench-ingest bench-train-gowalla bench-warm-start bench-serve bench-freshness bench-train-scale bench-faults bench-interests bench-catalogue bench-seen-events bench-defaults clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not ray" $(PYTEST_ARGS)
+
+# The fuzz tests with random seeds and IG_FUZZ_SCALE (default 10) times their examples; CI runs them derandomized.
+fuzz: $(STAMP)
+	IG_FUZZ_SCALE=$${IG_FUZZ_SCALE:-10} $(BIN)/python -m pytest tests/datasets/test_fuzz_adapters.py \
+		tests/serve_app/test_fuzz_events.py tests/serve_app/test_fuzz_http.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

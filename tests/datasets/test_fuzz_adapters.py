@@ -15,7 +15,7 @@ MIN_ROWS rows (checked at the end of each test) in a few seconds. Rare whole-fil
 damaged after planning) also come from the seeded generator: Hypothesis favours its simplest values, which would
 make them common. Examples are derandomized and nothing is stored between runs, so CI sees the same files every
 time (Hypothesis also mixes in constants from the loaded modules, so a different selection of tests can see other
-files).
+files). `make fuzz` runs them with random seeds and ten times the examples (tests/fuzzing.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from core.storage import TMP, Storage
@@ -45,6 +45,7 @@ from datasets.pseudonym import pseudonymise
 from datasets.schema import Reason
 from datasets.stage import STAGED_ACCEPTED, STAGED_REJECTS, StageBlock
 from datasets.validate import Rules
+from tests.fuzzing import fuzz_settings
 
 FS = pafs.LocalFileSystem()
 KEY = b"fuzz-pseudonym-key"
@@ -54,9 +55,7 @@ SHARDS = 3
 LINES_PER_EXAMPLE = 60
 EXAMPLES = 50
 MIN_ROWS = 2_000
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.large_base_example])
+FUZZ = fuzz_settings(EXAMPLES, HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example)
 ALL_REASONS = set(s.ALL_REASONS)
 PSEUDONYM = r"^[0-9a-f]{32}$"
 COLUMNS = (s.USER_ID, s.ITEM_ID, s.EVENT, s.TS, s.CATEGORY_ID, s.BRAND_ID, s.PRICE, s.SESSION_ID)

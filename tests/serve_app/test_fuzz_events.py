@@ -4,7 +4,7 @@ Every body either raises `BatchError` with a 4xx status, or becomes a `Checked` 
 cover every event of the batch exactly once, with a known reason code each, and whose accepted rows can be stored
 (Parquet) and folded (`by_user`). Bodies: arbitrary bytes, JSON of any shape and nesting depth (thousands of levels),
 huge and non-finite numbers, lone surrogates (escaped and as raw bytes), wrong types in every field, and batches
-around the size limit. Derandomized, nothing stored between runs.
+around the size limit. Derandomized, nothing stored between runs; `make fuzz` runs them random (tests/fuzzing.py).
 """
 
 from __future__ import annotations
@@ -16,22 +16,21 @@ import random
 
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from datasets import schema as s
 from datasets.pseudonym import pseudonymise
 from datasets.validate import Rules, json_field
 from serve_app.events import LIVE_SCHEMA, BatchError, by_user, check, parse_batch
+from tests.fuzzing import fuzz_settings
 
 KEY = b"fuzz-pseudonym-key"
 REQUIRED = (s.USER_ID, s.ITEM_ID, s.EVENT, s.TS)
 MAX_EVENTS = 60
 RULES = Rules(max_id_length=64, max_future_s=3600)
 ALL_REASONS = set(s.ALL_REASONS)
-FUZZ = settings(max_examples=600, deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.large_base_example])
+FUZZ = fuzz_settings(600, HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example)
 ANY_CHAR = st.characters(exclude_categories=())  # lone surrogates included
 HOSTILE = ["", " ", "\x00", "\ud800", "a\udfffb", "\ufffd", "é", "🙂", "x" * 65, "x" * 5000, "1e999", "nan",
            "Infinity", "-0", "9" * 19, "1" * 20, "1" * 400, "9223372036854775808", "2026-01-01T00:00:00Z",

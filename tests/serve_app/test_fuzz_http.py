@@ -4,7 +4,8 @@ running Serve app: every answer is 2xx or 4xx, never a 5xx.
 The bodies are the pure layer's (tests/serve_app/test_fuzz_events.py: bytes, JSON of any shape, nesting thousands
 of levels deep, huge and non-finite numbers, lone surrogates, batches around the size limit), here through the
 proxy, FastAPI, the replica's handler, the durable write and the live-state shards. Each example posts a batch of
-BODIES_PER_EXAMPLE bodies; EXAMPLES examples make at least 500 bodies. Derandomized, nothing stored between runs.
+BODIES_PER_EXAMPLE bodies; EXAMPLES examples make at least 500 bodies. Derandomized, nothing stored between
+runs; `make fuzz` runs them random (tests/fuzzing.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from core.storage import Storage
+from tests.fuzzing import fuzz_settings
 from tests.helpers import publish_toy_version, start_app, stop_app, write_config
 from tests.serve_app.test_fuzz_events import BODY, MAX_EVENTS
 
@@ -54,9 +56,7 @@ def test_no_body_makes_a_5xx(fuzz_app: str) -> None:
     statuses: Counter[int] = Counter()
     session = requests.Session()
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.large_base_example])
+    @fuzz_settings(EXAMPLES, HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example)
     @given(st.lists(BODY, min_size=BODIES_PER_EXAMPLE, max_size=BODIES_PER_EXAMPLE))
     def post(bodies: list[bytes]) -> None:
         for body in bodies:
@@ -93,8 +93,7 @@ def test_no_path_or_query_on_a_read_endpoint_makes_a_5xx(fuzz_app: str) -> None:
     session = requests.Session()
     admin = {"Authorization": f"Bearer {os.environ.get('IG_ADMIN_TOKEN', '')}"}
 
-    @settings(max_examples=READS_EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow])
+    @fuzz_settings(READS_EXAMPLES, HealthCheck.too_slow)
     @given(st.sampled_from(READS), TEXT, PARAMS, st.booleans())
     def read(route: str, ident: str, params: dict[str, str], with_token: bool) -> None:
         path = route.replace("{id}", _encode(ident))
