@@ -34,7 +34,7 @@ TAOBAO_COLUMNS = (s.USER_ID, s.ITEM_ID, s.CATEGORY_ID, s.EVENT, s.TS)
 UNTIMED_BASE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z
 _PLAN_BLOCK = 16 << 20
 # Runs of Unicode whitespace, as `str.isspace` (and arrow's utf8_trim_whitespace) define it.
-WHITESPACE_RUN = r"[\t-\r\x{1c}-\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]+"
+_WHITESPACE_RUN = r"[\t-\r\x{1c}-\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]+"
 
 
 class SourceError(ValueError):
@@ -487,7 +487,7 @@ def split_whitespace(text: pa.Array) -> pa.Array:
     all: in pyarrow 26, on one and the same array, the last string's trailing whitespace was now a token boundary
     and now part of its last token (a line of a fuzzed lightgcn file read as 6 rows or 7 from one call to the
     next)."""
-    return pc.split_pattern_regex(text, WHITESPACE_RUN)
+    return pc.split_pattern_regex(text, _WHITESPACE_RUN)
 
 
 def _parse_lists(lines: _Lines, chunk: Chunk) -> pa.Table:

@@ -12,22 +12,13 @@ import os
 from hypothesis import HealthCheck, settings
 
 
-def scale() -> int:
-    """IG_FUZZ_SCALE as a whole number >= 1 (unset: 1, the derandomized CI run)."""
-    raw = os.environ.get("IG_FUZZ_SCALE", "").strip()
-    if not raw:
-        return 1
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"IG_FUZZ_SCALE must be a whole number >= 1, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"IG_FUZZ_SCALE must be a whole number >= 1, got {raw!r}")
-    return value
-
-
 def fuzz_settings(examples: int, *checks: HealthCheck) -> settings:
-    """`examples` derandomized examples, or scale() times as many random ones when IG_FUZZ_SCALE is set."""
-    random = bool(os.environ.get("IG_FUZZ_SCALE", "").strip())
-    return settings(max_examples=examples * scale(), deadline=None, derandomize=not random, database=None,
+    """`examples` derandomized examples; with IG_FUZZ_SCALE=N (a whole number >= 1), N times as many random ones."""
+    raw = os.environ.get("IG_FUZZ_SCALE", "").strip()
+    scale = None
+    if raw:
+        scale = int(raw) if raw.isdigit() else 0
+        if scale < 1:
+            raise ValueError(f"IG_FUZZ_SCALE must be a whole number >= 1, got {raw!r}")
+    return settings(max_examples=examples * (scale or 1), deadline=None, derandomize=scale is None, database=None,
                     print_blob=True, suppress_health_check=list(checks))
